@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.events import EventType
+from common.events import ROW, EventType
 
 EVENT_TYPES = np.array([EventType.VIEW.value, EventType.CART.value, EventType.PURCHASE.value])
 HOUR_WEIGHTS = np.array(
@@ -161,4 +161,5 @@ def generate(cfg: SynthConfig | None = None) -> pd.DataFrame:
     for col in ("user_id", "item_id", "region", "category"):
         frame[col] = frame[col].astype("string")
     frame["event_type"] = pd.Categorical(frame["event_type"], categories=list(EVENT_TYPES))
+    frame.insert(0, ROW, np.arange(1, len(frame) + 1))
     return frame

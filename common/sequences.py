@@ -1,0 +1,197 @@
+"""From events to training examples: one example is one user's most recent events.
+
+The user is the privacy unit, so every builder here emits exactly one row per user; a DP step
+that samples rows therefore samples users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.catalog import Catalog
+from common.events import EventType, sort_events
+
+SPLITS = ("train", "valid", "test")
+GAP_BUCKETS = 24  # 0 pad, 1 first event, 2.. log2 minutes since the previous event
+IGNORE = -100
+
+
+def leave_last_out(events: pd.DataFrame, min_events: int = 3) -> pd.DataFrame:
+    """Users with ≥ `min_events`; last event → test, second-to-last → valid, the rest → train."""
+    events = sort_events(events)
+    sizes = events.groupby("user_id", observed=True)["user_id"].transform("size")
+    events = events[sizes >= min_events].reset_index(drop=True)
+    from_end = events.groupby("user_id", observed=True).cumcount(ascending=False)
+    events["split"] = np.select([from_end == 0, from_end == 1], ["test", "valid"], "train")
+    return events
+
+
+def user_regions(events: pd.DataFrame) -> pd.Series:
+    """A user's region is where most of their events happen (ties: first in sort order)."""
+    counts = events.groupby(["user_id", "region"], observed=True).size().rename("n").reset_index()
+    counts = counts.sort_values(["user_id", "n"], ascending=[True, False], kind="stable")
+    return counts.drop_duplicates("user_id").set_index("user_id")["region"]
+
+
+def encode(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
+    """Integer features per event of a frame sorted by user, then time."""
+    t = events["timestamp"].to_numpy("datetime64[s]").astype(np.int64)
+    user_codes, _ = pd.factorize(events["user_id"])
+    new_user = np.r_[True, user_codes[1:] != user_codes[:-1]]
+    gap_min = np.maximum(np.diff(t, prepend=t[0]), 0) / 60.0
+    gap = np.where(new_user, 1, 2 + np.minimum(np.floor(np.log2(1 + gap_min)), GAP_BUCKETS - 3))
+    cats = catalog.category_index(events["category"])
+    ts = events["timestamp"].dt
+    region = user_regions(events).reindex(events["user_id"]).to_numpy()
+    purchase = (events["event_type"] == EventType.PURCHASE.value).to_numpy()
+    return pd.DataFrame(
+        {
+            "user": user_codes,
+            "item_row": catalog.item_rows(events["item_id"]),
+            "item_class": catalog.item_classes(events["item_id"]),
+            "cat": cats,
+            "top": catalog.top_of_category(cats),
+            "dow": ts.day_of_week.to_numpy() + 1,
+            "hour": ts.hour.to_numpy() + 1,
+            "gap": gap.astype(np.int64),
+            "region": catalog.region_index(pd.Series(region)),
+            "t": t,
+            "bought": np.where(purchase, events["quantity"].to_numpy(float), 0.0),
+        }
+    ).assign(user_id=events["user_id"].to_numpy())
+
+
+def demand_labels(enc: pd.DataFrame, n_top: int, horizon_s: int) -> np.ndarray:
+    """Per event: units bought per top category in (t, t + horizon] by the same user."""
+    key = enc["user"].to_numpy(np.int64) * (1 << 40) + enc["t"].to_numpy()
+    start = np.searchsorted(key, key, side="right")
+    end = np.searchsorted(key, key + horizon_s, side="right")
+    onehot = np.zeros((len(enc) + 1, n_top), dtype=np.float64)
+    np.add.at(onehot, (np.arange(1, len(enc) + 1), enc["top"].to_numpy()), enc["bought"].to_numpy())
+    cum = np.cumsum(onehot, axis=0)
+    return (cum[end] - cum[start]).astype(np.float32)
+
+
+@dataclass
+class Sequences:
+    """Right-padded per-user arrays; row i is one user. Field order = model input order."""
+
+    items: np.ndarray
+    cats: np.ndarray
+    dow: np.ndarray
+    hour: np.ndarray
+    gap: np.ndarray
+    region: np.ndarray  # [N]
+    next_item: np.ndarray  # [N, L] output class of the following event, IGNORE where none
+    demand: np.ndarray  # [N, L, C] units per top category over the horizon after each event
+    demand_mask: np.ndarray  # [N, L] whether that horizon is fully observed
+    length: np.ndarray  # [N]
+    target: np.ndarray  # [N] held-out item class (-1 = outside vocabulary), IGNORE in training
+    users: np.ndarray  # [N] user ids
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.tensor(getattr(self, f.name)) for f in fields(self) if f.name != "users")
+
+    def subset(self, idx: np.ndarray) -> Sequences:
+        return Sequences(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def _last_events(enc: pd.DataFrame, keep: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The last `keep` events of every user, with their slot in a right-padded row."""
+    from_end = enc.groupby("user", sort=False).cumcount(ascending=False).to_numpy()
+    kept = enc[from_end < keep]
+    slot = kept.groupby("user", sort=False).cumcount().to_numpy()
+    return kept, slot
+
+
+def _pack(
+    kept: pd.DataFrame, slot: np.ndarray, width: int, n_top: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    row, users = pd.factorize(kept["user"])
+    n = len(users)
+    out = {}
+    for name in ("item_row", "cat", "dow", "hour", "gap"):
+        arr = np.zeros((n, width), dtype=np.int64)
+        arr[row, slot] = kept[name].to_numpy()
+        out[name] = arr
+    region = np.zeros(n, dtype=np.int64)
+    region[row] = kept["region"].to_numpy()
+    length = np.bincount(row, minlength=n)
+    user_ids = np.empty(n, dtype=object)
+    user_ids[row] = kept["user_id"].to_numpy()
+    out["region"], out["length"] = region, length
+    return out, row, user_ids
+
+
+def training_sequences(
+    enc: pd.DataFrame, n_top: int, max_len: int, horizon_s: int, demand_until: int | None = None
+) -> Sequences:
+    """Next-item and demand targets at every position of each user's last `max_len` events.
+
+    `enc` holds only training events. A demand label counts only when its whole horizon lies
+    inside the user's observed training events and before `demand_until` (a global time cut).
+    """
+    labels = demand_labels(enc, n_top, horizon_s)
+    last_t = enc.groupby("user", sort=False)["t"].transform("max").to_numpy()
+    bound = last_t if demand_until is None else np.minimum(last_t, demand_until)
+    observed = enc["t"].to_numpy() + horizon_s <= bound
+    nxt = np.r_[enc["item_class"].to_numpy()[1:], IGNORE]
+    same_user = np.r_[enc["user"].to_numpy()[1:] == enc["user"].to_numpy()[:-1], False]
+    enc = enc.assign(next_class=np.where(same_user & (nxt >= 0), nxt, IGNORE), observed=observed)
+    kept, slot = _last_events(enc, max_len)
+    packed, row, users = _pack(kept, slot, max_len, n_top)
+    n = len(users)
+    next_item = np.full((n, max_len), IGNORE, dtype=np.int64)
+    next_item[row, slot] = kept["next_class"].to_numpy()
+    demand = np.zeros((n, max_len, n_top), dtype=np.float32)
+    demand[row, slot] = labels[kept.index.to_numpy()]
+    mask = np.zeros((n, max_len), dtype=bool)
+    mask[row, slot] = kept["observed"].to_numpy()
+    return Sequences(
+        packed["item_row"],
+        packed["cat"],
+        packed["dow"],
+        packed["hour"],
+        packed["gap"],
+        packed["region"],
+        next_item,
+        demand,
+        mask,
+        packed["length"],
+        np.full(n, IGNORE, dtype=np.int64),
+        users,
+    )
+
+
+def history_sequences(
+    history: pd.DataFrame, n_top: int, max_len: int, targets: pd.DataFrame | None = None
+) -> Sequences:
+    """Each user's last `max_len` events as model input; `targets` (one row per user) to rank."""
+    kept, slot = _last_events(history, max_len)
+    packed, _, users = _pack(kept, slot, max_len, n_top)
+    n = len(users)
+    target = np.full(n, -1, dtype=np.int64)
+    if targets is not None:
+        by_user = targets.set_index("user_id")["item_class"]
+        target = by_user.reindex(users).fillna(-1).to_numpy(np.int64)
+    return Sequences(
+        packed["item_row"],
+        packed["cat"],
+        packed["dow"],
+        packed["hour"],
+        packed["gap"],
+        packed["region"],
+        np.full((n, max_len), IGNORE, dtype=np.int64),
+        np.zeros((n, max_len, n_top), dtype=np.float32),
+        np.zeros((n, max_len), dtype=bool),
+        packed["length"],
+        target,
+        users,
+    )

@@ -1,0 +1,110 @@
+"""Training and evaluation loops shared by the centralized trainer and the federated clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.metrics import FULL_RANKING, SAMPLED_RANKING, full_ranks, hit_ndcg, sampled_ranks
+from common.model import BehaviorModel, per_user_loss, trim
+from common.sequences import Sequences
+
+EVAL_BATCH = 512
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    device: str = "auto"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA when present (regional data centers have GPUs), else CPU; an explicit name wins."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def loader(seqs: Sequences, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        TensorDataset(*seqs.tensors()), batch_size=batch_size, shuffle=shuffle, generator=gen
+    )
+
+
+def train_epoch(
+    model: BehaviorModel,
+    batches: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    on_step: Callable[[float], None] | None = None,
+) -> dict[str, float]:
+    """One pass; returns mean per-user losses (total, next-item, demand)."""
+    model.train()
+    sums, users = np.zeros(3), 0
+    for batch in batches:
+        if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch
+            continue
+        batch = tuple(t.to(device) for t in trim(batch))
+        total, rec, dem = per_user_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        total.mean().backward()
+        optimizer.step()
+        n = len(total)
+        sums += n * np.array([total.mean().item(), rec.mean().item(), dem.mean().item()])
+        users += n
+        if on_step:
+            on_step(n)
+    mean = sums / max(users, 1)
+    return {"loss": mean[0], "loss_next_item": mean[1], "loss_demand": mean[2], "users": users}
+
+
+@torch.no_grad()
+def last_states(
+    model: BehaviorModel, seqs: Sequences, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(state after the last event [B, H], held-out target [B]) per evaluation batch."""
+    model.eval()
+    for batch in loader(seqs, EVAL_BATCH, shuffle=False):
+        batch = tuple(t.to(device) for t in trim(batch))
+        yield model.last_state(batch), batch[10]
+
+
+def rank_metrics(
+    score_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], k: int = 10, seed: int = 0
+) -> dict[str, object]:
+    """Full-ranking (primary) and sampled HR/NDCG@k from (scores [B, V], target [B]) batches."""
+    rng = np.random.default_rng(seed)
+    full, sampled = [], []
+    for scores, target in score_batches:
+        scores, target = scores.float().cpu(), target.cpu()
+        full.append(full_ranks(scores, target))
+        sampled.append(sampled_ranks(scores, target, rng))
+    full_r, sampled_r = torch.cat(full).numpy(), torch.cat(sampled).numpy()
+    return {
+        "users": len(full_r),
+        "full": hit_ndcg(full_r, k),
+        "sampled": hit_ndcg(sampled_r, k),
+        "protocol": {"full": FULL_RANKING, "sampled": SAMPLED_RANKING},
+    }
+
+
+def evaluate_ranking(
+    model: BehaviorModel, seqs: Sequences, device: torch.device, k: int = 10
+) -> dict[str, object]:
+    batches = ((model.item_head(h), t) for h, t in last_states(model, seqs, device))
+    return rank_metrics(batches, k)
+
+
+@torch.no_grad()
+def predict_demand(model: BehaviorModel, seqs: Sequences, device: torch.device) -> np.ndarray:
+    """Expected units per user and top category over the model's horizon, [N, C]."""
+    rates = [model.demand_head(h).exp().cpu() for h, _ in last_states(model, seqs, device)]
+    return torch.cat(rates).numpy()

@@ -1,0 +1,1 @@
+"""Local runs: the command line, the centralized baseline and (later) federated simulation."""

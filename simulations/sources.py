@@ -1,0 +1,54 @@
+"""Where a run's events come from: a file (any supported format) or the embedded generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from pydantic import ValidationError
+
+from common.events import DataError
+from common.formats import ColumnMap, DatasetSpec, LoadResult, load_events
+from common.synth import SynthConfig, generate
+
+SYNTH_TOP_CHARS = None  # synthetic categories look like "07.03": the top level is before the dot
+
+
+@dataclass
+class Source:
+    name: str
+    events: pd.DataFrame
+    top_category_chars: int | None
+    load: LoadResult | None = None
+
+
+def spec_from_maps(maps: list[str]) -> DatasetSpec:
+    """`["user_id=Customer", "item_id=SKU", ...]` → a custom dataset spec."""
+    pairs = {}
+    for entry in maps:
+        field, sep, column = entry.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise DataError(f"--map {entry!r}: expected FIELD=COLUMN, e.g. user_id=customer")
+        pairs[field.strip()] = column.strip()
+    try:
+        return DatasetSpec(columns=ColumnMap(**pairs))
+    except ValidationError as exc:
+        raise DataError(f"--map: {exc.errors()[0]['loc'][-1]}: {exc.errors()[0]['msg']}") from exc
+
+
+def read_source(
+    data: Path | None,
+    fmt: str = "auto",
+    spec: Path | None = None,
+    maps: list[str] | None = None,
+    synth: SynthConfig | None = None,
+) -> Source:
+    if data is None:
+        cfg = synth or SynthConfig()
+        return Source(
+            f"synthetic(seed={cfg.seed}, events={cfg.events})", generate(cfg), SYNTH_TOP_CHARS
+        )
+    dataset_spec = DatasetSpec.from_file(spec) if spec else spec_from_maps(maps) if maps else None
+    result = load_events(data, fmt, dataset_spec)
+    return Source(str(data), result.events, result.spec.top_category_chars, result)
