@@ -10,7 +10,7 @@ import pandas as pd
 REQUIRED = ("user_id", "item_id", "timestamp")
 OPTIONAL = ("region", "category", "quantity", "price", "event_type")
 CANONICAL = (*REQUIRED, *OPTIONAL)
-ROW = "row"  # 1-based data row in the source file (header excluded), kept for error reports
+ROW = "source_row"  # 1-based data row in the source file (header excluded), kept for error reports
 
 
 class EventType(StrEnum):

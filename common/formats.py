@@ -18,7 +18,7 @@ import pyarrow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.atomic import write_with
-from common.events import CANONICAL, ROW, DataError, EventType, standardize, summarize
+from common.events import CANONICAL, REQUIRED, ROW, DataError, EventType, standardize, summarize
 
 
 class ColumnMap(BaseModel):
@@ -163,7 +163,7 @@ def read_table(path: Path) -> pd.DataFrame:
     raise DataError(f"{path}: unknown file type (expected .csv, .csv.gz, .zip or .parquet)")
 
 
-def detect_format(columns: pd.Index) -> str:
+def detect_format(path: Path, columns: pd.Index) -> str:
     present = set(columns)
     for name, adapter in ADAPTERS.items():
         if name != "canonical" and set(adapter.signature) <= present:
@@ -171,7 +171,7 @@ def detect_format(columns: pd.Index) -> str:
     if set(ADAPTERS["canonical"].signature) <= present:
         return "canonical"
     raise DataError(
-        "cannot tell the format from the columns "
+        f"{path}: cannot tell the format from the columns "
         f"({', '.join(map(str, columns))}); pass --format or a column mapping"
     )
 
@@ -210,10 +210,12 @@ def load_events(path: str | Path, fmt: str = "auto", spec: DatasetSpec | None = 
     else:
         if fmt == "custom":
             raise DataError(f"{path}: format 'custom' needs a dataset spec or a column mapping")
-        fmt = detect_format(raw.columns) if fmt == "auto" else fmt
+        fmt = detect_format(path, raw.columns) if fmt == "auto" else fmt
         if fmt not in ADAPTERS:
             raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
         adapter = ADAPTERS[fmt]
+    if ROW in raw.columns:  # a canonical export of ours: row numbers restart for this file
+        raw = raw.drop(columns=ROW)
     raw.insert(0, ROW, range(1, len(raw) + 1))
     if fmt != "custom":
         absent = [c for c in adapter.signature if c not in raw.columns]
@@ -221,6 +223,8 @@ def load_events(path: str | Path, fmt: str = "auto", spec: DatasetSpec | None = 
             raise DataError(f"{path}: not a {fmt} file: missing column(s) {', '.join(absent)}")
     frame, reasons = adapter.prepare(raw)
     mapping = {k: v for k, v in adapter.spec.columns.model_dump().items() if v is not None}
+    if fmt == "canonical":  # optional canonical columns may simply be absent
+        mapping = {k: v for k, v in mapping.items() if k in REQUIRED or v in frame.columns}
     unknown = [f"{k}={v!r}" for k, v in mapping.items() if v not in frame.columns]
     if unknown:
         raise DataError(

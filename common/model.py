@@ -117,12 +117,12 @@ class BehaviorModel(nn.Module):
 
 
 def per_user_loss(
-    model: BehaviorModel, batch: tuple[torch.Tensor, ...]
+    model: nn.Module, batch: tuple[torch.Tensor, ...], demand_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss per user [B] (the DP unit): next-item CE + weighted Poisson demand NLL.
 
     Each user's positions are averaged first, so every user weighs the same whatever their
-    history length. Returns (total, next_item, demand), each [B].
+    history length. `model` may be wrapped (e.g. by Opacus). Returns (total, next_item, demand).
     """
     items, cats, dow, hour, gap, region, next_item, demand, demand_mask = batch[:9]
     logits, log_rate = model(items, cats, dow, hour, gap, region)
@@ -134,7 +134,7 @@ def per_user_loss(
     nll = F.poisson_nll_loss(log_rate, demand, log_input=True, full=False, reduction="none")
     mask = demand_mask.float()
     dem = (nll.mean(-1) * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return rec + model.cfg.demand_weight * dem, rec, dem
+    return rec + demand_weight * dem, rec, dem
 
 
 def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.metrics import FULL_RANKING, SAMPLED_RANKING, full_ranks, hit_ndcg, sampled_ranks
@@ -40,10 +41,11 @@ def loader(seqs: Sequences, batch_size: int, shuffle: bool, seed: int = 0) -> Da
 
 
 def train_epoch(
-    model: BehaviorModel,
+    model: nn.Module,
     batches: DataLoader,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    demand_weight: float,
     on_step: Callable[[float], None] | None = None,
 ) -> dict[str, float]:
     """One pass; returns mean per-user losses (total, next-item, demand)."""
@@ -53,7 +55,7 @@ def train_epoch(
         if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch
             continue
         batch = tuple(t.to(device) for t in trim(batch))
-        total, rec, dem = per_user_loss(model, batch)
+        total, rec, dem = per_user_loss(model, batch, demand_weight)
         optimizer.zero_grad(set_to_none=True)
         total.mean().backward()
         optimizer.step()

@@ -75,7 +75,7 @@ def train_central(
             prepared.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + epoch
         )
         step = (lambda n: on_progress("train", n)) if on_progress else None
-        losses = train_epoch(model, batches, opt, device, step)
+        losses = train_epoch(model, batches, opt, device, cfg.model.demand_weight, step)
         seconds = time.perf_counter() - start
         valid = evaluate_ranking(model, prepared.valid, device)
         ndcg = valid["full"]["ndcg@10"]
