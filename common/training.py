@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.dataset import Prepared
+from common.forecasting import bottom_up, calibrated
 from common.metrics import FULL_RANKING, SAMPLED_RANKING, full_ranks, hit_ndcg, sampled_ranks
 from common.model import BehaviorModel, per_user_loss, trim
 from common.sequences import Sequences
@@ -46,13 +48,20 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     demand_weight: float,
-    on_step: Callable[[float], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    on_empty: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass; returns mean per-user losses (total, next-item, demand)."""
+    """One pass; returns mean per-user losses (total, next-item, demand).
+
+    `after_step(users)` runs after every optimizer step; `on_empty()` for a batch that Poisson
+    sampling left empty (DP accounting must still count that step).
+    """
     model.train()
     sums, users = np.zeros(3), 0
     for batch in batches:
-        if len(batch[0]) == 0:  # Poisson sampling can draw an empty batch
+        if len(batch[0]) == 0:
+            if on_empty:
+                on_empty()
             continue
         batch = tuple(t.to(device) for t in trim(batch))
         total, rec, dem = per_user_loss(model, batch, demand_weight)
@@ -62,8 +71,8 @@ def train_epoch(
         n = len(total)
         sums += n * np.array([total.mean().item(), rec.mean().item(), dem.mean().item()])
         users += n
-        if on_step:
-            on_step(n)
+        if after_step:
+            after_step(n)
     mean = sums / max(users, 1)
     return {"loss": mean[0], "loss_next_item": mean[1], "loss_demand": mean[2], "users": users}
 
@@ -110,3 +119,29 @@ def predict_demand(model: BehaviorModel, seqs: Sequences, device: torch.device) 
     """Expected units per user and top category over the model's horizon, [N, C]."""
     rates = [model.demand_head(h).exp().cpu() for h, _ in last_states(model, seqs, device)]
     return torch.cat(rates).numpy()
+
+
+def forecast_holdout(
+    model: BehaviorModel, prepared: Prepared, device: torch.device
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Actual holdout demand [S, W] and the model's bottom-up forecasts of it, raw and calibrated.
+
+    The model predicts each user's units for the next week; the same flat weekly value serves
+    every holdout week.
+    """
+    cat, demand, weeks = prepared.catalog, prepared.demand, prepared.holdout_weeks
+    sums = [
+        bottom_up(
+            predict_demand(model, seqs, device),
+            seqs.region,
+            cat.regions,
+            cat.top_categories,
+            demand,
+        )
+        for seqs in prepared.forecast_inputs
+    ]
+    history, actual = demand.holdout(weeks)
+    past = np.stack(sums[1:], axis=1)
+    scaled = calibrated(sums[0], past, history[:, -past.shape[1] :])
+    flat = {"bottom_up": sums[0], "calibrated": scaled}
+    return actual, {k: np.repeat(v[:, None], weeks, axis=1) for k, v in flat.items()}

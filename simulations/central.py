@@ -7,22 +7,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
 from common.dataset import Prepared
-from common.forecasting import baseline_scores, bottom_up, calibrated, score
+from common.forecasting import baseline_scores, score
 from common.model import BehaviorModel, ModelConfig
 from common.popularity import popularity_results
 from common.training import (
     TrainConfig,
     evaluate_ranking,
+    forecast_holdout,
     loader,
     pick_device,
-    predict_demand,
     train_epoch,
 )
 
@@ -31,31 +30,6 @@ class CentralConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-
-
-def forecast_scores(model: BehaviorModel, prepared: Prepared, device: torch.device) -> dict:
-    """WAPE/MAE on the holdout weeks of the model's bottom-up forecast, raw and calibrated.
-
-    The model predicts each user's units for the next week; the same flat weekly value serves
-    every holdout week.
-    """
-    cat, demand, weeks = prepared.catalog, prepared.demand, prepared.holdout_weeks
-    sums = [
-        bottom_up(
-            predict_demand(model, seqs, device),
-            seqs.region,
-            cat.regions,
-            cat.top_categories,
-            demand,
-        )
-        for seqs in prepared.forecast_inputs
-    ]
-    history, actual = demand.holdout(weeks)
-    past = np.stack(sums[1:], axis=1)
-    actual_past = history[:, -past.shape[1] :]
-    flat = np.repeat(sums[0][:, None], weeks, axis=1)
-    scaled = np.repeat(calibrated(sums[0], past, actual_past)[:, None], weeks, axis=1)
-    return {"bottom_up": score(actual, flat), "calibrated": score(actual, scaled)}
 
 
 def train_central(
@@ -93,11 +67,12 @@ def train_central(
         if on_progress:
             on_progress("epoch", epoch)
     model.load_state_dict(best_state)
+    actual, forecasts = forecast_holdout(model, prepared, device)
     results = {
         "best_epoch": max(history, key=lambda h: h["valid"]["ndcg@10"])["epoch"],
         "history": history,
         "test": evaluate_ranking(model, prepared.test, device),
-        "forecast": forecast_scores(model, prepared, device),
+        "forecast": {k: score(actual, f) for k, f in forecasts.items()},
     }
     return model, results
 

@@ -7,7 +7,7 @@ import pytest
 
 from common.events import DataError
 from common.formats import DatasetSpec, load_events, write_quarantine
-from simulations.sources import spec_from_maps
+from common.sources import spec_from_maps
 
 
 def test_canonical_csv_accepts_good_rows_and_quarantines_bad_ones_with_reasons(canonical_csv):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -52,3 +53,12 @@ def read_source(
     dataset_spec = DatasetSpec.from_file(spec) if spec else spec_from_maps(maps) if maps else None
     result = load_events(data, fmt, dataset_spec)
     return Source(str(data), result.events, result.spec.top_category_chars, result)
+
+
+@lru_cache(maxsize=2)
+def run_events(data: str, fmt: str, synth_json: str) -> tuple[pd.DataFrame, int | None]:
+    """A run's whole event table (cached per process: simulated clients share it)."""
+    src = read_source(
+        Path(data) if data else None, fmt, synth=SynthConfig.model_validate_json(synth_json)
+    )
+    return src.events, src.top_category_chars

@@ -1,0 +1,115 @@
+"""fedshop ClientApp: trains the shared model on this client's users only, with user-level DP."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.local_data import ClientData, load_client_data
+from clients.local_training import new_state, train_plain, train_private
+from common.forecasting import moving_average
+from common.model import BehaviorModel
+from common.runconfig import RunConfig
+from common.training import evaluate_ranking, forecast_holdout, pick_device
+from privacy.accounting import PrivacyState, load_state, save_state
+
+app = ClientApp()
+STATE_FILE = "privacy_state.json"
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, BehaviorModel]:
+    cfg = RunConfig.from_flower(context.run_config)
+    server = msg.content["config"]
+    data = load_client_data(
+        dict(context.node_config), cfg, str(server["catalog"]), str(server["demand-start"])
+    )
+    model = BehaviorModel(cfg.model, data.prepared.shape)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, data, model
+
+
+def _privacy_state(data: ClientData, cfg: RunConfig, context: Context) -> PrivacyState:
+    """The file beside the client's data is the record; context.state mirrors it in memory."""
+    stored = load_state(data.state_dir / STATE_FILE)
+    if stored is None and "privacy" in context.state:
+        stored = PrivacyState.model_validate_json(str(context.state["privacy"]["json"]))
+    return stored or new_state(data.name, cfg)
+
+
+def _keep(state: PrivacyState, data: ClientData, context: Context) -> None:
+    save_state(state, data.state_dir / STATE_FILE)
+    context.state["privacy"] = ConfigRecord({"json": state.model_dump_json()})
+
+
+def _name(data: ClientData) -> ConfigRecord:
+    return ConfigRecord({"name": data.name})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, data, model = _setup(msg, context)
+    device = pick_device(cfg.device)
+    model.to(device)
+    server_round = int(msg.content["config"]["server-round"])
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    train_seqs = data.prepared.train
+    metrics: dict[str, float] = {"num-examples": len(train_seqs), "declined": 0}
+    if cfg.dp:
+        state = _privacy_state(data, cfg, context)
+        result = train_private(model, train_seqs, cfg, state, server_round, device, mu)
+        _keep(state, data, context)  # the spend is on disk before the update leaves
+        mech = state.mechanism
+        metrics |= {
+            "epsilon": state.epsilon(),
+            "delta": state.budget.delta,
+            "epsilon-budget": state.budget.epsilon,
+            "noise-multiplier": mech.noise_multiplier,
+            "clip-norm": mech.clip_norm,
+            "sample-rate": mech.sample_rate,
+        }
+    else:
+        result = train_plain(model, train_seqs, cfg, server_round, device, mu)
+        metrics |= {"epsilon": float("inf")}
+    if not result.trained:
+        metrics |= {"declined": 1, "num-examples": 0, "steps": 0}
+        content = RecordDict({"metrics": MetricRecord(metrics), "client": _name(data)})
+        return Message(content, reply_to=msg)
+    metrics |= {
+        "steps": result.metrics["steps"],
+        "loss": result.metrics["loss"],
+        "loss-next-item": result.metrics["loss_next_item"],
+        "loss-demand": result.metrics["loss_demand"],
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.cpu().state_dict()),
+            "metrics": MetricRecord(metrics),
+            "client": _name(data),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics on this client's held-out data; forecast errors as sums so WAPE aggregates."""
+    cfg, data, model = _setup(msg, context)
+    device = pick_device(cfg.device)
+    model.to(device)
+    ranking = evaluate_ranking(model, data.prepared.test, device)
+    actual, forecasts = forecast_holdout(model, data.prepared, device)
+    history, _ = data.prepared.demand.holdout(data.prepared.holdout_weeks)
+    moving = moving_average(history, actual.shape[1])
+    metrics = {
+        "num-examples": ranking["users"],
+        "hr10": ranking["full"]["hr@10"],
+        "ndcg10": ranking["full"]["ndcg@10"],
+        "hr10-sampled": ranking["sampled"]["hr@10"],
+        "ndcg10-sampled": ranking["sampled"]["ndcg@10"],
+        "demand-actual-sum": float(actual.sum()),
+        "demand-abs-error-sum": float(np.abs(actual - forecasts["calibrated"]).sum()),
+        "demand-raw-abs-error-sum": float(np.abs(actual - forecasts["bottom_up"]).sum()),
+        "demand-ma-abs-error-sum": float(np.abs(actual - moving).sum()),
+    }
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,72 @@
+"""Finding and preparing the one client's own events.
+
+Deployment: the SuperNode's `node_config` names the data (`data-path`, optional `data-format`,
+`client-name`, `state-dir`). Simulation: `partition-id` / `num-partitions` pick this client's
+users out of the run's data source. Either way only this client's events are loaded into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from common.catalog import Catalog
+from common.dataset import Prepared, prepare
+from common.formats import load_events
+from common.partition import plan, select
+from common.runconfig import RunConfig
+from common.sources import run_events
+
+
+@dataclass(frozen=True)
+class ClientData:
+    name: str
+    prepared: Prepared
+    state_dir: Path
+
+
+@lru_cache(maxsize=8)
+def _prepare(
+    key: tuple[Any, ...], catalog_path: str, demand_start: str, max_len: int
+) -> tuple[str, Prepared]:
+    kind, *rest = key
+    if kind == "file":
+        path, fmt, name = rest
+        result = load_events(path, fmt)
+        events, top_chars = result.events, result.spec.top_category_chars
+    else:
+        data, fmt, synth_json, partition_id, num_partitions = rest
+        everything, top_chars = run_events(data, fmt, synth_json)
+        part = plan(everything, num_partitions)[partition_id]
+        name, events = part.name, select(everything, part)
+    catalog = Catalog.load(catalog_path)
+    prepared = prepare(
+        events,
+        top_category_chars=top_chars,
+        max_len=max_len,
+        demand_start=demand_start or None,
+        catalog=catalog,
+    )
+    return name, prepared
+
+
+def load_client_data(
+    node_config: dict[str, Any], cfg: RunConfig, catalog_path: str, demand_start: str
+) -> ClientData:
+    if "data-path" in node_config:
+        path = str(node_config["data-path"])
+        name = str(node_config.get("client-name", Path(path).stem.split(".")[0]))
+        key = ("file", path, str(node_config.get("data-format", "auto")), name)
+        default_state = Path(path).parent / f"{name}.fedshop"
+    else:
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        key = ("partition", cfg.data, cfg.format, cfg.synth.model_dump_json(), pid, n)
+        default_state = None
+    name, prepared = _prepare(key, catalog_path, demand_start, cfg.max_len)
+    state_dir = (
+        Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
+    )
+    state_dir = state_dir or default_state or Path(cfg.out) / "clients" / name
+    return ClientData(name, prepared, state_dir)

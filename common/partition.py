@@ -1,0 +1,67 @@
+"""Splitting one event log into federated clients the way a platform's regions would be.
+
+Natural: one client per region (area / country). With more clients than regions, the regions
+with most users per client are split further by a stable hash of the user id; with fewer, the
+smallest regions are pooled. A user always lands in exactly one client (their main region), so
+per-client DP stays user-level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from common.sequences import user_regions
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    regions: tuple[str, ...]
+    shard: int = 0
+    shards: int = 1
+
+
+def plan(events: pd.DataFrame, n_clients: int) -> list[Partition]:
+    sizes = user_regions(events).value_counts()
+    regions = [str(r) for r in sizes.index]
+    if n_clients <= 0:
+        raise ValueError("need at least one client")
+    if n_clients < len(regions):
+        groups: list[list[str]] = [[r] for r in regions[: n_clients - 1]]
+        groups.append(regions[n_clients - 1 :])
+        return [
+            Partition("+".join(g) if len(g) <= 3 else f"{g[0]}+{len(g) - 1} more", tuple(g))
+            for g in groups
+        ]
+    shards = dict.fromkeys(regions, 1)
+    for _ in range(n_clients - len(regions)):
+        busiest = max(regions, key=lambda r: sizes[r] / shards[r])
+        shards[busiest] += 1
+    return [
+        Partition(r if shards[r] == 1 else f"{r}#{s + 1}", (r,), s, shards[r])
+        for r in regions
+        for s in range(shards[r])
+    ]
+
+
+def _shard_of(user_ids: pd.Series, shards: int) -> np.ndarray:
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") % shards
+            for u in user_ids.astype(str)
+        ],
+        dtype=np.int64,
+    )
+
+
+def select(events: pd.DataFrame, part: Partition) -> pd.DataFrame:
+    """The events of the users that belong to `part`."""
+    home = user_regions(events)
+    users = home[home.astype(str).isin(part.regions)].index.to_series()
+    if part.shards > 1:
+        users = users[_shard_of(users, part.shards) == part.shard]
+    return events[events["user_id"].isin(users)].reset_index(drop=True)

@@ -1,0 +1,112 @@
+"""The federated run's configuration: one pydantic model for the Flower run config and the CLI.
+
+Flower run-config keys are kebab-case (`num-server-rounds`); field names are their snake_case
+twins. Validation happens once, where the config enters (ServerApp, ClientApp, CLI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.model import ModelConfig
+from common.synth import SynthConfig
+
+
+class StrategyName(StrEnum):
+    FEDAVG = "fedavg"
+    FEDADAM = "fedadam"
+    FEDPROX = "fedprox"
+
+
+class AccountantName(StrEnum):
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_server_rounds: int = Field(3, ge=1, description="Federated rounds")
+    strategy: StrategyName = StrategyName.FEDAVG
+    server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    planned_rounds: int = Field(
+        0, ge=0, description="Rounds each client's budget is planned for; 0 = num-server-rounds"
+    )
+    min_clients: int = Field(2, ge=1, description="Fewest trained clients a round needs")
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1, description="Expected users per (Poisson) batch")
+    lr: float = Field(1e-3, gt=0)
+    dp: bool = True
+    epsilon: float = Field(8.0, gt=0, description="Per-client budget ε (user-level)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Per-client δ; kept below 1/users")
+    clip_norm: float = Field(1.0, gt=0, description="Per-user gradient clipping norm")
+    accountant: AccountantName = AccountantName.RDP
+    data: str = Field("", description="Event log path; empty = embedded synthetic data")
+    format: str = "auto"
+    synth_events: int = Field(200_000, ge=100)
+    synth_users: int = Field(5_000, ge=10)
+    synth_items: int = Field(2_000, ge=20)
+    synth_regions: int = Field(6, ge=1)
+    seed: int = 0
+    catalog: str = Field("", description="Shared catalog file; empty = <out>/catalog.json")
+    out: str = "runs/simulation"
+    resume: bool = True
+    device: str = "auto"
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    max_len: int = Field(50, ge=2)
+    demand_start: str = Field("", description="First day of the weekly demand bins (ISO date)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower run config (kebab-case keys); errors name the offending key."""
+        data = {key.replace("-", "_"): value for key, value in run_config.items()}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = "-".join(str(p) for p in first["loc"]).replace("_", "-")
+            raise ValueError(f"run config '{key}': {first['msg']}") from exc
+
+    def to_flower(self) -> dict[str, Any]:
+        return {
+            k.replace("_", "-"): (v.value if isinstance(v, StrEnum) else v)
+            for k, v in self.model_dump().items()
+        }
+
+    @property
+    def budget_rounds(self) -> int:
+        return self.planned_rounds or self.num_server_rounds
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(
+            hidden=self.hidden,
+            layers=self.layers,
+            heads=self.heads,
+            intermediate=4 * self.hidden,
+            max_len=self.max_len,
+        )
+
+    @property
+    def synth(self) -> SynthConfig:
+        return SynthConfig(
+            events=self.synth_events,
+            users=self.synth_users,
+            items=self.synth_items,
+            regions=self.synth_regions,
+            seed=self.seed,
+        )

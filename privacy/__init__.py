@@ -1,0 +1,1 @@
+"""Privacy accounting: budgets, noise planning and each client's cumulative spend."""

@@ -1,0 +1,1 @@
+"""The Flower ServerApp: strategy, round loop with checkpoints, federated evaluation, export."""

@@ -1,0 +1,39 @@
+"""The final model as safetensors plus a JSON model card."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from flwr.app import ArrayRecord
+from safetensors.numpy import save_file
+
+from common.atomic import write_json, write_with
+from common.model import CatalogShape, ModelConfig
+
+MODEL_FILE = "model.safetensors"
+CARD_FILE = "model_card.json"
+
+
+def export(
+    out: Path,
+    arrays: ArrayRecord,
+    model_cfg: ModelConfig,
+    shape: CatalogShape,
+    card: dict,
+) -> Path:
+    tensors = {k: v.numpy() for k, v in arrays.items()}
+    write_with(out / MODEL_FILE, lambda p: save_file(tensors, str(p)))
+    write_json(
+        out / CARD_FILE,
+        {
+            "model": "fedshop BERT behavior model",
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "config": model_cfg.model_dump(),
+            "catalog_shape": shape.model_dump(),
+            "weights": MODEL_FILE,
+            "catalog": "catalog.json",
+            **card,
+        },
+    )
+    return out / MODEL_FILE

@@ -1,0 +1,48 @@
+"""Platform data the server shares with every client: the item catalog and the demand calendar.
+
+In deployment both are the platform's own (`catalog`, `demand-start` in the run config). In a
+simulation the server derives them from the simulated data set, as the platform's item listing
+would: items of the training parts and their categories, never a user's events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.catalog import Catalog
+from common.events import EventType
+from common.runconfig import RunConfig
+from common.sequences import leave_last_out
+from common.sources import run_events
+
+
+@dataclass(frozen=True)
+class Platform:
+    catalog: Catalog
+    catalog_path: Path
+    demand_start: str
+    summary: dict
+
+
+def platform_for(cfg: RunConfig, out: Path) -> Platform:
+    if cfg.catalog:
+        path = Path(cfg.catalog)
+        catalog = Catalog.load(path)
+        return Platform(catalog, path, cfg.demand_start, {"catalog": str(path)})
+    events, top_chars = run_events(cfg.data, cfg.format, cfg.synth.model_dump_json())
+    split = leave_last_out(events)
+    catalog = Catalog.build(split[split["split"] == "train"], top_chars)
+    path = catalog.save(out / "catalog.json")
+    bought = events[events["event_type"] == EventType.PURCHASE.value]
+    start = cfg.demand_start or str(bought["timestamp"].min().normalize().date())
+    summary = {
+        "source": cfg.data or f"synthetic(seed={cfg.seed}, events={cfg.synth_events})",
+        "events": len(events),
+        "users": int(events["user_id"].nunique()),
+        "items_in_catalog": len(catalog.items),
+        "regions": len(catalog.regions) - 1,
+        "first": str(events["timestamp"].min()),
+        "last": str(events["timestamp"].max()),
+    }
+    return Platform(catalog, path, start, summary)

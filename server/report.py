@@ -1,0 +1,82 @@
+"""What a run leaves behind: per-round metrics and privacy spend as JSON/CSV, and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from common.atomic import write_json, write_with
+
+EVAL_KEYS = ("hr10", "ndcg10", "wape", "wape-moving-average")
+
+
+def client_table(history: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([row for rec in history for row in rec["clients"]])
+
+
+def metric_table(history: list[dict]) -> pd.DataFrame:
+    rows = [
+        {
+            "round": r["round"],
+            **r.get("evaluate", {}),
+            **{f"train-{k}": v for k, v in r.get("train", {}).items()},
+        }
+        for r in history
+        if "evaluate" in r
+    ]
+    return pd.DataFrame(rows)
+
+
+def write_tables(out: Path, history: list[dict]) -> None:
+    write_json(out / "rounds.json", history)
+    metrics, clients = metric_table(history), client_table(history)
+    write_with(out / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
+    write_with(out / "clients.csv", lambda p: clients.to_csv(p, index=False))
+
+
+def plot(out: Path, history: list[dict]) -> list[Path]:
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    paths = []
+    metrics = metric_table(history)
+    if not metrics.empty:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for key in ("hr10", "ndcg10"):
+            axes[0].plot(
+                metrics["round"], metrics[key], marker="o", label=key.upper().replace("10", "@10")
+            )
+        axes[0].set(title="Next-item (full ranking, held-out last event)", xlabel="round")
+        axes[0].legend()
+        for key, label in (
+            ("wape", "model (calibrated)"),
+            ("wape-moving-average", "4-week moving average"),
+        ):
+            if key in metrics:
+                axes[1].plot(metrics["round"], metrics[key], marker="o", label=label)
+        axes[1].set(title="Demand WAPE, held-out weeks", xlabel="round")
+        axes[1].legend()
+        fig.tight_layout()
+        paths.append(_save(fig, out / "plots" / "metrics.png"))
+    clients = client_table(history)
+    if "epsilon" in clients:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows in clients[clients["status"] != "failed"].groupby("client"):
+            ax.plot(rows["round"], rows["epsilon"], marker="o", label=str(name))
+        budget = clients["epsilon-budget"].dropna()
+        if len(budget):
+            ax.axhline(budget.max(), color="red", linestyle="--", label="budget")
+        ax.set(title="Privacy spent per client (user-level ε)", xlabel="round", ylabel="ε")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        paths.append(_save(fig, out / "plots" / "epsilon.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+    return path

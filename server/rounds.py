@@ -1,0 +1,133 @@
+"""The federated round loop: train, triage replies, aggregate, evaluate, checkpoint.
+
+Flower's `Strategy.start` runs every round in one go; this loop calls the same strategy
+methods per round so that each round is checkpointed, a run can resume, and clients that
+decline (privacy budget) or fail are separated from the ones whose updates count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server import checkpoint
+
+
+@dataclass
+class Triage:
+    trained: list[Message]
+    declined: list[Message]
+    failed: list[Message]
+
+
+def triage(replies: list[Message]) -> Triage:
+    failed = [m for m in replies if m.has_error()]
+    ok = [m for m in replies if not m.has_error()]
+    declined = [m for m in ok if float(m.content["metrics"].get("declined", 0)) > 0]
+    trained = [m for m in ok if m not in declined]
+    return Triage(trained, declined, failed)
+
+
+def client_rows(server_round: int, t: Triage) -> list[dict]:
+    rows = []
+    for status, messages in (("trained", t.trained), ("declined", t.declined)):
+        for m in messages:
+            name = (
+                str(m.content["client"]["name"])
+                if "client" in m.content
+                else str(m.metadata.src_node_id)
+            )
+            rows.append(
+                {
+                    "round": server_round,
+                    "client": name,
+                    "node": m.metadata.src_node_id,
+                    "status": status,
+                    **{k: float(v) for k, v in m.content["metrics"].items()},
+                }
+            )
+    for m in t.failed:
+        rows.append(
+            {
+                "round": server_round,
+                "client": str(m.metadata.src_node_id),
+                "node": m.metadata.src_node_id,
+                "status": "failed",
+                "error": m.error.reason,
+            }
+        )
+    return rows
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    first_round: int,
+    last_round: int,
+    min_clients: int,
+    shared: dict[str, str],
+    out: Path,
+    history: list[dict],
+    on_round: Callable[[dict], None],
+) -> tuple[ArrayRecord, str]:
+    """Run rounds `first_round..last_round`; returns the final arrays and why the loop ended."""
+    for rnd in range(first_round, last_round + 1):
+        log(INFO, "[ROUND %s/%s]", rnd, last_round)
+        replies = list(
+            grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(shared), grid))
+        )
+        t = triage(replies)
+        record = {"round": rnd, "clients": client_rows(rnd, t)}
+        for m in t.declined:
+            log(
+                WARNING,
+                "node %s declined round %s: privacy budget exhausted",
+                m.metadata.src_node_id,
+                rnd,
+            )
+        for m in t.failed:
+            log(
+                WARNING,
+                "node %s failed in round %s: %s",
+                m.metadata.src_node_id,
+                rnd,
+                m.error.reason,
+            )
+        if len(t.trained) < min_clients:
+            reason = (
+                f"round {rnd}: only {len(t.trained)} client(s) trained "
+                f"({len(t.declined)} declined, {len(t.failed)} failed); "
+                f"min-clients is {min_clients}, so the run stops here"
+            )
+            log(WARNING, reason)
+            record["stopped"] = reason
+            history.append(record)
+            on_round(record)
+            return arrays, reason
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, t.trained)
+        if new_arrays is not None:
+            arrays = new_arrays
+        evaluation = strategy.aggregate_evaluate(
+            rnd,
+            list(
+                grid.send_and_receive(
+                    strategy.configure_evaluate(rnd, arrays, ConfigRecord(shared), grid)
+                )
+            ),
+        )
+        record["train"] = dict(train_metrics or {})
+        record["evaluate"] = dict(evaluation or {})
+        history.append(record)
+        checkpoint.save(
+            out, checkpoint.Checkpoint(rnd, arrays, checkpoint.strategy_state(strategy), history)
+        )
+        on_round(record)
+    return arrays, "completed"

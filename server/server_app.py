@@ -1,0 +1,111 @@
+"""fedshop ServerApp: coordinates the regional clients and keeps the shared model."""
+
+from __future__ import annotations
+
+import shutil
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.atomic import write_json
+from common.dataset import catalog_shape
+from common.model import BehaviorModel
+from common.runconfig import RunConfig
+from server import checkpoint, report
+from server.aggregation import make_strategy
+from server.export import export
+from server.platform import platform_for
+from server.rounds import run_rounds
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    platform = platform_for(cfg, out)
+    if platform.catalog_path.resolve() != (out / "catalog.json").resolve():
+        shutil.copyfile(platform.catalog_path, out / "catalog.json")
+    shape = catalog_shape(platform.catalog)
+    strategy = make_strategy(cfg)
+    saved = checkpoint.load(out) if cfg.resume else None
+    if saved:
+        log(INFO, "resuming from %s after round %s", out / checkpoint.FILE, saved.server_round)
+        arrays, first, history = saved.arrays, saved.server_round + 1, saved.history
+        checkpoint.restore_strategy(strategy, saved.strategy_state)
+    else:
+        torch.manual_seed(cfg.seed)
+        arrays = ArrayRecord(BehaviorModel(cfg.model, shape).state_dict())
+        first, history = 1, []
+    shared = {
+        "catalog": str(platform.catalog_path.resolve()),
+        "demand-start": platform.demand_start,
+    }
+    if cfg.strategy.value == "fedprox":
+        shared["proximal-mu"] = cfg.proximal_mu
+
+    def on_round(record: dict) -> None:
+        report.write_tables(out, history)
+
+    arrays, outcome = run_rounds(
+        grid,
+        strategy,
+        arrays,
+        first,
+        cfg.num_server_rounds,
+        cfg.min_clients,
+        shared,
+        out,
+        history,
+        on_round,
+    )
+    report.write_tables(out, history)
+    report.plot(out, history)
+    finished = [r for r in history if "evaluate" in r]
+    card = {
+        "outcome": outcome,
+        "rounds_completed": finished[-1]["round"] if finished else 0,
+        "strategy": cfg.strategy.value,
+        "data": platform.summary,
+        "privacy": privacy_summary(cfg, history),
+        "metrics": finished[-1]["evaluate"] if finished else {},
+        "run_config": cfg.to_flower(),
+    }
+    export(out, arrays, cfg.model, shape, card)
+    write_json(out / "summary.json", card)
+    log(INFO, "run %s: %s; results in %s", context.run_id, outcome, out)
+
+
+def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
+    """Per client: the latest epsilon it reported, its mechanism and its declined rounds."""
+    clients: dict[str, dict] = {}
+    for record in history:
+        for row in record["clients"]:
+            entry = clients.setdefault(row["client"], {"declined_rounds": [], "failed_rounds": []})
+            if row["status"] == "declined":
+                entry["declined_rounds"].append(record["round"])
+            if row["status"] == "failed":
+                entry["failed_rounds"].append(record["round"])
+                continue
+            for key in (
+                "epsilon",
+                "delta",
+                "epsilon-budget",
+                "noise-multiplier",
+                "clip-norm",
+                "sample-rate",
+            ):
+                if key in row:
+                    entry[key] = row[key]
+    return {
+        "dp": cfg.dp,
+        "unit": "user (one example per user per client)",
+        "accountant": cfg.accountant.value,
+        "clients": clients,
+    }

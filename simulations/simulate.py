@@ -1,0 +1,130 @@
+"""Local multi-region simulation through Flower's own runtime (`flwr run` on a local SuperLink).
+
+A run gets its own FLWR_HOME inside the output folder, so the connection config, the local
+SuperLink's state and its log stay with the run and nothing touches ~/.flwr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.runconfig import RunConfig
+
+APP_DIR = Path(__file__).resolve().parents[1]
+CONNECTION = "local"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def run_config_arg(cfg: RunConfig) -> str:
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.to_flower().items())
+
+
+def write_flower_home(home: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local:"\n'
+    )
+
+
+def federation_config_arg(clients: int, cpus_per_client: int) -> str:
+    return (
+        f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client} "
+        "client-resources-num-gpus=0.0"
+    )
+
+
+def stop_local_superlink(home: Path) -> list[int]:
+    """`flwr run` leaves a detached SuperLink (and its SuperExec) running; stop this run's."""
+    marker = str(home / "local-superlink")
+    stopped = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and marker in cmdline:
+            pid = int(entry.name)
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+    return stopped
+
+
+@dataclass
+class SimulationResult:
+    ok: bool
+    summary: dict
+    log: Path
+
+
+def simulate(
+    cfg: RunConfig,
+    clients: int,
+    on_poll: Callable[[list[dict]], None] | None = None,
+    poll_s: float = 1.0,
+    cpus_per_client: int = 1,
+) -> SimulationResult:
+    """Run the federation to the end; `on_poll(history)` sees the rounds as they finish."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    home = out / ".flwr"
+    write_flower_home(home)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        # Offline: a SuperLink would otherwise try to install the app's dependencies per run.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_path = out / "flower.log"
+    started = time.time()
+    command = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(APP_DIR),
+        CONNECTION,
+        "--stream",
+        "--run-config",
+        run_config_arg(cfg),
+        "--federation-config",
+        federation_config_arg(clients, cpus_per_client),
+    ]
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                time.sleep(poll_s)
+                if on_poll:
+                    on_poll(_rounds(out))
+    finally:
+        stop_local_superlink(home)
+    if on_poll:
+        on_poll(_rounds(out))
+    summary_path = out / "summary.json"
+    # `flwr run` can exit 0 although the run failed: judge by what the ServerApp wrote.
+    ok = summary_path.exists() and summary_path.stat().st_mtime >= started
+    summary = json.loads(summary_path.read_text()) if ok else {}
+    return SimulationResult(ok, summary, log_path)
+
+
+def _rounds(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "rounds.json").read_text())
+    except (OSError, ValueError):
+        return []
