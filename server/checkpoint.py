@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from common.atomic import write_with
@@ -39,8 +40,6 @@ def load(out: Path) -> Checkpoint | None:
     if not path.exists():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
         tensors = load_file(str(path))
@@ -54,7 +53,12 @@ def load(out: Path) -> Checkpoint | None:
         if key.startswith("strategy/"):
             _, attr, name = key.split("/", 2)
             state.setdefault(attr, {})[name] = value
-    return Checkpoint(server_round, ArrayRecord(model), state, history)
+    return Checkpoint(
+        server_round,
+        ArrayRecord({k: torch.from_numpy(v) for k, v in model.items()}),
+        state,
+        history,
+    )
 
 
 def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:

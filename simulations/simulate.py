@@ -6,6 +6,7 @@ SuperLink's state and its log stay with the run and nothing touches ~/.flwr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,22 +49,53 @@ def federation_config_arg(clients: int, cpus_per_client: int) -> str:
     )
 
 
-def stop_local_superlink(home: Path) -> list[int]:
-    """`flwr run` leaves a detached SuperLink (and its SuperExec) running; stop this run's."""
-    marker = str(home / "local-superlink")
-    stopped = []
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, command line) for every process we may inspect."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "flower-superlink" in cmdline and marker in cmdline:
-            pid = int(entry.name)
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(pid)
-    return stopped
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        table[int(entry.name)] = (ppid, cmdline)
+    return table
+
+
+def stop_local_superlink(home: Path) -> list[int]:
+    """`flwr run` leaves a detached SuperLink running (with SuperExec, the simulation and its
+    Ray workers below it); stop this run's, children first."""
+    table = _processes()
+    marker = str(home / "local-superlink")
+    roots = [pid for pid, (_, cmd) in table.items() if "flower-superlink" in cmd and marker in cmd]
+    doomed: list[int] = []
+    frontier = list(roots)
+    while frontier:
+        pid = frontier.pop()
+        doomed.append(pid)
+        frontier.extend(child for child, (ppid, _) in table.items() if ppid == pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in reversed(doomed):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(pid) for pid in doomed):
+            time.sleep(0.2)
+        if not any(_alive(pid) for pid in doomed):
+            break
+    return doomed
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @dataclass
@@ -105,6 +137,7 @@ def simulate(
         "--federation-config",
         federation_config_arg(clients, cpus_per_client),
     ]
+    proc = None
     try:
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -113,6 +146,8 @@ def simulate(
                 if on_poll:
                     on_poll(_rounds(out))
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
         stop_local_superlink(home)
     if on_poll:
         on_poll(_rounds(out))
