@@ -46,6 +46,7 @@ class Catalog:
     top_categories: list[str]
     regions: list[str]  # regions[0] is UNKNOWN
     oov_buckets: int = 64
+    top_category_chars: int | None = None  # the rule that made top_categories
 
     @property
     def n_special(self) -> int:
@@ -80,6 +81,7 @@ class Catalog:
             top_categories=top_names,
             regions=[UNKNOWN, *sorted(regions or events["region"].astype(str).unique())],
             oov_buckets=oov_buckets,
+            top_category_chars=top_category_chars,
         )
 
     def item_rows(self, item_ids: pd.Series) -> np.ndarray:

@@ -70,3 +70,74 @@ def test_train_central_on_tiny_synthetic(tmp_path, tiny_events):
     assert "calibrated" in results["bert"]["forecast"]
     assert (out / "model.safetensors").stat().st_size > 0
     assert "full ranking" in result.output
+
+
+def test_pyproject_run_config_matches_the_pydantic_defaults():
+    import tomllib
+    from pathlib import Path
+
+    from common.runconfig import RunConfig
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    flower = pyproject["tool"]["flwr"]["app"]
+    assert flower["config"] == RunConfig().to_flower()
+    assert flower["components"] == {
+        "serverapp": "server.server_app:app",
+        "clientapp": "clients.client_app:app",
+    }
+
+
+def test_recommend_and_forecast_from_an_exported_model(tmp_path, tiny_events):
+    import torch
+    from safetensors.torch import save_file
+
+    from common.catalog import Catalog
+    from common.dataset import catalog_shape
+    from common.model import BehaviorModel, ModelConfig
+
+    catalog = Catalog.build(tiny_events)
+    catalog.save(tmp_path / "catalog.json")
+    cfg = ModelConfig(hidden=16, layers=1, heads=2, intermediate=32, max_len=12)
+    torch.manual_seed(0)
+    model = BehaviorModel(cfg, catalog_shape(catalog))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    (tmp_path / "model_card.json").write_text(json.dumps({"config": cfg.model_dump()}))
+    data = tmp_path / "events.parquet"
+    tiny_events.to_parquet(data)
+
+    result = runner.invoke(
+        app,
+        [
+            "recommend",
+            "--model",
+            str(tmp_path),
+            "--events",
+            str(data),
+            "--user",
+            "u000001",
+            "-k",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "user u000001: top 3" in result.output
+    assert result.output.count(" i0") == 3
+
+    result = runner.invoke(app, ["forecast", "--model", str(tmp_path), "--events", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "region-01" in result.output and "4-week average" in result.output
+
+    missing = runner.invoke(
+        app, ["recommend", "--model", str(tmp_path), "--events", str(data), "--user", "nobody"]
+    )
+    assert missing.exit_code == 2 and "nobody" in missing.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_card.json").write_text("{not json")
+    result = runner.invoke(app, ["forecast", "--model", str(broken), "--events", str(data)])
+    assert result.exit_code == 2 and "not a usable exported model" in " ".join(
+        result.output.split()
+    )
