@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/fedshop train-central --out runs/central
+	$(VENV)/bin/fedshop simulate --out runs/simulation --fresh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

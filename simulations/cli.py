@@ -320,7 +320,10 @@ def simulate_cmd(
                 task, completed=len([r for r in history if "evaluate" in r]), status=status
             )
 
-        result = simulate(cfg, len(parts), on_poll)
+        try:
+            result = simulate(cfg, len(parts), on_poll)
+        except RuntimeError as exc:
+            raise fail(str(exc)) from exc
     if not result.ok:
         tail = result.log.read_text().splitlines()[-15:]
         raise fail(

@@ -116,6 +116,16 @@ def simulate(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     home = out / ".flwr"
+    other = [
+        pid
+        for pid, (_, cmd) in _processes().items()
+        if "flower-superlink" in cmd and str(home) not in cmd and _alive(pid)
+    ]
+    if other:
+        # `flwr run` would submit to that SuperLink (same local port) with its own state.
+        raise RuntimeError(
+            f"another local Flower SuperLink is running (pid {other[0]}); stop it first"
+        )
     write_flower_home(home)
     env = {
         **os.environ,
