@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_with
 
@@ -62,13 +63,11 @@ def plot(out: Path, history: list[dict]) -> list[Path]:
         fig.tight_layout()
         paths.append(_save(fig, out / "plots" / "metrics.png"))
     clients = client_table(history)
-    if "epsilon" in clients:
+    if "epsilon-budget" in clients:  # DP runs only
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in clients[clients["status"] != "failed"].groupby("client"):
             ax.plot(rows["round"], rows["epsilon"], marker="o", label=str(name))
-        budget = clients["epsilon-budget"].dropna()
-        if len(budget):
-            ax.axhline(budget.max(), color="red", linestyle="--", label="budget")
+        ax.axhline(clients["epsilon-budget"].max(), color="red", linestyle="--", label="budget")
         ax.set(title="Privacy spent per client (user-level ε)", xlabel="round", ylabel="ε")
         ax.legend(fontsize="small")
         fig.tight_layout()
@@ -77,6 +76,8 @@ def plot(out: Path, history: list[dict]) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     return path
