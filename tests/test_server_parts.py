@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from privacy.accounting import Budget, PrivacyState, load_state, plan_mechanism, save_state
+from server import checkpoint, report
+from server.aggregation import aggregate_evaluation
+
+
+def test_evaluation_aggregates_rates_by_users_and_wape_by_sums():
+    replies = [
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": 10,
+                        "hr10": 0.5,
+                        "demand-actual-sum": 100.0,
+                        "demand-abs-error-sum": 10.0,
+                        "demand-raw-abs-error-sum": 50.0,
+                        "demand-ma-abs-error-sum": 20.0,
+                    }
+                )
+            }
+        ),
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": 30,
+                        "hr10": 0.1,
+                        "demand-actual-sum": 300.0,
+                        "demand-abs-error-sum": 90.0,
+                        "demand-raw-abs-error-sum": 30.0,
+                        "demand-ma-abs-error-sum": 60.0,
+                    }
+                )
+            }
+        ),
+    ]
+    out = aggregate_evaluation(replies)
+    assert out["num-examples"] == 40
+    assert out["hr10"] == pytest.approx((10 * 0.5 + 30 * 0.1) / 40)
+    assert out["wape"] == pytest.approx(100 / 400)
+    assert out["wape-moving-average"] == pytest.approx(80 / 400)
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    arrays = ArrayRecord({"w": torch.arange(6.0).reshape(2, 3)})
+    state = {"m_t": {"w": np.ones((2, 3), dtype=np.float32)}}
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(4, arrays, state, [{"round": 4}]))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.server_round == 4 and loaded.history == [{"round": 4}]
+    assert torch.equal(loaded.arrays.to_torch_state_dict()["w"], torch.arange(6.0).reshape(2, 3))
+    assert np.array_equal(loaded.strategy_state["m_t"]["w"], state["m_t"]["w"])
+    (tmp_path / checkpoint.FILE).write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="checkpoint is corrupt"):
+        checkpoint.load(tmp_path)
+    assert checkpoint.load(tmp_path / "empty") is None
+
+
+def test_budget_is_planned_by_opacus_and_enforced():
+    state = PrivacyState(client="c", budget=Budget(epsilon=2.0, delta=1e-5))
+    state.mechanism = plan_mechanism(
+        state.budget, sample_rate=0.05, steps_per_round=20, rounds=2, clip_norm=1.0
+    )
+    spent = []
+    for rnd in (1, 2, 3):
+        ok, _ = state.affordable()
+        spent.append(
+            state.record(rnd, state.round_steps() if ok else [], "trained" if ok else "declined")
+        )
+    assert [s.status for s in spent] == ["trained", "trained", "declined"]
+    assert 0 < spent[0].epsilon_after < spent[1].epsilon_after <= 2.0
+    assert spent[2].epsilon_after == spent[1].epsilon_after and spent[2].steps == 0
+
+
+def test_privacy_state_file_round_trip_and_corruption_is_not_a_reset(tmp_path):
+    path = tmp_path / "privacy_state.json"
+    state = PrivacyState(client="c", budget=Budget(epsilon=8, delta=1e-5), history=[(1.0, 0.1, 10)])
+    save_state(state, path)
+    assert load_state(path).epsilon() == pytest.approx(state.epsilon())
+    path.write_text(json.dumps({"client": "c"}))
+    with pytest.raises(ValueError, match="refusing to reset"):
+        load_state(path)
+    assert load_state(tmp_path / "none.json") is None
+
+
+def test_report_without_dp_writes_metric_plot_only(tmp_path):
+    history = [
+        {
+            "round": 1,
+            "clients": [{"round": 1, "client": "a", "status": "trained", "epsilon": float("inf")}],
+            "train": {"loss": 1.0},
+            "evaluate": {"hr10": 0.1, "ndcg10": 0.05, "wape": 0.3},
+        }
+    ]
+    report.write_tables(tmp_path, history)
+    paths = report.plot(tmp_path, history)
+    assert [p.name for p in paths] == ["metrics.png"]
