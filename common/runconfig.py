@@ -41,7 +41,7 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(1.0, gt=0, le=1)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1, description="Expected users per (Poisson) batch")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-3, gt=0, description="Client Adam learning rate")
     dp: bool = True
     epsilon: float = Field(8.0, gt=0, description="Per-client budget ε (user-level)")
     delta: float = Field(1e-5, gt=0, lt=1, description="Per-client δ; kept below 1/users")

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from common.events import DataError
 from common.formats import FORMATS, write_events, write_quarantine
+from common.runconfig import RunConfig
 from common.synth import SynthConfig, generate
 
 app = typer.Typer(
@@ -43,6 +44,9 @@ MapOpt = Annotated[
     typer.Option("--map", help="FIELD=COLUMN for your own format, e.g. --map user_id=customer."),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+
+
+RUN = {name: f.default for name, f in RunConfig.model_fields.items()}  # simulate's defaults
 
 
 def fail(message: str) -> typer.Exit:
@@ -236,21 +240,35 @@ def simulate_cmd(
     clients: Annotated[
         int | None, typer.Option(help="Number of clients; default one per region.")
     ] = None,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    epsilon: Annotated[float, typer.Option(help="Per-client privacy budget ε (user-level).")] = 8.0,
-    delta: Annotated[float, typer.Option(help="Per-client δ; must stay below 1/users.")] = 1e-5,
-    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Train with DP-SGD.")] = True,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedadam or fedprox.")] = "fedavg",
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Expected users per DP batch.")] = 64,
-    lr: Annotated[float, typer.Option(help="Client learning rate (Adam).")] = 1e-3,
-    clip_norm: Annotated[float, typer.Option(help="Per-user gradient clipping norm.")] = 1.0,
-    min_clients: Annotated[int, typer.Option(help="Fewest trained clients a round needs.")] = 2,
-    hidden: Annotated[int, typer.Option(help="BERT hidden size.")] = 64,
-    layers: Annotated[int, typer.Option(help="BERT layers.")] = 2,
-    max_len: Annotated[int, typer.Option(help="Events per user sequence.")] = 50,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = RUN["num_server_rounds"],
+    epsilon: Annotated[float, typer.Option(help="Per-client privacy budget ε (user-level).")] = RUN[
+        "epsilon"
+    ],
+    delta: Annotated[float, typer.Option(help="Per-client δ; must stay below 1/users.")] = RUN[
+        "delta"
+    ],
+    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="Train with DP-SGD.")] = RUN["dp"],
+    strategy: Annotated[str, typer.Option(help="fedavg, fedadam or fedprox.")] = RUN["strategy"],
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = RUN[
+        "local_epochs"
+    ],
+    batch_size: Annotated[int, typer.Option(help="Expected users per DP batch.")] = RUN[
+        "batch_size"
+    ],
+    lr: Annotated[float, typer.Option(help="Client learning rate (Adam).")] = RUN["lr"],
+    clip_norm: Annotated[float, typer.Option(help="Per-user gradient clipping norm.")] = RUN[
+        "clip_norm"
+    ],
+    min_clients: Annotated[int, typer.Option(help="Fewest trained clients a round needs.")] = RUN[
+        "min_clients"
+    ],
+    hidden: Annotated[int, typer.Option(help="BERT hidden size.")] = RUN["hidden"],
+    layers: Annotated[int, typer.Option(help="BERT layers.")] = RUN["layers"],
+    max_len: Annotated[int, typer.Option(help="Events per user sequence.")] = RUN["max_len"],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = RUN["seed"],
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = RUN[
+        "device"
+    ],
     out: OutOpt = Path("runs/simulation"),
     fresh: Annotated[
         bool, typer.Option(help="Delete OUT first instead of resuming its checkpoint.")
@@ -260,7 +278,6 @@ def simulate_cmd(
     import shutil
 
     from common.partition import plan
-    from common.runconfig import RunConfig
     from common.sources import run_events
     from simulations.simulate import simulate
 
