@@ -111,23 +111,28 @@ def _last_events(enc: pd.DataFrame, keep: int) -> tuple[pd.DataFrame, np.ndarray
     return kept, slot
 
 
-def _pack(
-    kept: pd.DataFrame, slot: np.ndarray, width: int, n_top: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def _pack(kept: pd.DataFrame, slot: np.ndarray, width: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Model inputs as right-padded arrays (Sequences field names), the row of each kept event,
+    and the user id of each row."""
     row, users = pd.factorize(kept["user"])
     n = len(users)
-    out = {}
-    for name in ("item_row", "cat", "dow", "hour", "gap"):
+    inputs = {}
+    for field, column in (
+        ("items", "item_row"),
+        ("cats", "cat"),
+        ("dow", "dow"),
+        ("hour", "hour"),
+        ("gap", "gap"),
+    ):
         arr = np.zeros((n, width), dtype=np.int64)
-        arr[row, slot] = kept[name].to_numpy()
-        out[name] = arr
+        arr[row, slot] = kept[column].to_numpy()
+        inputs[field] = arr
     region = np.zeros(n, dtype=np.int64)
     region[row] = kept["region"].to_numpy()
-    length = np.bincount(row, minlength=n)
     user_ids = np.empty(n, dtype=object)
     user_ids[row] = kept["user_id"].to_numpy()
-    out["region"], out["length"] = region, length
-    return out, row, user_ids
+    inputs |= {"region": region, "length": np.bincount(row, minlength=n)}
+    return inputs, row, user_ids
 
 
 def training_sequences(
@@ -146,7 +151,7 @@ def training_sequences(
     same_user = np.r_[enc["user"].to_numpy()[1:] == enc["user"].to_numpy()[:-1], False]
     enc = enc.assign(next_class=np.where(same_user & (nxt >= 0), nxt, IGNORE), observed=observed)
     kept, slot = _last_events(enc, max_len)
-    packed, row, users = _pack(kept, slot, max_len, n_top)
+    inputs, row, users = _pack(kept, slot, max_len)
     n = len(users)
     next_item = np.full((n, max_len), IGNORE, dtype=np.int64)
     next_item[row, slot] = kept["next_class"].to_numpy()
@@ -154,19 +159,9 @@ def training_sequences(
     demand[row, slot] = labels[kept.index.to_numpy()]
     mask = np.zeros((n, max_len), dtype=bool)
     mask[row, slot] = kept["observed"].to_numpy()
+    target = np.full(n, IGNORE, dtype=np.int64)
     return Sequences(
-        packed["item_row"],
-        packed["cat"],
-        packed["dow"],
-        packed["hour"],
-        packed["gap"],
-        packed["region"],
-        next_item,
-        demand,
-        mask,
-        packed["length"],
-        np.full(n, IGNORE, dtype=np.int64),
-        users,
+        **inputs, next_item=next_item, demand=demand, demand_mask=mask, target=target, users=users
     )
 
 
@@ -175,23 +170,17 @@ def history_sequences(
 ) -> Sequences:
     """Each user's last `max_len` events as model input; `targets` (one row per user) to rank."""
     kept, slot = _last_events(history, max_len)
-    packed, _, users = _pack(kept, slot, max_len, n_top)
+    inputs, _, users = _pack(kept, slot, max_len)
     n = len(users)
     target = np.full(n, -1, dtype=np.int64)
     if targets is not None:
         by_user = targets.set_index("user_id")["item_class"]
         target = by_user.reindex(users).fillna(-1).to_numpy(np.int64)
     return Sequences(
-        packed["item_row"],
-        packed["cat"],
-        packed["dow"],
-        packed["hour"],
-        packed["gap"],
-        packed["region"],
-        np.full((n, max_len), IGNORE, dtype=np.int64),
-        np.zeros((n, max_len, n_top), dtype=np.float32),
-        np.zeros((n, max_len), dtype=bool),
-        packed["length"],
-        target,
-        users,
+        **inputs,
+        next_item=np.full((n, max_len), IGNORE, dtype=np.int64),
+        demand=np.zeros((n, max_len, n_top), dtype=np.float32),
+        demand_mask=np.zeros((n, max_len), dtype=bool),
+        target=target,
+        users=users,
     )

@@ -101,3 +101,18 @@ def test_report_without_dp_writes_metric_plot_only(tmp_path):
     report.write_tables(tmp_path, history)
     paths = report.plot(tmp_path, history)
     assert [p.name for p in paths] == ["metrics.png"]
+
+
+def test_strategy_choice_comes_from_the_run_config():
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    from common.runconfig import RunConfig
+    from server.aggregation import make_strategy
+
+    assert type(make_strategy(RunConfig())) is FedAvg
+    adam = make_strategy(RunConfig(strategy="fedadam", server_lr=0.05))
+    assert isinstance(adam, FedAdam) and adam.eta == 0.05
+    prox = make_strategy(RunConfig(strategy="fedprox", proximal_mu=0.1))
+    assert isinstance(prox, FedProx) and prox.proximal_mu == 0.1
+    with pytest.raises(ValueError, match="strategy"):
+        RunConfig.from_flower({"strategy": "fedsgd"})
