@@ -116,3 +116,17 @@ def test_strategy_choice_comes_from_the_run_config():
     assert isinstance(prox, FedProx) and prox.proximal_mu == 0.1
     with pytest.raises(ValueError, match="strategy"):
         RunConfig.from_flower({"strategy": "fedsgd"})
+
+
+def test_fedprox_pull_moves_weights_toward_the_global_model():
+    from clients.local_training import _proximal_pull
+
+    model = torch.nn.Linear(2, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    pull = _proximal_pull(model, lr=0.5, mu=1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    pull(1)
+    for p, s in zip(model.parameters(), start, strict=True):
+        assert torch.allclose(p, s + 0.5)  # half-way back with lr·mu = 0.5
