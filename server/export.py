@@ -1,4 +1,4 @@
-"""The final model as safetensors plus a JSON model card."""
+"""The final model as safetensors plus a JSON model card (config, data, privacy, metrics)."""
 
 from __future__ import annotations
 

@@ -11,10 +11,9 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.atomic import write_json
 from common.dataset import catalog_shape
 from common.model import BehaviorModel
-from common.runconfig import RunConfig
+from common.runconfig import RunConfig, StrategyName
 from server import checkpoint, report
 from server.aggregation import make_strategy
 from server.export import export
@@ -47,10 +46,10 @@ def main(grid: Grid, context: Context) -> None:
         "catalog": str(platform.catalog_path.resolve()),
         "demand-start": platform.demand_start,
     }
-    if cfg.strategy.value == "fedprox":
+    if cfg.strategy is StrategyName.FEDPROX:
         shared["proximal-mu"] = cfg.proximal_mu
 
-    def on_round(record: dict) -> None:
+    def on_round(_: dict) -> None:
         report.write_tables(out, history)
 
     arrays, outcome = run_rounds(
@@ -78,7 +77,6 @@ def main(grid: Grid, context: Context) -> None:
         "run_config": cfg.to_flower(),
     }
     export(out, arrays, cfg.model, shape, card)
-    write_json(out / "summary.json", card)
     log(INFO, "run %s: %s; results in %s", context.run_id, outcome, out)
 
 

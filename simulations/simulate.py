@@ -161,7 +161,7 @@ def simulate(
         stop_local_superlink(home)
     if on_poll:
         on_poll(_rounds(out))
-    summary_path = out / "summary.json"
+    summary_path = out / "model_card.json"
     # `flwr run` can exit 0 although the run failed: judge by what the ServerApp wrote.
     ok = summary_path.exists() and summary_path.stat().st_mtime >= started
     summary = json.loads(summary_path.read_text()) if ok else {}
