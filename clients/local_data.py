@@ -1,7 +1,7 @@
 """Finding and preparing the one client's own events.
 
 Deployment: the SuperNode's `node_config` names the data (`data-path`, optional `data-format`,
-`client-name`, `state-dir`). Simulation: `partition-id` / `num-partitions` pick this client's
+`client-name`, `state-dir`, `catalog`). Simulation: `partition-id` / `num-partitions` pick this client's
 users out of the run's data source. Either way only this client's events are loaded into it.
 """
 
@@ -64,6 +64,9 @@ def load_client_data(
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
         key = ("partition", cfg.data, cfg.format, cfg.synth.model_dump_json(), pid, n)
         default_state = None
+    # A deployed client keeps its own copy of the platform catalog; the server's path is only
+    # valid where the server's files are visible (simulation).
+    catalog_path = str(node_config.get("catalog", catalog_path))
     name, prepared = _prepare(key, catalog_path, demand_start, cfg.max_len)
     state_dir = (
         Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
