@@ -1,8 +1,8 @@
 """Finding and preparing the one client's own events.
 
 Deployment: the SuperNode's `node_config` names the data (`data-path`, optional `data-format`,
-`client-name`, `state-dir`, `catalog`). Simulation: `partition-id` / `num-partitions` pick this client's
-users out of the run's data source. Either way only this client's events are loaded into it.
+`client-name`, `state-dir`, `catalog`). Simulation: `partition-id` / `num-partitions` pick this
+client's users out of the run's data source. Either way only this client's events are loaded into it.
 """
 
 from __future__ import annotations
