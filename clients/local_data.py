@@ -2,7 +2,7 @@
 
 Deployment: the SuperNode's `node_config` names the data (`data-path`, optional `data-format`,
 `client-name`, `state-dir`, `catalog`). Simulation: `partition-id` / `num-partitions` pick this
-client's users out of the run's data source. Either way only this client's events are loaded into it.
+client's users out of the run's data source. Either way only this client's events are loaded.
 """
 
 from __future__ import annotations
