@@ -369,7 +369,7 @@ def _print_simulation(summary: dict, out: Path) -> None:
     console.print(table)
     privacy = summary["privacy"]
     if privacy["dp"]:
-        title = f"privacy spent per client ({privacy['unit']}, {privacy['accountant']} accountant)"
+        title = f"privacy spent per client (user-level; {privacy['accountant']} accountant)"
         pt = Table(title=title)
         for col in (
             "client",
