@@ -130,3 +130,15 @@ def test_fedprox_pull_moves_weights_toward_the_global_model():
     pull(1)
     for p, s in zip(model.parameters(), start, strict=True):
         assert torch.allclose(p, s + 0.5)  # half-way back with lr·mu = 0.5
+
+
+def test_prv_accountant_plans_and_replays_within_budget():
+    budget = Budget(epsilon=4.0, delta=1e-5)
+    mech = plan_mechanism(
+        budget, sample_rate=0.1, steps_per_round=10, rounds=2, clip_norm=1.0, accountant="prv"
+    )
+    state = PrivacyState(client="c", budget=budget, mechanism=mech)
+    state.record(1, state.round_steps(), "trained")
+    state.record(2, state.round_steps(), "trained")
+    assert 0 < state.epsilon() <= 4.0
+    assert not state.affordable()[0]
