@@ -84,10 +84,13 @@ def train_private(
 
     pull = _proximal_pull(model, cfg.lr, proximal_mu) if proximal_mu > 0 else None
     losses = {}
-    for _ in range(cfg.local_epochs):
-        losses = train_epoch(
-            dp_model, dp_loader, dp_opt, device, cfg.model.demand_weight, pull, empty_step
-        )
+    try:
+        for _ in range(cfg.local_epochs):
+            losses = train_epoch(
+                dp_model, dp_loader, dp_opt, device, cfg.model.demand_weight, pull, empty_step
+            )
+    finally:
+        dp_model.remove_hooks()  # the caller's model stays a plain module, reusable next round
     spend = state.record(server_round, list(engine.accountant.history), "trained")
     return RoundResult(True, {**losses, "steps": spend.steps}, spend)
 

@@ -80,3 +80,28 @@ def test_training_improves_loss_and_evaluates(prepared):
     demand = predict_demand(model, prepared.forecast_inputs[0], device)
     assert demand.shape == (len(prepared.forecast_inputs[0]), prepared.shape.top_categories)
     assert (demand >= 0).all()
+
+
+def test_client_rounds_accumulate_epsilon_and_decline_at_the_budget(prepared):
+    from clients.local_training import new_state, train_private
+    from common.runconfig import RunConfig
+
+    cfg = RunConfig(
+        num_server_rounds=2,
+        hidden=16,
+        layers=1,
+        max_len=TINY_MODEL.max_len,
+        batch_size=16,
+        delta=1e-3,
+        epsilon=4.0,
+    )
+    torch.manual_seed(0)
+    model = BehaviorModel(cfg.model, prepared.shape)
+    state = new_state("all", cfg)
+    device = torch.device("cpu")
+    results = [train_private(model, prepared.train, cfg, state, rnd, device) for rnd in (1, 2, 3)]
+    assert [r.trained for r in results] == [True, True, False]
+    eps = [r.spend.epsilon_after for r in results]
+    assert 0 < eps[0] < eps[1] <= 4.0 and eps[2] == eps[1]
+    assert results[0].spend.steps == state.mechanism.steps_per_round
+    assert state.epsilon() == pytest.approx(eps[1])
