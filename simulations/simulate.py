@@ -65,12 +65,9 @@ def _processes() -> dict[int, tuple[int, str]]:
     return table
 
 
-def stop_local_superlink(home: Path) -> list[int]:
-    """`flwr run` leaves a detached SuperLink running (with SuperExec, the simulation and its
-    Ray workers below it); stop this run's, children first."""
+def stop_tree(roots: list[int]) -> list[int]:
+    """Stop processes and everything below them, children first (SIGTERM, then SIGKILL)."""
     table = _processes()
-    marker = str(home / "local-superlink")
-    roots = [pid for pid, (_, cmd) in table.items() if "flower-superlink" in cmd and marker in cmd]
     doomed: list[int] = []
     frontier = list(roots)
     while frontier:
@@ -87,6 +84,19 @@ def stop_local_superlink(home: Path) -> list[int]:
         if not any(_alive(pid) for pid in doomed):
             break
     return doomed
+
+
+def stop_local_superlink(home: Path) -> list[int]:
+    """`flwr run` leaves a detached SuperLink running (with SuperExec, the simulation and its
+    Ray workers below it); stop this run's."""
+    marker = str(home / "local-superlink")
+    return stop_tree(
+        [
+            pid
+            for pid, (_, cmd) in _processes().items()
+            if "flower-superlink" in cmd and marker in cmd
+        ]
+    )
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,108 @@
+"""Deployment mode for real: a SuperLink and three SuperNodes on 127.0.0.1, each SuperNode
+pointing at its own data file through --node-config, driven by `flwr run`."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from common.catalog import Catalog
+from common.partition import plan, select
+from common.sequences import leave_last_out
+from privacy.accounting import load_state
+from simulations.simulate import APP_DIR, stop_tree
+
+pytestmark = pytest.mark.slow
+PORT = 39291  # SuperLink's HTTP API (Fleet and Control); away from the local simulation's 39091
+BIN = Path(sys.executable).parent
+
+
+def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events):
+    split = leave_last_out(tiny_events)
+    Catalog.build(split[split["split"] == "train"], None).save(tmp_path / "catalog.json")
+    names = []
+    for part in plan(tiny_events, 3):
+        select(tiny_events, part).to_parquet(tmp_path / f"{part.name}.parquet")
+        names.append(part.name)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "dep"\n\n'
+        f'[superlink.dep]\naddress = "127.0.0.1:{PORT}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    procs = [
+        _start(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--port",
+                str(PORT),
+                "--database",
+                str(tmp_path / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            tmp_path / "superlink.log",
+            env,
+        )
+    ]
+    try:
+        time.sleep(3)
+        for i, name in enumerate(names):
+            node_config = (
+                f'data-path="{tmp_path / name}.parquet" state-dir="{tmp_path / ("state-" + name)}" '
+                f'catalog="{tmp_path / "catalog.json"}"'
+            )
+            procs.append(
+                _start(
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{PORT}",
+                        "--port",
+                        str(PORT + 10 + i),
+                        "--node-config",
+                        node_config,
+                    ],
+                    tmp_path / f"node-{name}.log",
+                    env,
+                )
+            )
+        run_config = (
+            "num-server-rounds=2 hidden=16 layers=1 max-len=12 batch-size=16 delta=0.001 "
+            f'min-clients=3 catalog="{tmp_path / "catalog.json"}" '
+            f'demand-start="{tiny_events["timestamp"].min().date()}" out="{tmp_path / "out"}"'
+        )
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(APP_DIR), "dep", "--stream", "--run-config", run_config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    finally:
+        stop_tree([p.pid for p in procs])
+    out = tmp_path / "out"
+    assert (out / "model_card.json").exists(), result.stdout[-3000:] + result.stderr[-2000:]
+    rows = pd.read_csv(out / "clients.csv")
+    assert sorted(rows["client"].unique()) == sorted(names)
+    assert (rows["status"] == "trained").all() and len(rows) == 6
+    for name in names:
+        state = load_state(tmp_path / f"state-{name}" / "privacy_state.json")  # beside its own data
+        assert [r.server_round for r in state.rounds] == [1, 2]
+        last = rows[(rows["client"] == name) & (rows["round"] == 2)]["epsilon"].item()
+        assert state.epsilon() == pytest.approx(last)
