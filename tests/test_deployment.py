@@ -25,7 +25,8 @@ def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedprox"])
+def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events, strategy):
     split = leave_last_out(tiny_events)
     Catalog.build(split[split["split"] == "train"], None).save(tmp_path / "catalog.json")
     names = []
@@ -83,7 +84,9 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
                 )
             )
         run_config = (
-            "num-server-rounds=2 hidden=16 layers=1 max-len=12 batch-size=16 delta=0.001 "
+            f"strategy={strategy!r} num-server-rounds=2 hidden=16 layers=1 max-len=12 "
+            "batch-size=16 "
+            "delta=0.001 "
             f'min-clients=3 catalog="{tmp_path / "catalog.json"}" '
             f'demand-start="{tiny_events["timestamp"].min().date()}" out="{tmp_path / "out"}"'
         )
@@ -98,6 +101,7 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
         stop_tree([p.pid for p in procs])
     out = tmp_path / "out"
     assert (out / "model_card.json").exists(), result.stdout[-3000:] + result.stderr[-2000:]
+    assert (out / "model_card.json").read_text().count(f'"strategy": "{strategy}"') == 2
     rows = pd.read_csv(out / "clients.csv")
     assert sorted(rows["client"].unique()) == sorted(names)
     assert (rows["status"] == "trained").all() and len(rows) == 6
