@@ -13,7 +13,6 @@ from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_with
 
-EVAL_KEYS = ("hr10", "ndcg10", "wape", "wape-moving-average")
 
 
 def client_table(history: list[dict]) -> pd.DataFrame:
