@@ -14,7 +14,6 @@ from matplotlib.ticker import MaxNLocator
 from common.atomic import write_json, write_with
 
 
-
 def client_table(history: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([row for rec in history for row in rec["clients"]])
 
