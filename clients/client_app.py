@@ -7,15 +7,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.local_data import ClientData, load_client_data
-from clients.local_training import new_state, train_plain, train_private
+from clients.local_training import train_plain, train_private
 from common.forecasting import moving_average
 from common.model import BehaviorModel
 from common.runconfig import RunConfig
 from common.training import evaluate_ranking, forecast_holdout, pick_device
-from privacy.accounting import PrivacyState, load_state, save_state
+from privacy.accounting import Budget, PrivacyState, restore, spend_fields
+from privacy.ledger import CLIENT_LEDGER, Line, Spend, append, entries
+from privacy.signing import load_or_create
 
 app = ClientApp()
-STATE_FILE = "privacy_state.json"
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, BehaviorModel]:
@@ -29,21 +30,23 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, Behav
     return cfg, data, model
 
 
-def _privacy_state(data: ClientData, cfg: RunConfig, context: Context) -> PrivacyState:
-    """The file beside the client's data is the record; context.state mirrors it in memory."""
-    stored = load_state(data.state_dir / STATE_FILE)
-    if stored is None and "privacy" in context.state:
-        stored = PrivacyState.model_validate_json(str(context.state["privacy"]["json"]))
-    return stored or new_state(data.name, cfg)
+def _privacy_state(data: ClientData, cfg: RunConfig) -> PrivacyState:
+    """Rebuilt from the ledger beside the client's data, so it survives any restart."""
+    spends = entries(data.state_dir / CLIENT_LEDGER, Spend)
+    return restore(data.name, Budget(epsilon=cfg.epsilon, delta=cfg.delta), spends)
 
 
-def _keep(state: PrivacyState, data: ClientData, context: Context) -> None:
-    save_state(state, data.state_dir / STATE_FILE)
-    context.state["privacy"] = ConfigRecord({"json": state.model_dump_json()})
+def _write_ahead(state: PrivacyState, data: ClientData, run_id: int) -> Line:
+    """Sign and store the round's spend; only after this may the update leave the client."""
+    fields = spend_fields(state, state.rounds[-1], run_id)
+    return append(data.state_dir / CLIENT_LEDGER, fields, load_or_create(data.key_path), Spend)
 
 
-def _name(data: ClientData) -> ConfigRecord:
-    return ConfigRecord({"name": data.name})
+def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
+    record = {"name": data.name}
+    if line is not None:
+        record |= {"ledger-seq": line.body["seq"], "ledger-hash": line.hash}
+    return ConfigRecord(record)
 
 
 @app.train()
@@ -55,10 +58,11 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     train_seqs = data.prepared.train
     metrics: dict[str, float] = {"num-examples": len(train_seqs), "declined": 0}
+    line = None
     if cfg.dp:
-        state = _privacy_state(data, cfg, context)
+        state = _privacy_state(data, cfg)
         result = train_private(model, train_seqs, cfg, state, server_round, device, mu)
-        _keep(state, data, context)  # the spend is on disk before the update leaves
+        line = _write_ahead(state, data, context.run_id)
         mech = state.mechanism
         metrics |= {
             "epsilon": state.epsilon(),
@@ -73,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics |= {"epsilon": float("inf")}
     if not result.trained:
         metrics |= {"declined": 1, "num-examples": 0, "steps": 0}
-        content = RecordDict({"metrics": MetricRecord(metrics), "client": _name(data)})
+        content = RecordDict({"metrics": MetricRecord(metrics), "client": _client(data, line)})
         return Message(content, reply_to=msg)
     metrics |= {
         "steps": result.metrics["steps"],
@@ -85,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(model.cpu().state_dict()),
             "metrics": MetricRecord(metrics),
-            "client": _name(data),
+            "client": _client(data, line),
         }
     )
     return Message(content, reply_to=msg)

@@ -1,8 +1,9 @@
 """Finding and preparing the one client's own events.
 
 Deployment: the SuperNode's `node_config` names the data (`data-path`, optional `data-format`,
-`client-name`, `state-dir`, `catalog`). Simulation: `partition-id` / `num-partitions` pick this
-client's users out of the run's data source. Either way only this client's events are loaded.
+`client-name`, `state-dir`, `catalog`, `signing-key`). Simulation: `partition-id` /
+`num-partitions` pick this client's users out of the run's data source. Either way only this
+client's events are loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ClientData:
     name: str
     prepared: Prepared
     state_dir: Path
+    key_path: Path  # Ed25519 key that signs this client's privacy ledger
 
 
 @lru_cache(maxsize=8)
@@ -72,4 +74,7 @@ def load_client_data(
         Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
     )
     state_dir = state_dir or default_state or Path(cfg.out) / "clients" / name
-    return ClientData(name, prepared, state_dir)
+    key = node_config.get("signing-key")
+    return ClientData(
+        name, prepared, state_dir, Path(str(key)) if key else state_dir / "signing.key"
+    )

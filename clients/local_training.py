@@ -11,7 +11,7 @@ from common.model import BehaviorModel
 from common.runconfig import RunConfig
 from common.sequences import Sequences
 from common.training import loader, train_epoch
-from privacy.accounting import Budget, PrivacyState, RoundSpend, plan_mechanism
+from privacy.accounting import PrivacyState, RoundSpend, plan_mechanism
 
 
 @dataclass
@@ -110,7 +110,3 @@ def train_plain(
     for _ in range(cfg.local_epochs):
         losses = train_epoch(model, batches, optimizer, device, cfg.model.demand_weight, pull)
     return RoundResult(True, {**losses, "steps": cfg.local_epochs * len(batches)})
-
-
-def new_state(client: str, cfg: RunConfig) -> PrivacyState:
-    return PrivacyState(client=client, budget=Budget(epsilon=cfg.epsilon, delta=cfg.delta))

@@ -1,19 +1,17 @@
 """A client's cumulative privacy spend, kept across rounds and restarts.
 
 Epsilon always comes from an Opacus accountant replaying the recorded mechanism history
-(noise multiplier, sample rate, steps); nothing here computes epsilon by formula.
+(noise multiplier, sample rate, steps); nothing here computes epsilon by formula. The client's
+signed ledger (`privacy.ledger`) is the durable record; the state is rebuilt from it.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from common.atomic import write_text
+from privacy.ledger import Spend
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps), Opacus history form
 
@@ -74,6 +72,8 @@ class PrivacyState(BaseModel):
         return after <= self.budget.epsilon, after
 
     def record(self, server_round: int, steps: list[Step], status: str) -> RoundSpend:
+        if len({(s[0], s[1]) for s in steps}) > 1:
+            raise ValueError("one round must use one mechanism (noise multiplier, sample rate)")
         before = self.epsilon()
         self.history.extend(steps)
         spend = RoundSpend(
@@ -113,15 +113,53 @@ def plan_mechanism(
     )
 
 
-def load_state(path: Path) -> PrivacyState | None:
-    """The stored state, None when there is none yet; a corrupt file is an error, not a reset."""
-    if not path.exists():
-        return None
-    try:
-        return PrivacyState.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, ValidationError) as exc:
-        raise ValueError(f"{path}: privacy state is corrupt ({exc}); refusing to reset it") from exc
+def restore(client: str, budget: Budget, spends: list[Spend]) -> PrivacyState:
+    """The state a client's ledger implies: its mechanism, history and rounds, replayed."""
+    state = PrivacyState(client=client, budget=budget)
+    for spend in spends:
+        if spend.client != client:
+            raise ValueError(
+                f"ledger entry {spend.seq} belongs to {spend.client!r}, not {client!r}"
+            )
+        state.mechanism = state.mechanism or Mechanism(
+            noise_multiplier=spend.noise_multiplier,
+            sample_rate=spend.sample_rate,
+            steps_per_round=spend.steps_per_round,
+            clip_norm=spend.clip_norm,
+            accountant=spend.accountant,
+            planned_rounds=spend.planned_rounds,
+        )
+        if spend.steps:
+            state.history.append((spend.noise_multiplier, spend.sample_rate, spend.steps))
+        state.rounds.append(
+            RoundSpend(
+                server_round=spend.server_round,
+                status=spend.status,
+                steps=spend.steps,
+                epsilon_before=spend.epsilon_before,
+                epsilon_after=spend.epsilon_after,
+            )
+        )
+    return state
 
 
-def save_state(state: PrivacyState, path: Path) -> None:
-    write_text(path, state.model_dump_json(indent=2) + "\n")
+def spend_fields(state: PrivacyState, spend: RoundSpend, run_id: int | str) -> dict:
+    """A ledger entry's content for `spend`, the round `state` just recorded."""
+    m = state.mechanism
+    return {
+        "run_id": str(run_id),
+        "server_round": spend.server_round,
+        "client": state.client,
+        "status": spend.status,
+        "noise_multiplier": m.noise_multiplier,
+        "clip_norm": m.clip_norm,
+        "sample_rate": m.sample_rate,
+        "steps": spend.steps,
+        "accountant": m.accountant,
+        "epsilon_before": spend.epsilon_before,
+        "epsilon_after": spend.epsilon_after,
+        "delta": state.budget.delta,
+        "budget_epsilon": state.budget.epsilon,
+        "steps_per_round": m.steps_per_round,
+        "planned_rounds": m.planned_rounds,
+    }

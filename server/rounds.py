@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server import checkpoint
+from server.trail import Trail
 
 
 @dataclass
@@ -77,6 +78,7 @@ def run_rounds(
     out: Path,
     history: list[dict],
     on_round: Callable[[dict], None],
+    trail: Trail,
 ) -> tuple[ArrayRecord, str]:
     """Run rounds `first_round..last_round`; returns the final arrays and why the loop ended."""
     for rnd in range(first_round, last_round + 1):
@@ -108,6 +110,7 @@ def run_rounds(
                 f"min-clients is {min_clients}, so the run stops here"
             )
             log(WARNING, reason)
+            trail.record(rnd, t.trained, t.declined, aggregated=False)
             record["stopped"] = reason
             history.append(record)
             on_round(record)
@@ -115,6 +118,7 @@ def run_rounds(
         new_arrays, train_metrics = strategy.aggregate_train(rnd, t.trained)
         if new_arrays is not None:
             arrays = new_arrays
+        trail.record(rnd, t.trained, t.declined, aggregated=new_arrays is not None)
         evaluation = strategy.aggregate_evaluate(
             rnd,
             list(

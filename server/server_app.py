@@ -14,11 +14,13 @@ from flwr.serverapp import Grid, ServerApp
 from common.dataset import catalog_shape
 from common.model import BehaviorModel
 from common.runconfig import RunConfig, StrategyName
+from privacy.signing import load_or_create
 from server import checkpoint, report
 from server.aggregation import make_strategy
 from server.export import export
 from server.platform import platform_for
 from server.rounds import run_rounds
+from server.trail import Trail
 
 app = ServerApp()
 
@@ -49,6 +51,9 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.strategy is StrategyName.FEDPROX:
         shared["proximal-mu"] = cfg.proximal_mu
 
+    key = load_or_create(Path(cfg.server_key) if cfg.server_key else out / "keys" / "server.key")
+    trail = Trail(out, key, str(context.run_id), cfg.strategy.value)
+
     def on_round(_: dict) -> None:
         report.write_tables(out, history)
 
@@ -63,6 +68,7 @@ def main(grid: Grid, context: Context) -> None:
         out,
         history,
         on_round,
+        trail,
     )
     report.write_tables(out, history)
     report.plot(out, history)

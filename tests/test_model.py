@@ -83,8 +83,9 @@ def test_training_improves_loss_and_evaluates(prepared):
 
 
 def test_client_rounds_accumulate_epsilon_and_decline_at_the_budget(prepared):
-    from clients.local_training import new_state, train_private
+    from clients.local_training import train_private
     from common.runconfig import RunConfig
+    from privacy.accounting import Budget, PrivacyState
 
     cfg = RunConfig(
         num_server_rounds=2,
@@ -97,7 +98,7 @@ def test_client_rounds_accumulate_epsilon_and_decline_at_the_budget(prepared):
     )
     torch.manual_seed(0)
     model = BehaviorModel(cfg.model, prepared.shape)
-    state = new_state("all", cfg)
+    state = PrivacyState(client="all", budget=Budget(epsilon=cfg.epsilon, delta=cfg.delta))
     device = torch.device("cpu")
     results = [train_private(model, prepared.train, cfg, state, rnd, device) for rnd in (1, 2, 3)]
     assert [r.trained for r in results] == [True, True, False]

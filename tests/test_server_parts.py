@@ -1,11 +1,9 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from privacy.accounting import Budget, PrivacyState, load_state, plan_mechanism, save_state
+from privacy.accounting import Budget, PrivacyState, plan_mechanism
 from server import checkpoint, report
 from server.aggregation import aggregate_evaluation
 
@@ -76,17 +74,6 @@ def test_budget_is_planned_by_opacus_and_enforced():
     assert [s.status for s in spent] == ["trained", "trained", "declined"]
     assert 0 < spent[0].epsilon_after < spent[1].epsilon_after <= 2.0
     assert spent[2].epsilon_after == spent[1].epsilon_after and spent[2].steps == 0
-
-
-def test_privacy_state_file_round_trip_and_corruption_is_not_a_reset(tmp_path):
-    path = tmp_path / "privacy_state.json"
-    state = PrivacyState(client="c", budget=Budget(epsilon=8, delta=1e-5), history=[(1.0, 0.1, 10)])
-    save_state(state, path)
-    assert load_state(path).epsilon() == pytest.approx(state.epsilon())
-    path.write_text(json.dumps({"client": "c"}))
-    with pytest.raises(ValueError, match="refusing to reset"):
-        load_state(path)
-    assert load_state(tmp_path / "none.json") is None
 
 
 def test_report_without_dp_writes_metric_plot_only(tmp_path):

@@ -1,0 +1,255 @@
+"""Independent verification of privacy ledgers.
+
+For every ledger: the hash chain, the sequence, each signature against a trusted key, and the
+arithmetic (each round starts where the last ended, declined rounds spend nothing, nothing passes
+the budget). Every epsilon is then recomputed from the recorded mechanism with the accountant the
+client used (must agree within 1 %) and cross-checked with Opacus RDP and PRV and Google's
+dp-accounting PLD: no tight accountant may find more privacy loss than was reported. The server's
+aggregation record is matched against the client ledgers it names, which is how a client ledger
+with its newest entries cut off is caught.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dp_accounting
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from dp_accounting.pld import pld_privacy_accountant
+from opacus.accountants import create_accountant
+
+from privacy.ledger import (
+    Aggregation,
+    Chained,
+    Finding,
+    LedgerError,
+    Line,
+    Spend,
+    check_chain,
+    parse,
+    read_lines,
+)
+from privacy.signing import KeyFileError, fingerprint, load_keyring, load_public
+
+TOLERANCE = 0.01  # relative agreement required between reported and recomputed epsilon
+ACCOUNTANTS = ("rdp", "prv", "pld")
+SIBLING_KEYS = {"spend": "signing.pub", "aggregation": "keys/server.pub"}
+
+
+@dataclass
+class EntryCheck:
+    seq: int
+    server_round: int
+    status: str
+    reported: float
+    recomputed: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class LedgerReport:
+    path: str
+    kind: str  # "client" or "server"
+    signer: str
+    key_source: str
+    entries: list[EntryCheck] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    spends: list[Spend] = field(default_factory=list, repr=False)
+    records: list[Aggregation] = field(default_factory=list, repr=False)
+    hashes: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def first_problem(self) -> str:
+        f = min(self.findings, key=lambda x: x.line)
+        seq = "" if f.seq is None else f" (entry {f.seq})"
+        return f"{self.path}, line {f.line}{seq}: {f.problem}"
+
+
+def opacus_epsilons(history: list[tuple[float, float, int]], delta: float, name: str) -> float:
+    accountant = create_accountant(name)
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+class _Pld:
+    """dp-accounting's PLD accountant, composed one round at a time."""
+
+    def __init__(self) -> None:
+        self.accountant = pld_privacy_accountant.PLDAccountant()
+
+    def step(self, sigma: float, q: float, steps: int, delta: float) -> float:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        self.accountant.compose(event, steps)
+        return float(self.accountant.get_epsilon(delta))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
+    """Per entry, epsilon after it under each accountant, from the recorded mechanisms only."""
+    history: list[tuple[float, float, int]] = []
+    pld = _Pld()
+    out: list[dict[str, float | None]] = []
+    last: dict[str, float | None] = dict.fromkeys(ACCOUNTANTS, 0.0)
+    for s in spends:
+        if s.steps:
+            history.append((s.noise_multiplier, s.sample_rate, s.steps))
+            last = {
+                "rdp": _finite(opacus_epsilons(history, s.delta, "rdp")),
+                "prv": _finite(opacus_epsilons(history, s.delta, "prv")),
+                "pld": _finite(pld.step(s.noise_multiplier, s.sample_rate, s.steps, s.delta)),
+            }
+        out.append(dict(last))
+    return out
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def _problems(s: Spend, first: Spend, before: float, eps: dict[str, float | None]) -> list[str]:
+    problems = []
+    if s.client != first.client:
+        problems.append(f"client {s.client!r} in {first.client!r}'s ledger")
+    if not _close(s.epsilon_before, before, 1e-9):
+        problems.append(
+            f"epsilon_before {s.epsilon_before:.6g} is not the previous epsilon_after {before:.6g}"
+        )
+    if s.status == "declined" and (s.steps or s.epsilon_after != s.epsilon_before):
+        problems.append("a declined round spent privacy")
+    if s.status == "trained" and not s.steps:
+        problems.append("a trained round with no steps")
+    own = eps.get(s.accountant)
+    if own is None:
+        problems.append(f"accountant {s.accountant!r} cannot recompute this entry")
+    elif not _close(own, s.epsilon_after, TOLERANCE):
+        problems.append(
+            f"miscomputed: epsilon_after {s.epsilon_after:.6g}, but {s.accountant} gives "
+            f"{own:.6g} for the recorded mechanism"
+        )
+    tight = [v for k, v in eps.items() if k in ("prv", "pld") and v is not None]
+    if tight and s.epsilon_after < min(tight) * (1 - TOLERANCE):
+        problems.append(
+            f"under-reported: epsilon_after {s.epsilon_after:.6g} is below the tight bound "
+            f"{min(tight):.6g}"
+        )
+    if s.epsilon_after > s.budget_epsilon * (1 + 1e-9):
+        problems.append(f"over budget: {s.epsilon_after:.6g} > {s.budget_epsilon:.6g}")
+    return problems
+
+
+def _arithmetic(lines: list[Line], spends: list[Spend]) -> tuple[list[EntryCheck], list[Finding]]:
+    checks, findings = [], []
+    before = 0.0
+    for line, s, eps in zip(lines, spends, _recompute(spends), strict=True):
+        checks.append(EntryCheck(s.seq, s.server_round, s.status, s.epsilon_after, eps))
+        findings += [Finding(line.number, s.seq, p) for p in _problems(s, spends[0], before, eps)]
+        before = s.epsilon_after
+    return checks, findings
+
+
+def _trusted(
+    path: Path, kind: str, signer: str, keyring: dict[str, Ed25519PublicKey] | None
+) -> tuple[Ed25519PublicKey | None, str]:
+    if keyring is not None:
+        key = keyring.get(signer)
+        return key, "pinned" if key else f"no trusted key named {signer!r}"
+    sibling = path.parent / SIBLING_KEYS[kind]
+    try:
+        return load_public(sibling), f"{sibling} (not pinned: pass --keys to pin trusted keys)"
+    except KeyFileError:
+        return None, f"no public key at {sibling}; pass --keys"
+
+
+def verify_ledger(path: Path, keyring: dict[str, Ed25519PublicKey] | None) -> LedgerReport:
+    """Check one ledger (client or server); problems are findings, never exceptions."""
+    try:
+        lines = read_lines(path)
+        if not lines:
+            raise LedgerError(f"{path}: the ledger is empty")
+        kind = str(lines[0].body.get("kind"))
+        model: type[Chained] = {"spend": Spend, "aggregation": Aggregation}.get(kind)
+        if model is None:
+            raise LedgerError(f"{path}, line 1: unknown entry kind {kind!r}")
+        typed = [parse(path, line, model) for line in lines]
+    except LedgerError as exc:
+        report = LedgerReport(str(path), "unknown", "", "")
+        report.findings.append(Finding(_line_of(str(exc)), None, str(exc)))
+        return report
+    signer = typed[0].client if kind == "spend" else "server"
+    public, source = _trusted(path, kind, signer, keyring)
+    report = LedgerReport(str(path), "client" if kind == "spend" else "server", signer, source)
+    report.hashes = [line.hash for line in lines]
+
+    def key_for(line: Line) -> Ed25519PublicKey | None:
+        if public is None or line.body.get("key") != fingerprint(public):
+            return None
+        return public
+
+    report.findings.extend(check_chain(lines, key_for))
+    if kind == "spend":
+        report.spends = typed
+        report.entries, findings = _arithmetic(lines, typed)
+        report.findings.extend(findings)
+    else:
+        report.records = typed
+    return report
+
+
+def _line_of(message: str) -> int:
+    marker = ", line "
+    if marker not in message:
+        return 0
+    digits = message.split(marker, 1)[1].split(":", 1)[0].split(" ", 1)[0]
+    return int(digits) if digits.isdigit() else 0
+
+
+def cross_check(reports: list[LedgerReport]) -> None:
+    """Every client entry the server's record names must be in that client's ledger."""
+    clients = {r.signer: r for r in reports if r.kind == "client"}
+    for server in (r for r in reports if r.kind == "server"):
+        for line_no, record in enumerate(server.records, start=1):
+            for used in record.clients:
+                if used.seq < 0:
+                    continue
+                ledger = clients.get(used.client)
+                if ledger is None:
+                    note = f"{used.client}: ledger not given, its round entries are unchecked"
+                    if note not in server.notes:
+                        server.notes.append(note)
+                    continue
+                where = f"entry {used.seq} that the server's round {record.server_round} used"
+                if used.seq >= len(ledger.hashes):
+                    ledger.findings.append(
+                        Finding(
+                            len(ledger.hashes) + 1,
+                            used.seq,
+                            f"{where} is missing: the ledger was cut short or entries were removed",
+                        )
+                    )
+                elif ledger.hashes[used.seq] != used.hash:
+                    ledger.findings.append(
+                        Finding(
+                            used.seq + 1,
+                            used.seq,
+                            f"{where} differs from what the server "
+                            f"received (server record line {line_no})",
+                        )
+                    )
+
+
+def verify_paths(paths: list[Path], keys: Path | None = None) -> list[LedgerReport]:
+    keyring = load_keyring(keys) if keys is not None else None
+    reports = [verify_ledger(p, keyring) for p in paths]
+    cross_check(reports)
+    return reports

@@ -1,0 +1,45 @@
+"""The server's signed aggregation record: per round, which client ledger entries it used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Message
+
+from privacy.ledger import SERVER_LEDGER, Aggregation, append
+
+
+def _entry(message: Message, status: str) -> dict:
+    client = message.content.get("client", {})
+    return {
+        "client": str(client.get("name", message.metadata.src_node_id)),
+        "status": status,
+        "seq": int(client.get("ledger-seq", -1)),
+        "hash": str(client.get("ledger-hash", "")),
+    }
+
+
+@dataclass
+class Trail:
+    out: Path
+    key: Ed25519PrivateKey
+    run_id: str
+    strategy: str
+    central_dp: dict[str, float | str] | None = None
+
+    def record(
+        self, server_round: int, used: list[Message], declined: list[Message], aggregated: bool
+    ) -> None:
+        """Append the round's record; `used` lists updates that went into the aggregate."""
+        clients = [_entry(m, "used" if aggregated else "not-aggregated") for m in used]
+        clients += [_entry(m, "declined") for m in declined]
+        fields = {
+            "run_id": self.run_id,
+            "server_round": server_round,
+            "strategy": self.strategy,
+            "clients": clients,
+            "central_dp": self.central_dp,
+        }
+        append(self.out / SERVER_LEDGER, fields, self.key, Aggregation)

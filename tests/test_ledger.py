@@ -1,0 +1,183 @@
+"""The privacy ledger: tampering of every kind is caught on the right entry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from privacy.accounting import Budget, PrivacyState, plan_mechanism, restore, spend_fields
+from privacy.ledger import (
+    CLIENT_LEDGER,
+    SERVER_LEDGER,
+    Aggregation,
+    LedgerError,
+    Spend,
+    append,
+    entries,
+    read_lines,
+)
+from privacy.signing import create_pair, load_keyring
+from privacy.verify import verify_paths
+
+BUDGET = Budget(epsilon=3.0, delta=1e-5)
+
+
+def write_client(folder: Path, keys: Path, name: str = "north", rounds: int = 3) -> Path:
+    """A real ledger: planned for 2 rounds, so round 3 is declined."""
+    key = create_pair(keys / f"{name}.key", overwrite=True)
+    state = PrivacyState(client=name, budget=BUDGET)
+    state.mechanism = plan_mechanism(BUDGET, 0.05, 20, rounds=2, clip_norm=1.0)
+    path = folder / name / CLIENT_LEDGER
+    for rnd in range(1, rounds + 1):
+        ok, _ = state.affordable()
+        spend = state.record(
+            rnd, state.round_steps() if ok else [], "trained" if ok else "declined"
+        )
+        append(path, spend_fields(state, spend, run_id=7), key, Spend)
+    return path
+
+
+def write_server(folder: Path, keys: Path, client_ledgers: list[Path]) -> Path:
+    key = create_pair(keys / "server.key", overwrite=True)
+    path = folder / SERVER_LEDGER
+    spends = {p: entries(p, Spend) for p in client_ledgers}
+    for rnd in (1, 2, 3):
+        used = []
+        for p, rows in spends.items():
+            line = read_lines(p)[rnd - 1]
+            status = "used" if rows[rnd - 1].status == "trained" else "declined"
+            used.append(
+                {"client": rows[0].client, "status": status, "seq": rnd - 1, "hash": line.hash}
+            )
+        fields = {"run_id": "7", "server_round": rnd, "strategy": "fedavg", "clients": used}
+        append(path, fields, key, Aggregation)
+    return path
+
+
+@pytest.fixture
+def run(tmp_path):
+    keys = tmp_path / "keys"
+    client = write_client(tmp_path, keys)
+    other = write_client(tmp_path, keys, "south")
+    server = write_server(tmp_path, keys, [client, other])
+    return tmp_path, keys, client, server
+
+
+def rewrite(path: Path, edit) -> None:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines = edit(lines)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def first_problem(paths: list[Path], keys: Path | None) -> str:
+    bad = [r for r in verify_paths(paths, keys) if not r.ok]
+    assert bad, "verification passed but should have failed"
+    return bad[0].first_problem()
+
+
+def test_intact_ledgers_verify_and_accountants_agree(run):
+    folder, keys, client, server = run
+    reports = verify_paths([client, folder / "south" / CLIENT_LEDGER, server], keys)
+    assert all(r.ok for r in reports), [r.findings for r in reports]
+    checks = reports[0].entries
+    assert [c.status for c in checks] == ["trained", "trained", "declined"]
+    for c in checks:
+        assert c.recomputed["rdp"] == pytest.approx(c.reported, rel=0.01)
+        # the tight accountants agree with each other and never exceed the RDP bound
+        assert c.recomputed["prv"] == pytest.approx(c.recomputed["pld"], rel=0.05)
+        assert c.recomputed["pld"] <= c.reported * 1.01
+    assert 0 < checks[0].reported < checks[1].reported <= BUDGET.epsilon
+    assert checks[2].reported == checks[1].reported
+
+
+def test_state_is_rebuilt_from_the_ledger(run):
+    _, _, client, _ = run
+    spends = entries(client, Spend)
+    state = restore("north", BUDGET, spends)
+    assert state.epsilon() == pytest.approx(spends[-1].epsilon_after)
+    assert [r.status for r in state.rounds] == ["trained", "trained", "declined"]
+    assert not state.affordable()[0]
+
+
+def test_altered_entry_is_named(run):
+    _, keys, client, _ = run
+
+    def edit(lines):
+        lines[1]["entry"]["epsilon_after"] *= 0.5
+        return lines
+
+    rewrite(client, edit)
+    assert "line 2 (entry 1): entry altered" in first_problem([client], keys)
+
+
+def test_removed_entry_is_named(run):
+    _, keys, client, _ = run
+    rewrite(client, lambda lines: [lines[0], lines[2]])
+    problem = first_problem([client], keys)
+    assert "line 2 (entry 2)" in problem and "missing entries" in problem
+
+
+def test_reordered_entries_are_named(run):
+    _, keys, client, _ = run
+    rewrite(client, lambda lines: [lines[0], lines[2], lines[1]])
+    assert "line 2 (entry 2): out of order" in first_problem([client], keys)
+
+
+def test_cut_off_newest_entries_are_caught_against_the_server_record(run):
+    _, keys, client, server = run
+    rewrite(client, lambda lines: lines[:1])
+    assert verify_paths([client], keys)[0].ok  # alone, a shorter chain is still a chain
+    problem = first_problem([client, server], keys)
+    assert "entry 1 that the server's round 2 used is missing" in problem
+
+
+def test_miscomputed_but_signed_entry_is_named(tmp_path):
+    keys = tmp_path / "keys"
+    key = create_pair(keys / "north.key")
+    state = PrivacyState(client="north", budget=BUDGET)
+    state.mechanism = plan_mechanism(BUDGET, 0.05, 20, rounds=2, clip_norm=1.0)
+    path = tmp_path / CLIENT_LEDGER
+    for rnd in (1, 2):
+        fields = spend_fields(state, state.record(rnd, state.round_steps(), "trained"), 7)
+        if rnd == 2:
+            fields["epsilon_after"] *= 0.9  # a client that under-states its spend, then signs it
+        append(path, fields, key, Spend)
+    problem = first_problem([path], keys)
+    assert "line 2 (entry 1): miscomputed" in problem
+
+
+def test_ledger_re_signed_with_another_key_fails_against_pinned_keys(run, tmp_path):
+    keys = run[1]
+    forged = write_client(tmp_path / "forged", tmp_path / "attacker")
+    assert verify_paths([forged], tmp_path / "attacker")[0].ok
+    assert "not trusted" in first_problem([forged], keys)
+    assert set(load_keyring(keys)) == {"north", "south", "server"}
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda t: t[: len(t) - 25], "truncated"),
+        (lambda t: t.replace('"signature"', '"sig"', 1), "line 1: not a ledger entry"),
+        (lambda t: "{not json\n" + t, "line 1: not a ledger entry"),
+        (lambda t: "", "empty"),
+    ],
+)
+def test_truncated_or_corrupt_file_is_an_error_not_a_crash(run, damage, expected):
+    _, keys, client, _ = run
+    client.write_text(damage(client.read_text()))
+    assert expected in first_problem([client], keys)
+    if expected != "empty":
+        with pytest.raises(LedgerError, match=expected):
+            read_lines(client)
+
+
+def test_append_refuses_to_extend_a_corrupt_ledger_and_keeps_it(run):
+    _, keys, client, _ = run
+    damaged = client.read_text()[:-10]
+    client.write_text(damaged)
+    with pytest.raises(LedgerError):
+        append(client, {}, create_pair(keys / "x.key"), Spend)
+    assert client.read_text() == damaged
