@@ -18,6 +18,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, _mode(target))
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -26,6 +27,16 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _mode(target: Path) -> int:
+    """Keep an existing file's permissions; a new file gets what `open` would give it
+    (mkstemp's owner-only default would hide shared outputs such as reports)."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_with(target: str | os.PathLike[str], writer: Callable[[Path], Any]) -> Path:

@@ -15,6 +15,7 @@ from common.events import DataError
 from common.formats import FORMATS, write_events, write_quarantine
 from common.runconfig import RunConfig
 from common.synth import SynthConfig, generate
+from simulations.privacy_cli import keys, privacy_app
 
 app = typer.Typer(
     help="fedshop: federated, differentially private training of e-commerce behavior models.",
@@ -23,6 +24,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check, convert and generate event logs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(privacy_app, name="privacy")
+app.command("keys")(keys)
 console = Console()
 err = Console(stderr=True)
 

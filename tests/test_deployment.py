@@ -13,7 +13,8 @@ import pytest
 from common.catalog import Catalog
 from common.partition import plan, select
 from common.sequences import leave_last_out
-from privacy.accounting import load_state
+from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Spend, entries
+from privacy.verify import verify_paths
 from simulations.simulate import APP_DIR, stop_tree
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,8 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
     for part in plan(tiny_events, 3):
         select(tiny_events, part).to_parquet(tmp_path / f"{part.name}.parquet")
         names.append(part.name)
+    keys = tmp_path / "keys"
+    subprocess.run([str(BIN / "fedshop"), "keys", *names, "server", "--out", str(keys)], check=True)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -65,7 +68,7 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
         for i, name in enumerate(names):
             node_config = (
                 f'data-path="{tmp_path / name}.parquet" state-dir="{tmp_path / ("state-" + name)}" '
-                f'catalog="{tmp_path / "catalog.json"}"'
+                f'catalog="{tmp_path / "catalog.json"}" signing-key="{keys / name}.key"'
             )
             procs.append(
                 _start(
@@ -88,7 +91,8 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
             "batch-size=16 "
             "delta=0.001 "
             f'min-clients=3 catalog="{tmp_path / "catalog.json"}" '
-            f'demand-start="{tiny_events["timestamp"].min().date()}" out="{tmp_path / "out"}"'
+            f'demand-start="{tiny_events["timestamp"].min().date()}" out="{tmp_path / "out"}" '
+            f'server-key="{keys / "server.key"}"'
         )
         result = subprocess.run(
             [str(BIN / "flwr"), "run", str(APP_DIR), "dep", "--stream", "--run-config", run_config],
@@ -105,8 +109,13 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
     rows = pd.read_csv(out / "clients.csv")
     assert sorted(rows["client"].unique()) == sorted(names)
     assert (rows["status"] == "trained").all() and len(rows) == 6
-    for name in names:
-        state = load_state(tmp_path / f"state-{name}" / "privacy_state.json")  # beside its own data
-        assert [r.server_round for r in state.rounds] == [1, 2]
+    ledgers = [tmp_path / f"state-{name}" / CLIENT_LEDGER for name in names]  # beside its data
+    for name, ledger in zip(names, ledgers, strict=True):
+        spends = entries(ledger, Spend)
+        assert [s.server_round for s in spends] == [1, 2]
         last = rows[(rows["client"] == name) & (rows["round"] == 2)]["epsilon"].item()
-        assert state.epsilon() == pytest.approx(last)
+        assert spends[-1].epsilon_after == pytest.approx(last)
+    # Compliance checks them against the public keys it was given, not the ones beside them.
+    reports = verify_paths([*ledgers, out / SERVER_LEDGER], keys)
+    assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
+    assert all(r.key_source == "pinned" for r in reports)

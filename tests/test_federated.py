@@ -6,7 +6,10 @@ import pandas as pd
 import pytest
 
 from common.runconfig import RunConfig
-from privacy.accounting import load_state
+from privacy.accounting import Budget, restore
+from privacy.ledger import CLIENT_LEDGER, Spend, entries
+from privacy.report import find_ledgers
+from privacy.verify import verify_paths
 from server import checkpoint
 from simulations.simulate import _alive, _processes, simulate
 from tests.conftest import TINY
@@ -40,7 +43,20 @@ def _cfg(data: Path, out: Path, **overrides) -> RunConfig:
 
 
 def _states(out: Path):
-    return {p.parent.name: load_state(p) for p in (out / "clients").glob("*/privacy_state.json")}
+    """Each client's privacy state, rebuilt from its ledger alone."""
+    states = {}
+    for path in (out / "clients").glob(f"*/{CLIENT_LEDGER}"):
+        spends = entries(path, Spend)
+        budget = Budget(epsilon=spends[-1].budget_epsilon, delta=spends[-1].delta)
+        states[path.parent.name] = restore(path.parent.name, budget, spends)
+    return states
+
+
+def _verified(out: Path) -> list:
+    reports = verify_paths(find_ledgers(out))
+    assert [r.kind for r in reports].count("client") == CLIENTS
+    assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
+    return reports
 
 
 def _no_superlink_left(out: Path) -> bool:
@@ -80,6 +96,7 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["num-examples"].iloc[-1] > 0 and 0 <= metrics["hr10"].iloc[-1] <= 1
     assert _no_superlink_left(out)
+    _verified(out)
 
     # Budgets were planned for 2 rounds: a third round must be declined, spending nothing.
     before = {name: s.epsilon() for name, s in states.items()}
@@ -93,6 +110,9 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
         assert state.epsilon() == pytest.approx(before[name])
         assert state.rounds[-1].status == "declined" and state.rounds[-1].steps == 0
         assert third.summary["privacy"]["clients"][name]["declined_rounds"] == [3]
+    server = next(r for r in _verified(out) if r.kind == "server")
+    assert [rec.server_round for rec in server.records] == [1, 2, 3]
+    assert {u.status for u in server.records[-1].clients} == {"declined"}
 
 
 class Interrupt(Exception):
@@ -126,3 +146,8 @@ def test_resume_after_an_interrupted_run_continues_from_the_checkpoint(tiny_file
         # a recomputed round is a new spend and is never dropped.
         assert trained.count(1) == 1 and trained.count(2) in (1, 2)
         assert state.epsilon() == pytest.approx(state.rounds[-1].epsilon_after)
+    # Every update the server aggregated is in its client's ledger, and each ledger holds.
+    reports = _verified(out)
+    server = next(r for r in reports if r.kind == "server")
+    assert [rec.server_round for rec in server.records][-1] == 2
+    assert all(u.status == "used" for rec in server.records for u in rec.clients)

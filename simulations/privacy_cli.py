@@ -1,0 +1,140 @@
+"""`fedshop keys` and `fedshop privacy ...`: signing keys, ledger verification, the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+privacy_app = typer.Typer(
+    help="Verify privacy ledgers, write the compliance report, audit a trained model.",
+    no_args_is_help=True,
+)
+KeysOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--keys",
+        help="Folder of trusted public keys, NAME.pub for each client and server.pub. "
+        "Without it, signatures are checked against the key files next to each ledger "
+        "(which proves integrity, not who signed).",
+    ),
+]
+
+
+def keys(
+    names: Annotated[
+        list[str], typer.Argument(help="Whom to make keys for: client names, server.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for NAME.key / NAME.pub.")
+    ] = Path("keys"),
+    force: Annotated[
+        bool, typer.Option(help="Replace existing keys (old ledgers stop verifying).")
+    ] = False,
+) -> None:
+    """Create Ed25519 key pairs that sign privacy ledgers.
+
+    Give each client its NAME.key (SuperNode: --node-config "signing-key='…/NAME.key'"), keep
+    server.key with the ServerApp (run config server-key), and hand every .pub to compliance.
+    """
+    from privacy.signing import KeyFileError, create_pair, fingerprint
+
+    table = Table("name", "private key (keep secret)", "public key", "fingerprint")
+    for name in names:
+        try:
+            key = create_pair(out / f"{name}.key", overwrite=force)
+        except KeyFileError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+        table.add_row(
+            name, str(out / f"{name}.key"), str(out / f"{name}.pub"), fingerprint(key.public_key())
+        )
+    console.print(table)
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+@privacy_app.command("verify")
+def verify(
+    ledgers: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Ledger files: clients' privacy_ledger.jsonl and the "
+            "server's aggregation_ledger.jsonl."
+        ),
+    ],
+    keys: KeysOpt = None,
+) -> None:
+    """Check chains, signatures and arithmetic; recompute every ε with RDP, PRV and PLD.
+
+    Exits 1 naming the first bad entry when anything was altered, removed, reordered or
+    miscomputed, 0 when every ledger holds.
+    """
+    from privacy.signing import KeyFileError
+    from privacy.verify import verify_paths
+
+    try:
+        reports = verify_paths(ledgers, keys)
+    except KeyFileError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    for r in reports:
+        if r.kind == "client":
+            table = Table(
+                "entry",
+                "round",
+                "status",
+                "reported ε",
+                "RDP",
+                "PRV",
+                "PLD",
+                title=f"{r.signer}: {r.path}",
+            )
+            for e in r.entries:
+                table.add_row(
+                    str(e.seq),
+                    str(e.server_round),
+                    e.status,
+                    _fmt(e.reported),
+                    *(_fmt(e.recomputed.get(k)) for k in ("rdp", "prv", "pld")),
+                )
+            console.print(table)
+        verdict = "[green]verified[/]" if r.ok else f"[bold red]FAILED[/] {r.first_problem()}"
+        console.print(f"{r.path} ({r.kind}, key: {r.key_source}): {verdict}")
+        for note in r.notes:
+            console.print(f"  note: {note}")
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        err.print(f"[bold red]first bad entry:[/] {bad[0].first_problem()}")
+        raise typer.Exit(1)
+
+
+@privacy_app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run's output folder.")],
+    ledger: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--ledger",
+            help="Ledger files to use instead of those found in RUN_DIR "
+            "(deployment: collected from the clients).",
+        ),
+    ] = None,
+    keys: KeysOpt = None,
+) -> None:
+    """Write privacy_report.html (self-contained) and privacy_report.json into RUN_DIR."""
+    from privacy import report as privacy_report
+
+    result = privacy_report.write(run_dir, ledger, keys)
+    state = "[green]all ledgers verified[/]" if result["verified"] else "[bold red]FAILED[/]"
+    console.print(f"{state}; report: {run_dir / 'privacy_report.html'}")
+    if not result["verified"]:
+        raise typer.Exit(1)

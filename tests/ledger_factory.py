@@ -1,0 +1,51 @@
+"""Real ledgers for tests: planned with Opacus, signed with fresh keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
+from privacy.ledger import (
+    CLIENT_LEDGER,
+    SERVER_LEDGER,
+    Aggregation,
+    Spend,
+    append,
+    entries,
+    read_lines,
+)
+from privacy.signing import create_pair
+
+BUDGET = Budget(epsilon=3.0, delta=1e-5)
+
+
+def write_client(folder: Path, keys: Path, name: str = "north", rounds: int = 3) -> Path:
+    """A real ledger: planned for 2 rounds, so round 3 is declined."""
+    key = create_pair(keys / f"{name}.key", overwrite=True)
+    state = PrivacyState(client=name, budget=BUDGET)
+    state.mechanism = plan_mechanism(BUDGET, 0.05, 20, rounds=2, clip_norm=1.0)
+    path = folder / name / CLIENT_LEDGER
+    for rnd in range(1, rounds + 1):
+        ok, _ = state.affordable()
+        spend = state.record(
+            rnd, state.round_steps() if ok else [], "trained" if ok else "declined"
+        )
+        append(path, spend_fields(state, spend, run_id=7), key, Spend)
+    return path
+
+
+def write_server(folder: Path, keys: Path, client_ledgers: list[Path]) -> Path:
+    key = create_pair(keys / "server.key", overwrite=True)
+    path = folder / SERVER_LEDGER
+    spends = {p: entries(p, Spend) for p in client_ledgers}
+    for rnd in (1, 2, 3):
+        used = []
+        for p, rows in spends.items():
+            line = read_lines(p)[rnd - 1]
+            status = "used" if rows[rnd - 1].status == "trained" else "declined"
+            used.append(
+                {"client": rows[0].client, "status": status, "seq": rnd - 1, "hash": line.hash}
+            )
+        fields = {"run_id": "7", "server_round": rnd, "strategy": "fedavg", "clients": used}
+        append(path, fields, key, Aggregation)
+    return path
