@@ -8,15 +8,17 @@ client's events are loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.catalog import Catalog
 from common.dataset import Prepared, prepare
 from common.formats import load_events
-from common.partition import plan, select
+from common.partition import audit_non_members, plan, select
 from common.runconfig import RunConfig
 from common.sources import run_events
 
@@ -31,7 +33,7 @@ class ClientData:
 
 @lru_cache(maxsize=8)
 def _prepare(
-    key: tuple[Any, ...], catalog_path: str, demand_start: str, max_len: int
+    key: tuple[Any, ...], catalog_path: str, demand_start: str, max_len: int, holdout: float
 ) -> tuple[str, Prepared]:
     kind, *rest = key
     if kind == "file":
@@ -51,6 +53,9 @@ def _prepare(
         demand_start=demand_start or None,
         catalog=catalog,
     )
+    if holdout > 0:  # audit non-members: evaluated like everyone, never trained on
+        keep = ~audit_non_members(prepared.train.users, holdout)
+        prepared = replace(prepared, train=prepared.train.subset(np.flatnonzero(keep)))
     return name, prepared
 
 
@@ -69,7 +74,7 @@ def load_client_data(
     # A deployed client keeps its own copy of the platform catalog; the server's path is only
     # valid where the server's files are visible (simulation).
     catalog_path = str(node_config.get("catalog", catalog_path))
-    name, prepared = _prepare(key, catalog_path, demand_start, cfg.max_len)
+    name, prepared = _prepare(key, catalog_path, demand_start, cfg.max_len, cfg.audit_holdout)
     state_dir = (
         Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
     )

@@ -48,14 +48,28 @@ def plan(events: pd.DataFrame, n_clients: int) -> list[Partition]:
     ]
 
 
-def _shard_of(user_ids: pd.Series, shards: int) -> np.ndarray:
+def _hash(user_ids: pd.Series, salt: str = "") -> np.ndarray:
     return np.array(
         [
-            int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little") % shards
+            int.from_bytes(hashlib.blake2b((salt + u).encode(), digest_size=8).digest(), "little")
             for u in user_ids.astype(str)
         ],
-        dtype=np.int64,
+        dtype=np.uint64,
     )
+
+
+def _shard_of(user_ids: pd.Series, shards: int) -> np.ndarray:
+    return (_hash(user_ids) % np.uint64(shards)).astype(np.int64)
+
+
+def audit_non_members(user_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Users a client keeps out of training so a membership audit has true non-members.
+
+    A stable hash (salted apart from the sharding) picks them, so the client and a later audit
+    agree on who they are without exchanging any list.
+    """
+    unit = _hash(pd.Series(user_ids), "audit:") / np.float64(2**64)
+    return unit < fraction
 
 
 def select(events: pd.DataFrame, part: Partition) -> pd.DataFrame:

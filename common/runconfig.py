@@ -46,6 +46,9 @@ class RunConfig(BaseModel):
     epsilon: float = Field(8.0, gt=0, description="Per-client budget ε (user-level)")
     delta: float = Field(1e-5, gt=0, lt=1, description="Per-client δ; kept below 1/users")
     clip_norm: float = Field(1.0, gt=0, description="Per-user gradient clipping norm")
+    audit_holdout: float = Field(
+        0.0, ge=0, lt=0.5, description="Share of users kept out of training for the MIA audit"
+    )
     accountant: AccountantName = AccountantName.RDP
     data: str = Field("", description="Event log path; empty = embedded synthetic data")
     format: str = "auto"

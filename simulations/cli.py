@@ -265,6 +265,10 @@ def simulate_cmd(
     min_clients: Annotated[int, typer.Option(help="Fewest trained clients a round needs.")] = RUN[
         "min_clients"
     ],
+    audit_holdout: Annotated[
+        float,
+        typer.Option(help="Share of users kept out of training, for `fedshop privacy audit`."),
+    ] = RUN["audit_holdout"],
     hidden: Annotated[int, typer.Option(help="BERT hidden size.")] = RUN["hidden"],
     layers: Annotated[int, typer.Option(help="BERT layers.")] = RUN["layers"],
     max_len: Annotated[int, typer.Option(help="Events per user sequence.")] = RUN["max_len"],
@@ -297,6 +301,7 @@ def simulate_cmd(
             lr=lr,
             clip_norm=clip_norm,
             min_clients=min_clients,
+            audit_holdout=audit_holdout,
             hidden=hidden,
             layers=layers,
             max_len=max_len,
@@ -395,6 +400,14 @@ def _print_simulation(summary: dict, out: Path) -> None:
                 ", ".join(map(str, c["declined_rounds"])) or "-",
             )
         console.print(pt)
+        from privacy import report as privacy_report
+
+        with console.status("verifying the privacy ledgers (RDP, PRV, PLD)"):
+            verified = privacy_report.write(out)["verified"]
+        state = (
+            "[green]ledgers verified[/]" if verified else "[bold red]ledgers FAILED to verify[/]"
+        )
+        console.print(f"privacy report: {out / 'privacy_report.html'} ({state})")
     console.print(
         f"model, card, metrics and plots in {out}/ (HR/NDCG: full ranking, held-out last event)"
     )

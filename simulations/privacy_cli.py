@@ -138,3 +138,50 @@ def report(
     console.print(f"{state}; report: {run_dir / 'privacy_report.html'}")
     if not result["verified"]:
         raise typer.Exit(1)
+
+
+@privacy_app.command("audit")
+def audit(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders to attack side by side, e.g. a DP run and a "
+            "non-private one, both trained with --audit-holdout."
+        ),
+    ],
+) -> None:
+    """Membership-inference audit: attack AUC and TPR at low FPR for each run's final model.
+
+    Evidence, not a proof. Writes audit.json into every run folder; `privacy report` shows it.
+    """
+    from privacy.audit import audit as run_audit
+
+    try:
+        with console.status("attacking the exported models"):
+            result = run_audit(runs)
+    except ValueError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    table = Table(
+        "run",
+        "ε",
+        "attack AUC",
+        "TPR @ 1% FPR",
+        "TPR @ 0.1% FPR",
+        "members / non-members",
+        title="membership inference (loss threshold)",
+    )
+    for r in result["runs"]:
+        table.add_row(
+            r["run"],
+            str(r["epsilon"]),
+            f"{r['auc']:.3f}",
+            f"{r['tpr_at_fpr']['0.01']:.3f}",
+            f"{r['tpr_at_fpr']['0.001']:.3f}",
+            f"{r['members']:,} / {r['non_members']:,}",
+        )
+    console.print(table)
+    console.print(
+        "AUC 0.5 = the attack cannot tell members from non-members. Evidence, not a "
+        "proof: the guarantee is the ledger's ε."
+    )
