@@ -57,7 +57,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     train_seqs = data.prepared.train
-    metrics: dict[str, float] = {"num-examples": len(train_seqs), "declined": 0}
+    metrics: dict[str, float] = {
+        "num-examples": len(train_seqs),
+        "uniform-weight": 1.0,
+        "declined": 0,
+    }
     line = None
     if cfg.dp:
         state = _privacy_state(data, cfg)

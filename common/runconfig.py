@@ -22,6 +22,12 @@ class StrategyName(StrEnum):
     FEDPROX = "fedprox"
 
 
+class CentralDP(StrEnum):
+    OFF = "off"
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
 class AccountantName(StrEnum):
     RDP = "rdp"
     PRV = "prv"
@@ -46,6 +52,12 @@ class RunConfig(BaseModel):
     epsilon: float = Field(8.0, gt=0, description="Per-client budget ε (user-level)")
     delta: float = Field(1e-5, gt=0, lt=1, description="Per-client δ; kept below 1/users")
     clip_norm: float = Field(1.0, gt=0, description="Per-user gradient clipping norm")
+    central_dp: CentralDP = Field(
+        CentralDP.OFF, description="Client-level DP on the server: off, fixed or adaptive clipping"
+    )
+    central_noise: float = Field(0.5, gt=0, description="Server-side noise multiplier")
+    central_clip: float = Field(1.0, gt=0, description="Server-side (initial) clipping norm")
+    central_delta: float = Field(1e-3, gt=0, lt=1, description="δ for the client-level ε")
     audit_holdout: float = Field(
         0.0, ge=0, lt=0.5, description="Share of users kept out of training for the MIA audit"
     )
@@ -72,6 +84,13 @@ class RunConfig(BaseModel):
     def _check(self) -> RunConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.central_dp is not CentralDP.OFF and (
+            self.strategy is StrategyName.FEDADAM or self.fraction_train < 1
+        ):
+            raise ValueError(
+                "central-dp needs every client each round and a plain average "
+                "(strategy fedavg or fedprox, fraction-train 1)"
+            )
         return self
 
     @classmethod

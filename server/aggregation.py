@@ -5,9 +5,10 @@ from __future__ import annotations
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from common.runconfig import RunConfig, StrategyName
+from common.runconfig import CentralDP, RunConfig, StrategyName
 
 WEIGHT = "num-examples"
+UNIFORM = "uniform-weight"  # every client's update counts the same (client-level DP needs it)
 
 
 def aggregate_evaluation(replies: list[RecordDict], weight_key: str = WEIGHT) -> MetricRecord:
@@ -41,8 +42,9 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         "min_train_nodes": cfg.min_clients,
         "min_evaluate_nodes": cfg.min_clients,
         "min_available_nodes": cfg.min_clients,
-        "weighted_by_key": WEIGHT,
-        "evaluate_metrics_aggr_fn": aggregate_evaluation,
+        "weighted_by_key": WEIGHT if cfg.central_dp is CentralDP.OFF else UNIFORM,
+        # evaluation is always weighted by users, whatever the training weights
+        "evaluate_metrics_aggr_fn": lambda replies, _: aggregate_evaluation(replies),
     }
     if cfg.strategy is StrategyName.FEDADAM:
         return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)

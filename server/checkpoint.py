@@ -25,13 +25,18 @@ class Checkpoint:
     arrays: ArrayRecord
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    central_accountant: dict | None = None  # Flower's accountant state, client-level DP
 
 
 def save(out: Path, ckpt: Checkpoint) -> Path:
     tensors = {f"model/{k}": np.ascontiguousarray(v.numpy()) for k, v in ckpt.arrays.items()}
     for attr, arrays in ckpt.strategy_state.items():
         tensors |= {f"strategy/{attr}/{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
-    meta = {"round": str(ckpt.server_round), "history": json.dumps(ckpt.history)}
+    meta = {
+        "round": str(ckpt.server_round),
+        "history": json.dumps(ckpt.history),
+        "central-accountant": json.dumps(ckpt.central_accountant),
+    }
     return write_with(out / FILE, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
@@ -45,6 +50,7 @@ def load(out: Path) -> Checkpoint | None:
         tensors = load_file(str(path))
         server_round = int(meta["round"])
         history = json.loads(meta["history"])
+        central = json.loads(meta.get("central-accountant", "null"))
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: checkpoint is corrupt or incomplete ({exc})") from exc
     model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
@@ -58,6 +64,7 @@ def load(out: Path) -> Checkpoint | None:
         ArrayRecord({k: torch.from_numpy(v) for k, v in model.items()}),
         state,
         history,
+        central,
     )
 
 

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server import checkpoint
+from server.central_dp import CentralPrivacy
 from server.trail import Trail
 
 
@@ -79,6 +80,7 @@ def run_rounds(
     history: list[dict],
     on_round: Callable[[dict], None],
     trail: Trail,
+    central: CentralPrivacy | None = None,
 ) -> tuple[ArrayRecord, str]:
     """Run rounds `first_round..last_round`; returns the final arrays and why the loop ended."""
     for rnd in range(first_round, last_round + 1):
@@ -110,7 +112,7 @@ def run_rounds(
                 f"min-clients is {min_clients}, so the run stops here"
             )
             log(WARNING, reason)
-            trail.record(rnd, t.trained, t.declined, aggregated=False)
+            trail.record(rnd, t.trained, t.declined, False, central and central.summary())
             record["stopped"] = reason
             history.append(record)
             on_round(record)
@@ -118,7 +120,13 @@ def run_rounds(
         new_arrays, train_metrics = strategy.aggregate_train(rnd, t.trained)
         if new_arrays is not None:
             arrays = new_arrays
-        trail.record(rnd, t.trained, t.declined, aggregated=new_arrays is not None)
+            if central:
+                central.released()
+        else:
+            log(WARNING, "round %s: no aggregate (the model is unchanged)", rnd)
+        trail.record(
+            rnd, t.trained, t.declined, new_arrays is not None, central and central.summary()
+        )
         evaluation = strategy.aggregate_evaluate(
             rnd,
             list(
@@ -129,9 +137,16 @@ def run_rounds(
         )
         record["train"] = dict(train_metrics or {})
         record["evaluate"] = dict(evaluation or {})
+        if central:
+            record["central_dp"] = central.summary()
         history.append(record)
-        checkpoint.save(
-            out, checkpoint.Checkpoint(rnd, arrays, checkpoint.strategy_state(strategy), history)
+        saved = checkpoint.Checkpoint(
+            rnd,
+            arrays,
+            checkpoint.strategy_state(strategy),
+            history,
+            central.accountant.state_dict() if central else None,
         )
+        checkpoint.save(out, saved)
         on_round(record)
     return arrays, "completed"

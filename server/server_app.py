@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from logging import INFO
 from pathlib import Path
 
@@ -13,9 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.dataset import catalog_shape
 from common.model import BehaviorModel
-from common.runconfig import RunConfig, StrategyName
+from common.runconfig import CentralDP, RunConfig, StrategyName
 from privacy.signing import load_or_create
-from server import checkpoint, report
+from server import central_dp, checkpoint, report
 from server.aggregation import make_strategy
 from server.export import export
 from server.platform import platform_for
@@ -36,6 +37,11 @@ def main(grid: Grid, context: Context) -> None:
     shape = catalog_shape(platform.catalog)
     strategy = make_strategy(cfg)
     saved = checkpoint.load(out) if cfg.resume else None
+    central = None
+    if cfg.central_dp is not CentralDP.OFF:
+        clients = wait_for_clients(grid, cfg.min_clients)
+        central = central_dp.wrap(strategy, cfg, clients, saved and saved.central_accountant)
+        strategy = central.strategy
     if saved:
         log(INFO, "resuming from %s after round %s", out / checkpoint.FILE, saved.server_round)
         arrays, first, history = saved.arrays, saved.server_round + 1, saved.history
@@ -69,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         history,
         on_round,
         trail,
+        central,
     )
     report.write_tables(out, history)
     report.plot(out, history)
@@ -78,12 +85,23 @@ def main(grid: Grid, context: Context) -> None:
         "rounds_completed": finished[-1]["round"] if finished else 0,
         "strategy": cfg.strategy.value,
         "data": platform.summary,
-        "privacy": privacy_summary(cfg, history),
+        "privacy": privacy_summary(cfg, history) | {"central_dp": central and central.summary()},
         "metrics": finished[-1]["evaluate"] if finished else {},
         "run_config": cfg.to_flower(),
     }
     export(out, arrays, cfg.model, shape, card)
     log(INFO, "run %s: %s; results in %s", context.run_id, outcome, out)
+
+
+def wait_for_clients(grid: Grid, least: int, timeout_s: float = 300.0) -> int:
+    """How many clients are connected, once at least `least` are: client-level DP calibrates
+    its noise to the number of clients averaged each round."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < least:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} client(s) connected; central DP needs {least}")
+        time.sleep(1)
+    return len(nodes)
 
 
 def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:

@@ -27,10 +27,14 @@ class Trail:
     key: Ed25519PrivateKey
     run_id: str
     strategy: str
-    central_dp: dict[str, float | str] | None = None
 
     def record(
-        self, server_round: int, used: list[Message], declined: list[Message], aggregated: bool
+        self,
+        server_round: int,
+        used: list[Message],
+        declined: list[Message],
+        aggregated: bool,
+        central_dp: dict[str, float | str] | None = None,
     ) -> None:
         """Append the round's record; `used` lists updates that went into the aggregate."""
         clients = [_entry(m, "used" if aggregated else "not-aggregated") for m in used]
@@ -40,6 +44,6 @@ class Trail:
             "server_round": server_round,
             "strategy": self.strategy,
             "clients": clients,
-            "central_dp": self.central_dp,
+            "central_dp": central_dp,
         }
         append(self.out / SERVER_LEDGER, fields, self.key, Aggregation)

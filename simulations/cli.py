@@ -265,6 +265,19 @@ def simulate_cmd(
     min_clients: Annotated[int, typer.Option(help="Fewest trained clients a round needs.")] = RUN[
         "min_clients"
     ],
+    central_dp: Annotated[
+        str,
+        typer.Option(
+            help="Client-level DP on the server as a second layer (Flower's wrappers): "
+            "off, fixed or adaptive clipping."
+        ),
+    ] = RUN["central_dp"],
+    central_noise: Annotated[
+        float, typer.Option(help="Server-side noise multiplier (client-level DP).")
+    ] = RUN["central_noise"],
+    central_clip: Annotated[
+        float, typer.Option(help="Server-side clipping norm of a client's update.")
+    ] = RUN["central_clip"],
     audit_holdout: Annotated[
         float,
         typer.Option(help="Share of users kept out of training, for `fedshop privacy audit`."),
@@ -302,6 +315,9 @@ def simulate_cmd(
             clip_norm=clip_norm,
             min_clients=min_clients,
             audit_holdout=audit_holdout,
+            central_dp=central_dp,
+            central_noise=central_noise,
+            central_clip=central_clip,
             hidden=hidden,
             layers=layers,
             max_len=max_len,

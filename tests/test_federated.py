@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 
 from common.runconfig import RunConfig
+from privacy import report as privacy_report
 from privacy.accounting import Budget, restore
+from privacy.audit import audit
 from privacy.ledger import CLIENT_LEDGER, Spend, entries
 from privacy.report import find_ledgers
 from privacy.verify import verify_paths
@@ -70,7 +72,7 @@ def _no_superlink_left(out: Path) -> bool:
 
 def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path):
     out = tmp_path / "run"
-    first = simulate(_cfg(tiny_file, out), CLIENTS)
+    first = simulate(_cfg(tiny_file, out, audit_holdout=0.2), CLIENTS)
     assert first.ok, first.log.read_text()[-3000:]
     assert first.summary["outcome"] == "completed"
     rows = pd.read_csv(out / "clients.csv")
@@ -97,10 +99,16 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     assert metrics["num-examples"].iloc[-1] > 0 and 0 <= metrics["hr10"].iloc[-1] <= 1
     assert _no_superlink_left(out)
     _verified(out)
+    attack = audit([out])["runs"][0]
+    assert attack["non_members"] > 0  # held out of training, yet still evaluated
+    assert attack["members"] == rows[rows["round"] == 1]["num-examples"].sum()
+    assert 0 <= attack["auc"] <= 1 and attack["epsilon"] <= 8.0
+    written = privacy_report.write(out)
+    assert written["verified"] and written["audit"]["runs"][0]["auc"] == attack["auc"]
 
     # Budgets were planned for 2 rounds: a third round must be declined, spending nothing.
     before = {name: s.epsilon() for name, s in states.items()}
-    third = simulate(_cfg(tiny_file, out, num_server_rounds=3), CLIENTS)
+    third = simulate(_cfg(tiny_file, out, num_server_rounds=3, audit_holdout=0.2), CLIENTS)
     assert third.ok, third.log.read_text()[-3000:]
     assert third.summary["outcome"].startswith("round 3: only 0 client(s) trained (3 declined")
     assert third.summary["rounds_completed"] == 2
@@ -121,7 +129,8 @@ class Interrupt(Exception):
 
 def test_resume_after_an_interrupted_run_continues_from_the_checkpoint(tiny_file, tmp_path):
     out = tmp_path / "run"
-    cfg = _cfg(tiny_file, out, planned_rounds=4)
+    # with client-level DP on the server too: its accountant must survive the restart
+    cfg = _cfg(tiny_file, out, planned_rounds=4, central_dp="fixed", central_noise=0.8)
 
     def crash_after_round_one(history: list[dict]) -> None:
         if any(r["round"] == 1 and "evaluate" in r for r in history):
@@ -151,3 +160,9 @@ def test_resume_after_an_interrupted_run_continues_from_the_checkpoint(tiny_file
     server = next(r for r in reports if r.kind == "server")
     assert [rec.server_round for rec in server.records][-1] == 2
     assert all(u.status == "used" for rec in server.records for u in rec.clients)
+    central = resumed.summary["privacy"]["central_dp"]
+    assert central["wrapper"] == "DifferentialPrivacyServerSideFixedClipping"
+    assert central["releases"] == 2 and central["clients"] == CLIENTS  # round 1 kept, counted once
+    assert 0 < server.records[0].central_dp["epsilon"] < central["epsilon"]
+    html = privacy_report.write(out) and (out / "privacy_report.html").read_text()
+    assert f"Client-level ε = <b>{central['epsilon']:.4f}</b>" in html

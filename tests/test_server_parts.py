@@ -2,10 +2,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp import GaussianPrivacyEvent
 
+from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism
 from server import checkpoint, report
-from server.aggregation import aggregate_evaluation
+from server.aggregation import aggregate_evaluation, make_strategy
+from server.central_dp import wrap
 
 
 def test_evaluation_aggregates_rates_by_users_and_wape_by_sums():
@@ -129,3 +132,24 @@ def test_prv_accountant_plans_and_replays_within_budget():
     state.record(2, state.round_steps(), "trained")
     assert 0 < state.epsilon() <= 4.0
     assert not state.affordable()[0]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_central_dp_wraps_flower_strategies_and_accounts_releases(mode):
+    cfg = RunConfig(central_dp=mode, central_noise=1.0, central_clip=0.5)
+    central = wrap(make_strategy(cfg), cfg, clients=4, state=None)
+    assert type(central.strategy).__name__.endswith(f"{mode.capitalize()}Clipping")
+    assert central.summary()["epsilon"] == 0.0 and central.summary()["releases"] == 0
+    if mode == "fixed":  # Flower's wrapper composes its own releases
+        central.accountant.compose(GaussianPrivacyEvent(1.0, 4, 4))
+    else:
+        central.released()
+    once = central.summary()
+    assert once["releases"] == 1 and once["epsilon"] > 0
+    resumed = wrap(make_strategy(cfg), cfg, clients=4, state=central.accountant.state_dict())
+    assert resumed.summary()["epsilon"] == pytest.approx(once["epsilon"])
+
+
+def test_central_dp_refuses_a_weighted_server_optimizer():
+    with pytest.raises(ValueError, match="central-dp needs"):
+        RunConfig(central_dp="fixed", strategy="fedadam")
