@@ -424,6 +424,12 @@ def _print_simulation(summary: dict, out: Path) -> None:
             "[green]ledgers verified[/]" if verified else "[bold red]ledgers FAILED to verify[/]"
         )
         console.print(f"privacy report: {out / 'privacy_report.html'} ({state})")
+    if central := privacy.get("central_dp"):
+        console.print(
+            f"client-level DP on the server ({central['wrapper']}): ε = "
+            f"{central['epsilon']:.3f} at δ = {central['delta']:g} after "
+            f"{central['releases']} release(s), Flower's accountant"
+        )
     console.print(
         f"model, card, metrics and plots in {out}/ (HR/NDCG: full ranking, held-out last event)"
     )

@@ -139,3 +139,27 @@ def test_append_refuses_to_extend_a_corrupt_ledger_and_keeps_it(run):
     with pytest.raises(LedgerError):
         append(client, {}, create_pair(keys / "x.key"), Spend)
     assert client.read_text() == damaged
+
+
+def test_cli_keys_and_verify_exit_codes(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["keys", "east", "server", "--out", str(tmp_path / "k")])
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "k" / "east.key").stat().st_mode & 0o777 == 0o600
+    again = runner.invoke(app, ["keys", "east", "--out", str(tmp_path / "k")])
+    assert again.exit_code == 2 and "refusing to replace" in again.output
+
+    _, keys, client, server = run
+    good = runner.invoke(app, ["privacy", "verify", str(client), str(server), "--keys", str(keys)])
+    assert good.exit_code == 0, good.output
+    rewrite(client, lambda lines: [lines[1], lines[0], lines[2]])
+    bad = runner.invoke(app, ["privacy", "verify", str(client), "--keys", str(keys)])
+    assert bad.exit_code == 1 and "line 1 (entry 1)" in bad.output
+    client.write_bytes(b"\x00\xff garbage")
+    broken = runner.invoke(app, ["privacy", "verify", str(client)])
+    assert broken.exit_code == 1 and isinstance(broken.exception, SystemExit | None)
+    assert "cannot read" in broken.output or "not a ledger entry" in broken.output
