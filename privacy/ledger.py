@@ -79,7 +79,11 @@ class Aggregation(Chained):
 
 
 class LedgerError(ValueError):
-    """A ledger cannot be read: names the file and the line."""
+    """A ledger cannot be read: names the file and the line (0 = the file as a whole)."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ def read_lines(path: Path) -> list[Line]:
         raise LedgerError(f"{path}: cannot read the ledger ({exc})") from exc
     if text and not text.endswith("\n"):
         count = text.count("\n") + 1
-        raise LedgerError(f"{path}, line {count}: truncated (no line end); the file is incomplete")
+        raise LedgerError(
+            f"{path}, line {count}: truncated (no line end); the file is incomplete", count
+        )
     lines = []
     for number, raw in enumerate(text.splitlines(), start=1):
         try:
@@ -119,7 +125,7 @@ def read_lines(path: Path) -> list[Line]:
                 number, dict(obj["entry"]), str(obj["hash"]), base64.b64decode(obj["signature"])
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise LedgerError(f"{path}, line {number}: not a ledger entry ({exc})") from exc
+            raise LedgerError(f"{path}, line {number}: not a ledger entry ({exc})", number) from exc
         lines.append(line)
     return lines
 
@@ -130,7 +136,8 @@ def parse(path: Path, line: Line, model: type[Chained]) -> Chained:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise LedgerError(f"{path}, line {line.number}: field '{field}': {first['msg']}") from exc
+        message = f"{path}, line {line.number}: field '{field}': {first['msg']}"
+        raise LedgerError(message, line.number) from exc
 
 
 def entries(path: Path, model: type[Chained]) -> list[Chained]:

@@ -67,8 +67,9 @@ class LedgerReport:
 
     def first_problem(self) -> str:
         f = min(self.findings, key=lambda x: x.line)
+        where = f", line {f.line}" if f.line else ""
         seq = "" if f.seq is None else f" (entry {f.seq})"
-        return f"{self.path}, line {f.line}{seq}: {f.problem}"
+        return f"{self.path}{where}{seq}: {f.problem}"
 
 
 def opacus_epsilons(history: list[tuple[float, float, int]], delta: float, name: str) -> float:
@@ -180,11 +181,12 @@ def verify_ledger(path: Path, keyring: dict[str, Ed25519PublicKey] | None) -> Le
         kind = str(lines[0].body.get("kind"))
         model: type[Chained] = {"spend": Spend, "aggregation": Aggregation}.get(kind)
         if model is None:
-            raise LedgerError(f"{path}, line 1: unknown entry kind {kind!r}")
+            raise LedgerError(f"{path}, line 1: unknown entry kind {kind!r}", 1)
         typed = [parse(path, line, model) for line in lines]
     except LedgerError as exc:
         report = LedgerReport(str(path), "unknown", "", "")
-        report.findings.append(Finding(_line_of(str(exc)), None, str(exc)))
+        problem = str(exc).removeprefix(f"{path}, line {exc.line}: ").removeprefix(f"{path}: ")
+        report.findings.append(Finding(exc.line, None, problem))
         return report
     signer = typed[0].client if kind == "spend" else "server"
     public, source = _trusted(path, kind, signer, keyring)
@@ -204,14 +206,6 @@ def verify_ledger(path: Path, keyring: dict[str, Ed25519PublicKey] | None) -> Le
     else:
         report.records = typed
     return report
-
-
-def _line_of(message: str) -> int:
-    marker = ", line "
-    if marker not in message:
-        return 0
-    digits = message.split(marker, 1)[1].split(":", 1)[0].split(" ", 1)[0]
-    return int(digits) if digits.isdigit() else 0
 
 
 def cross_check(reports: list[LedgerReport]) -> None:
