@@ -12,15 +12,14 @@ with its newest entries cut off is caught.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dp_accounting
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting.pld import pld_privacy_accountant
-from opacus.accountants import create_accountant
 
+from privacy.accounting import replay
 from privacy.ledger import (
     Aggregation,
     Chained,
@@ -72,14 +71,6 @@ class LedgerReport:
         return f"{self.path}{where}{seq}: {f.problem}"
 
 
-def opacus_epsilons(history: list[tuple[float, float, int]], delta: float, name: str) -> float:
-    accountant = create_accountant(name)
-    accountant.history = list(history)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(accountant.get_epsilon(delta=delta))
-
-
 class _Pld:
     """dp-accounting's PLD accountant, composed one round at a time."""
 
@@ -106,8 +97,8 @@ def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
         if s.steps:
             history.append((s.noise_multiplier, s.sample_rate, s.steps))
             last = {
-                "rdp": _finite(opacus_epsilons(history, s.delta, "rdp")),
-                "prv": _finite(opacus_epsilons(history, s.delta, "prv")),
+                "rdp": _finite(replay(history, s.delta, "rdp")),
+                "prv": _finite(replay(history, s.delta, "prv")),
                 "pld": _finite(pld.step(s.noise_multiplier, s.sample_rate, s.steps, s.delta)),
             }
         out.append(dict(last))
