@@ -111,6 +111,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     moving = moving_average(history, actual.shape[1])
     metrics = {
         "num-examples": ranking["users"],
+        "uniform-weight": 1.0,  # Flower checks the training weight key in every reply
         "hr10": ranking["full"]["hr@10"],
         "ndcg10": ranking["full"]["ndcg@10"],
         "hr10-sampled": ranking["sampled"]["hr@10"],

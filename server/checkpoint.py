@@ -33,6 +33,8 @@ def save(out: Path, ckpt: Checkpoint) -> Path:
     for attr, arrays in ckpt.strategy_state.items():
         tensors |= {f"strategy/{attr}/{k}": np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = {
+        # safetensors sorts names; Flower's DP wrappers pair arrays by position, so keep order
+        "order": json.dumps(list(ckpt.arrays.keys())),
         "round": str(ckpt.server_round),
         "history": json.dumps(ckpt.history),
         "central-accountant": json.dumps(ckpt.central_accountant),
@@ -54,6 +56,7 @@ def load(out: Path) -> Checkpoint | None:
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: checkpoint is corrupt or incomplete ({exc})") from exc
     model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    model = {k: model[k] for k in json.loads(meta.get("order", "null")) or model}
     state: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         if key.startswith("strategy/"):

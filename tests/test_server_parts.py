@@ -50,11 +50,14 @@ def test_evaluation_aggregates_rates_by_users_and_wape_by_sums():
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
-    arrays = ArrayRecord({"w": torch.arange(6.0).reshape(2, 3)})
+    arrays = ArrayRecord({"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)})
     state = {"m_t": {"w": np.ones((2, 3), dtype=np.float32)}}
-    checkpoint.save(tmp_path, checkpoint.Checkpoint(4, arrays, state, [{"round": 4}]))
+    accountant = {"compositions": [1]}
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(4, arrays, state, [{"round": 4}], accountant))
     loaded = checkpoint.load(tmp_path)
     assert loaded.server_round == 4 and loaded.history == [{"round": 4}]
+    assert list(loaded.arrays.keys()) == ["w", "b"]  # DP wrappers pair arrays by position
+    assert loaded.central_accountant == accountant
     assert torch.equal(loaded.arrays.to_torch_state_dict()["w"], torch.arange(6.0).reshape(2, 3))
     assert np.array_equal(loaded.strategy_state["m_t"]["w"], state["m_t"]["w"])
     (tmp_path / checkpoint.FILE).write_bytes(b"truncated")
