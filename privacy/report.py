@@ -139,7 +139,10 @@ def client_summary(r: LedgerReport) -> dict:
     }
 
 
-def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:
+def build(
+    run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None
+) -> tuple[dict, list[LedgerReport]]:
+    """The report's facts (JSON-ready) and the verification behind them."""
     paths = ledgers or find_ledgers(run_dir)
     reports = verify_paths(paths, keys)
     card_path = run_dir / "model_card.json"
@@ -165,8 +168,7 @@ def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = 
         "clients": [client_summary(r) for r in reports if r.kind == "client" and r.spends],
         "central_dp": card.get("privacy", {}).get("central_dp"),
         "audit": json.loads(audit_path.read_text()) if audit_path.exists() else None,
-        "_reports": reports,
-    }
+    }, reports
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -266,8 +268,7 @@ figure{margin:0} svg{max-width:100%;height:auto}
 """
 
 
-def render(report: dict) -> str:
-    reports: list[LedgerReport] = report["_reports"]
+def render(report: dict, reports: list[LedgerReport]) -> str:
     clients = [r for r in reports if r.kind == "client" and r.spends]
     by_name = {r.signer: r for r in clients}
     verdict = (
