@@ -336,9 +336,7 @@ within 1 %.</p>
 
 def write(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:
     """Verify, then write `privacy_report.html` and `privacy_report.json` into the run folder."""
-    report = build(run_dir, ledgers, keys)
-    write_text(run_dir / "privacy_report.html", render(report))
-    write_json(
-        run_dir / "privacy_report.json", {k: v for k, v in report.items() if k != "_reports"}
-    )
+    report, reports = build(run_dir, ledgers, keys)
+    write_text(run_dir / "privacy_report.html", render(report, reports))
+    write_json(run_dir / "privacy_report.json", report)
     return report
