@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -13,7 +15,7 @@ from common.model import BehaviorModel
 from common.runconfig import RunConfig
 from common.training import evaluate_ranking, forecast_holdout, pick_device
 from privacy.accounting import Budget, PrivacyState, restore, spend_fields
-from privacy.ledger import CLIENT_LEDGER, Line, Spend, append, entries
+from privacy.ledger import CLIENT_LEDGER, Line, Spend, append, check_head, parse, read_lines
 from privacy.signing import load_or_create
 
 app = ClientApp()
@@ -30,9 +32,14 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, Behav
     return cfg, data, model
 
 
-def _privacy_state(data: ClientData, cfg: RunConfig) -> PrivacyState:
-    """Rebuilt from the ledger beside the client's data, so it survives any restart."""
-    spends = entries(data.state_dir / CLIENT_LEDGER, Spend)
+def _privacy_state(data: ClientData, cfg: RunConfig, heads: str) -> PrivacyState:
+    """Rebuilt from the ledger beside the client's data, so it survives any restart; first
+    checked against the newest entry the server recorded from this client."""
+    path = data.state_dir / CLIENT_LEDGER
+    lines = read_lines(path) if path.exists() else []
+    head = json.loads(heads or "{}").get(data.name)
+    check_head(path, lines, tuple(head) if head else None)
+    spends = [parse(path, line, Spend) for line in lines]
     return restore(data.name, Budget(epsilon=cfg.epsilon, delta=cfg.delta), spends)
 
 
@@ -64,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     line = None
     if cfg.dp:
-        state = _privacy_state(data, cfg)
+        state = _privacy_state(data, cfg, str(msg.content["config"].get("ledger-heads", "")))
         result = train_private(model, train_seqs, cfg, state, server_round, device, mu)
         line = _write_ahead(state, data, context.run_id)
         mech = state.mechanism

@@ -147,6 +147,24 @@ def entries(path: Path, model: type[Chained]) -> list[Chained]:
     return [parse(path, line, model) for line in read_lines(path)]
 
 
+def check_head(path: Path, lines: list[Line], head: tuple[int, str] | None) -> None:
+    """Refuse a ledger that lacks an entry the server recorded from this client.
+
+    A restored backup, a deleted state folder or a rolled-back file would otherwise restart the
+    client's accounting below what it has really spent.
+    """
+    if head is None:
+        return
+    seq, expected = head
+    if len(lines) <= seq or lines[seq].hash != expected:
+        found = "is missing" if len(lines) <= seq else "differs"
+        raise LedgerError(
+            f"{path}: the server recorded entry {seq} ({expected[:12]}…) from this client, but "
+            f"here it {found} ({len(lines)} entries); restore the ledger before training again, "
+            "or the spent privacy would be forgotten"
+        )
+
+
 def append(path: Path, fields: dict, key: Ed25519PrivateKey, model: type[Chained]) -> Line:
     """Chain, sign and durably append one entry; returns it as written."""
     lines = read_lines(path) if path.exists() else []

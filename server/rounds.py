@@ -86,7 +86,11 @@ def run_rounds(
     for rnd in range(first_round, last_round + 1):
         log(INFO, "[ROUND %s/%s]", rnd, last_round)
         replies = list(
-            grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(shared), grid))
+            grid.send_and_receive(
+                strategy.configure_train(
+                    rnd, arrays, ConfigRecord(shared | {"ledger-heads": trail.heads_json()}), grid
+                )
+            )
         )
         t = triage(replies)
         record = {"round": rnd, "clients": client_rows(rnd, t)}

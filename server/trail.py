@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
 
-from privacy.ledger import SERVER_LEDGER, Aggregation, append
+from privacy.ledger import SERVER_LEDGER, Aggregation, append, entries
 
 
 def _entry(message: Message, status: str) -> dict:
@@ -27,6 +28,21 @@ class Trail:
     key: Ed25519PrivateKey
     run_id: str
     strategy: str
+    heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for record in entries(self.out / SERVER_LEDGER, Aggregation):
+            self._advance([c.model_dump() for c in record.clients])
+
+    def _advance(self, clients: list[dict]) -> None:
+        for c in clients:
+            if c["seq"] >= 0 and c["seq"] >= self.heads.get(c["client"], (-1, ""))[0]:
+                self.heads[c["client"]] = (c["seq"], c["hash"])
+
+    def heads_json(self) -> str:
+        """Each client's newest ledger entry the server has seen; clients check they still
+        hold it before training, so a lost or rolled-back ledger cannot reset a budget."""
+        return json.dumps(self.heads, sort_keys=True)
 
     def record(
         self,
@@ -47,3 +63,4 @@ class Trail:
             "central_dp": central_dp,
         }
         append(self.out / SERVER_LEDGER, fields, self.key, Aggregation)
+        self._advance(clients)

@@ -107,17 +107,27 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     assert written["verified"] and written["audit"]["runs"][0]["auc"] == attack["auc"]
 
     # Budgets were planned for 2 rounds: a third round must be declined, spending nothing.
+    # One client lost its ledger meanwhile: it must refuse to train rather than start from ε = 0.
     before = {name: s.epsilon() for name, s in states.items()}
+    lost = out / "clients" / "region-01" / CLIENT_LEDGER
+    backup = lost.rename(lost.with_suffix(".bak"))
     third = simulate(_cfg(tiny_file, out, num_server_rounds=3, audit_holdout=0.2), CLIENTS)
     assert third.ok, third.log.read_text()[-3000:]
-    assert third.summary["outcome"].startswith("round 3: only 0 client(s) trained (3 declined")
+    assert third.summary["outcome"].startswith(
+        "round 3: only 0 client(s) trained (2 declined, 1 failed"
+    )
     assert third.summary["rounds_completed"] == 2
     rows = pd.read_csv(out / "clients.csv")
-    assert set(rows[rows["round"] == 3]["status"]) == {"declined"}
+    third_rows = rows[rows["round"] == 3]
+    assert sorted(third_rows["status"]) == ["declined", "declined", "failed"]
+    assert "restore the ledger" in third_rows[third_rows["status"] == "failed"]["error"].item()
+    assert not lost.exists()
+    backup.rename(lost)
     for name, state in _states(out).items():
         assert state.epsilon() == pytest.approx(before[name])
-        assert state.rounds[-1].status == "declined" and state.rounds[-1].steps == 0
-        assert third.summary["privacy"]["clients"][name]["declined_rounds"] == [3]
+        if name != "region-01":
+            assert state.rounds[-1].status == "declined" and state.rounds[-1].steps == 0
+            assert third.summary["privacy"]["clients"][name]["declined_rounds"] == [3]
     server = next(r for r in _verified(out) if r.kind == "server")
     assert [rec.server_round for rec in server.records] == [1, 2, 3]
     assert {u.status for u in server.records[-1].clients} == {"declined"}

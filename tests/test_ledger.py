@@ -9,7 +9,15 @@ import pytest
 from ledger_factory import BUDGET, write_client, write_server
 
 from privacy.accounting import PrivacyState, plan_mechanism, restore, spend_fields
-from privacy.ledger import CLIENT_LEDGER, LedgerError, Spend, append, entries, read_lines
+from privacy.ledger import (
+    CLIENT_LEDGER,
+    LedgerError,
+    Spend,
+    append,
+    check_head,
+    entries,
+    read_lines,
+)
 from privacy.signing import create_pair, load_keyring
 from privacy.verify import verify_paths
 
@@ -163,3 +171,17 @@ def test_cli_keys_and_verify_exit_codes(run, tmp_path):
     broken = runner.invoke(app, ["privacy", "verify", str(client)])
     assert broken.exit_code == 1 and isinstance(broken.exception, SystemExit | None)
     assert "cannot read" in broken.output or "not a ledger entry" in broken.output
+
+
+def test_a_ledger_behind_the_servers_record_is_refused(run):
+    folder, keys, client, _ = run
+    from server.trail import Trail
+
+    trail = Trail(folder, create_pair(keys / "other.key"), "7", "fedavg")  # reloads the record
+    lines = read_lines(client)
+    assert trail.heads["north"] == (2, lines[2].hash)
+    check_head(client, lines, trail.heads["north"])  # intact: fine
+    with pytest.raises(LedgerError, match=r"entry 2 .* is missing"):
+        check_head(client, lines[:2], trail.heads["north"])  # restored from an old backup
+    with pytest.raises(LedgerError, match="differs"):
+        check_head(client, lines, (1, lines[2].hash))
