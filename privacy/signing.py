@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from common.atomic import write_with
 
-PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 
 

@@ -11,21 +11,21 @@ WEIGHT = "num-examples"
 UNIFORM = "uniform-weight"  # every client's update counts the same (client-level DP needs it)
 
 
-def aggregate_evaluation(replies: list[RecordDict], weight_key: str = WEIGHT) -> MetricRecord:
+def aggregate_evaluation(replies: list[RecordDict]) -> MetricRecord:
     """Rates are averaged weighted by users; `*-sum` fields add up, so WAPE is exact:
     Σ|error| / Σ actual over every client's series."""
     records = [next(iter(r.metric_records.values())) for r in replies]
-    total = sum(float(m[weight_key]) for m in records) or 1.0
-    out: dict[str, float] = {weight_key: total}
+    total = sum(float(m[WEIGHT]) for m in records) or 1.0
+    out: dict[str, float] = {WEIGHT: total}
     for key in records[0]:
-        if key == weight_key:
+        if key == WEIGHT:
             continue
         values = [float(m[key]) for m in records]
         if key.endswith("-sum"):
             out[key] = sum(values)
         else:
             out[key] = (
-                sum(v * float(m[weight_key]) for v, m in zip(values, records, strict=True)) / total
+                sum(v * float(m[WEIGHT]) for v, m in zip(values, records, strict=True)) / total
             )
     actual = out.get("demand-actual-sum", 0.0)
     if actual > 0:
