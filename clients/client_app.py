@@ -10,10 +10,11 @@ from flwr.clientapp import ClientApp
 
 from clients.local_data import ClientData, load_client_data
 from clients.local_training import train_plain, train_private
+from common.demand import forecast_holdout
 from common.forecasting import moving_average
 from common.model import BehaviorModel
 from common.runconfig import RunConfig
-from common.training import evaluate_ranking, forecast_holdout, pick_device
+from common.training import evaluate_ranking, pick_device
 from privacy.accounting import Budget, PrivacyState, restore, spend_fields
 from privacy.ledger import CLIENT_LEDGER, Line, Spend, append, check_head, parse, read_lines
 from privacy.signing import load_or_create

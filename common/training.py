@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.dataset import Prepared
-from common.forecasting import bottom_up, calibrated
 from common.metrics import FULL_RANKING, SAMPLED_RANKING, full_ranks, hit_ndcg, sampled_ranks
 from common.model import BehaviorModel, per_user_loss, trim
 from common.sequences import Sequences
@@ -119,29 +117,3 @@ def predict_demand(model: BehaviorModel, seqs: Sequences, device: torch.device) 
     """Expected units per user and top category over the model's horizon, [N, C]."""
     rates = [model.demand_head(h).exp().cpu() for h, _ in last_states(model, seqs, device)]
     return torch.cat(rates).numpy()
-
-
-def forecast_holdout(
-    model: BehaviorModel, prepared: Prepared, device: torch.device
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Actual holdout demand [S, W] and the model's bottom-up forecasts of it, raw and calibrated.
-
-    The model predicts each user's units for the next week; the same flat weekly value serves
-    every holdout week.
-    """
-    cat, demand, weeks = prepared.catalog, prepared.demand, prepared.holdout_weeks
-    sums = [
-        bottom_up(
-            predict_demand(model, seqs, device),
-            seqs.region,
-            cat.regions,
-            cat.top_categories,
-            demand,
-        )
-        for seqs in prepared.forecast_inputs
-    ]
-    history, actual = demand.holdout(weeks)
-    past = np.stack(sums[1:], axis=1)
-    scaled = calibrated(sums[0], past, history[:, -past.shape[1] :])
-    flat = {"bottom_up": sums[0], "calibrated": scaled}
-    return actual, {k: np.repeat(v[:, None], weeks, axis=1) for k, v in flat.items()}

@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
 from common.dataset import Prepared
+from common.demand import forecast_holdout
 from common.forecasting import baseline_scores, score
 from common.model import BehaviorModel, ModelConfig
 from common.popularity import popularity_results
 from common.training import (
     TrainConfig,
     evaluate_ranking,
-    forecast_holdout,
     loader,
     pick_device,
     train_epoch,

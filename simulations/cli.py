@@ -496,7 +496,7 @@ def forecast_cmd(
     fmt: FormatOpt = "auto",
 ) -> None:
     """Next week's demand per region and top category, next to the moving-average baseline."""
-    from common.inference import forecast_next_week
+    from common.demand import forecast_next_week
 
     exp = _exported(model)
     frame = _source(events, fmt, None, None).events

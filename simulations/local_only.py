@@ -12,10 +12,11 @@ import pandas as pd
 
 from common.catalog import Catalog
 from common.dataset import prepare
+from common.demand import forecast_holdout
 from common.forecasting import score
 from common.partition import plan, select
 from common.sequences import leave_last_out
-from common.training import forecast_holdout, pick_device
+from common.training import pick_device
 from simulations.central import CentralConfig, train_central
 
 
