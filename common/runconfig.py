@@ -61,7 +61,9 @@ class RunConfig(BaseModel):
     audit_holdout: float = Field(
         0.0, ge=0, lt=0.5, description="Share of users kept out of training for the MIA audit"
     )
-    accountant: AccountantName = AccountantName.RDP
+    accountant: AccountantName = Field(
+        AccountantName.PRV, description="Opacus accountant that plans and enforces each budget"
+    )
     data: str = Field("", description="Event log path; empty = embedded synthetic data")
     format: str = "auto"
     synth_events: int = Field(200_000, ge=100)
