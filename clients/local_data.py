@@ -33,7 +33,7 @@ class ClientData:
 
 @lru_cache(maxsize=8)
 def _prepare(
-    key: tuple[Any, ...], catalog_path: str, demand_start: str, max_len: int, holdout: float
+    key: tuple[Any, ...], catalog_path: str, demand_start: str, history_len: int, holdout: float
 ) -> tuple[str, Prepared]:
     kind, *rest = key
     if kind == "file":
@@ -49,7 +49,7 @@ def _prepare(
     prepared = prepare(
         events,
         top_category_chars=top_chars,
-        max_len=max_len,
+        history_len=history_len,
         demand_start=demand_start or None,
         catalog=catalog,
     )
@@ -74,7 +74,7 @@ def load_client_data(
     # A deployed client keeps its own copy of the platform catalog; the server's path is only
     # valid where the server's files are visible (simulation).
     catalog_path = str(node_config.get("catalog", catalog_path))
-    name, prepared = _prepare(key, catalog_path, demand_start, cfg.max_len, cfg.audit_holdout)
+    name, prepared = _prepare(key, catalog_path, demand_start, cfg.model.history, cfg.audit_holdout)
     state_dir = (
         Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
     )

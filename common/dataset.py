@@ -48,6 +48,7 @@ def catalog_shape(catalog: Catalog) -> CatalogShape:
         categories=len(catalog.categories),
         top_categories=len(catalog.top_categories),
         regions=len(catalog.regions),
+        item_category=catalog.item_category,
     )
 
 
@@ -55,7 +56,7 @@ def prepare(
     events: pd.DataFrame,
     *,
     top_category_chars: int | None,
-    max_len: int = 50,
+    history_len: int = 200,
     horizon_days: int = 7,
     holdout_weeks: int = 4,
     demand_start: str | None = None,
@@ -82,14 +83,14 @@ def prepare(
 
     def history_before(t: int) -> Sequences:
         return history_sequences(
-            enc[enc["t"].to_numpy() < t].reset_index(drop=True), n_top, max_len
+            enc[enc["t"].to_numpy() < t].reset_index(drop=True), n_top, history_len
         )
 
     return Prepared(
         catalog=catalog,
-        train=training_sequences(train_enc, n_top, max_len, horizon_days * DAY_S, cutoff_s),
-        valid=history_sequences(train_enc, n_top, max_len, enc[split["split"] == "valid"]),
-        test=history_sequences(not_test, n_top, max_len, enc[split["split"] == "test"]),
+        train=training_sequences(train_enc, n_top, history_len, horizon_days * DAY_S, cutoff_s),
+        valid=history_sequences(train_enc, n_top, history_len, enc[split["split"] == "valid"]),
+        test=history_sequences(not_test, n_top, history_len, enc[split["split"] == "test"]),
         demand=demand,
         forecast_inputs=[history_before(int(t)) for t in (cutoff_s, *calibration)],
         train_events=train_enc,

@@ -15,7 +15,7 @@ from common.dataset import catalog_shape
 from common.events import sort_events
 from common.model import BehaviorModel, ModelConfig
 from common.sequences import encode, history_sequences
-from common.training import last_states
+from common.training import per_batch
 
 CARD = "model_card.json"
 
@@ -43,7 +43,7 @@ def load_exported(path: str | Path) -> Exported:
 
 def user_histories(exp: Exported, events: pd.DataFrame):
     enc = encode(sort_events(events), exp.catalog)
-    return history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.max_len)
+    return history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.history)
 
 
 def recommend(exp: Exported, events: pd.DataFrame, k: int = 10) -> pd.DataFrame:
@@ -51,14 +51,14 @@ def recommend(exp: Exported, events: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     seqs = user_histories(exp, events)
     rows, start = [], 0
     device = torch.device("cpu")
-    for state, _ in last_states(exp.model, seqs, device):
-        scores, items = exp.model.item_head(state).topk(k, dim=1)
-        for i in range(len(state)):
+    for log_p, _ in per_batch(exp.model.score_items, seqs, device):
+        scores, items = log_p.exp().topk(k, dim=1)
+        for i in range(len(log_p)):
             user = seqs.users[start + i]
             for rank, (item, score) in enumerate(
                 zip(items[i].tolist(), scores[i].tolist(), strict=True)
             ):
                 category = exp.catalog.categories[exp.catalog.item_category[item]]
                 rows.append((user, rank + 1, exp.catalog.items[item], category, score))
-        start += len(state)
+        start += len(log_p)
     return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "category", "score"])

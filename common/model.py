@@ -1,13 +1,26 @@
-"""The BERT behavior model: a from-scratch `transformers` BERT over event sequences, two heads.
+"""The behavior model: a from-scratch `transformers` BERT over event sequences, with a repeat and
+an explore component for the next item and a per-user demand head.
 
-Inputs per event: item, category, day-of-week, hour, log time-gap; per user: region. The encoder
-runs causally (`is_decoder=True`), so the state at event i only sees events ≤ i; that lets one
-pass train next-item prediction and demand forecasting at every position without leaking the
-future. Heads: (a) next-item scores over the catalog, (b) log-rate of the units a user buys per
-top-level category over the coming horizon, so regional demand is a sum over users.
+Each event embeds its item, category, day-of-week, hour and log time-gap, plus the user's region.
+The encoder runs causally over windows of `max_len` events; a user's history of up to
+`windows × max_len` events sits in one row, split into windows aligned to its end, so every
+target of a long history trains while the user stays one row, i.e. one DP unit.
+
+Next item = a mixture, gated per position (as in RepeatNet, Ren et al. 2019):
+- **repeat**: attention from the current state over the user's own past events (any window),
+  biased by how many days ago each happened; an item's probability is the attention mass on its
+  occurrences, so counts, recency and "already in today's basket" are all learnable.
+- **explore**: an exact factorised softmax, p(category) · p(item | category). Category vectors
+  are tied to the input category embedding; items are tied low-rank codes plus a popularity bias.
+  Training touches only the target's category, so its cost does not grow with the catalog.
+
+Every parameter is shared across many users' signal, which matters under DP: an item's own
+trainable coordinates are `item_dim + 1`, not `hidden`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from common.sequences import GAP_BUCKETS, IGNORE
+from common.packed import PackedEmbedding, PackedLinear, pack, set_users
+from common.sequences import GAP_BUCKETS, IGNORE, Batch
+
+RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year or more
+# Tied parameters under their second name: stored once (safetensors refuses shared tensors,
+# and a federated update should carry each weight once), re-linked on load.
+TIED = {"category_out.weight": "category.weight", "item_out.weight": "item_code.weight"}
 
 
 class ModelConfig(BaseModel):
@@ -25,12 +44,19 @@ class ModelConfig(BaseModel):
     heads: int = Field(2, ge=1)
     intermediate: int = Field(256, ge=8)
     dropout: float = Field(0.2, ge=0, lt=1)
-    max_len: int = Field(50, ge=2)
+    max_len: int = Field(50, ge=2)  # events the encoder attends over at once
+    windows: int = Field(4, ge=1)  # windows of history per user
+    item_dim: int = Field(16, ge=1)  # trainable coordinates per item, plus its bias
     demand_weight: float = Field(0.5, ge=0)
+
+    @property
+    def history(self) -> int:
+        """Events per user the model reads (and trains on)."""
+        return self.max_len * self.windows
 
 
 class CatalogShape(BaseModel):
-    """Vocabulary sizes the model is built for (from the shared catalog)."""
+    """The catalog structure the model is built for (from the shared catalog)."""
 
     model_config = ConfigDict(extra="forbid")
     item_rows: int
@@ -38,6 +64,12 @@ class CatalogShape(BaseModel):
     categories: int
     top_categories: int
     regions: int
+    # Category of each output item: the factorised softmax groups by it. Platform data.
+    item_category: list[int] = Field(exclude=True, repr=False)
+
+    @property
+    def special_rows(self) -> int:
+        return self.item_rows - self.items
 
 
 class BehaviorModel(nn.Module):
@@ -45,9 +77,11 @@ class BehaviorModel(nn.Module):
         super().__init__()
         if cfg.hidden % cfg.heads:
             raise ValueError(f"hidden ({cfg.hidden}) must be a multiple of heads ({cfg.heads})")
+        if len(shape.item_category) != shape.items:
+            raise ValueError("catalog shape: one category per item is required")
         self.cfg, self.shape = cfg, shape
         bert_cfg = BertConfig(
-            vocab_size=shape.item_rows,
+            vocab_size=1,  # items enter as inputs_embeds
             hidden_size=cfg.hidden,
             num_hidden_layers=cfg.layers,
             num_attention_heads=cfg.heads,
@@ -61,83 +95,226 @@ class BehaviorModel(nn.Module):
             attn_implementation="sdpa",
         )
         self.bert = BertModel(bert_cfg, add_pooling_layer=False)
-        self.category = nn.Embedding(shape.categories, cfg.hidden)
-        self.dow = nn.Embedding(8, cfg.hidden)
-        self.hour = nn.Embedding(25, cfg.hidden)
-        self.gap = nn.Embedding(GAP_BUCKETS, cfg.hidden)
-        self.region = nn.Embedding(shape.regions, cfg.hidden)
-        self.item_head = nn.Linear(cfg.hidden, shape.items)
-        self.demand_head = nn.Linear(cfg.hidden, shape.top_categories)
+        self.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        h, code = cfg.hidden, cfg.item_dim + 1
+        self.item_code = nn.Embedding(shape.item_rows, code)
+        self.item_in = nn.Linear(code, h)
+        self.category = nn.Embedding(shape.categories, h)
+        self.dow = nn.Embedding(8, h)
+        self.hour = nn.Embedding(25, h)
+        self.gap = nn.Embedding(GAP_BUCKETS, h)
+        self.region = nn.Embedding(shape.regions, h)
+        self.copy_query = nn.Linear(h, h)
+        self.copy_key = nn.Linear(h, h)
+        self.recency = nn.Embedding(RECENCY_BUCKETS, 1)
+        self.gate = nn.Linear(h, 1)
+        self.category_out = PackedLinear(h, shape.categories)
+        self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
+        self.item_out = PackedEmbedding(shape.item_rows, code)
+        self.demand_head = PackedLinear(h, shape.top_categories)
+        self.apply(self._init)
+        # Tied after init: one parameter, two uses; Opacus sums both uses' per-user gradients.
+        self.category_out.weight = self.category.weight
+        self.item_out.weight = self.item_code.weight
+        self._buffers_for(shape)
+        self.register_state_dict_post_hook(_drop_tied)
+        self.register_load_state_dict_pre_hook(_link_tied)
 
-    def encode(
-        self,
-        items: torch.Tensor,
-        cats: torch.Tensor,
-        dow: torch.Tensor,
-        hour: torch.Tensor,
-        gap: torch.Tensor,
-        region: torch.Tensor,
-    ) -> torch.Tensor:
-        """Hidden state per event, [B, L, H]; sequences are right-padded with zeros."""
-        batch, length = items.shape
+    def _init(self, module: nn.Module) -> None:
+        # BERT's own scale for everything summed into its input, so no feature drowns the
+        # item: PyTorch's N(0, 1) default embeddings would be 50× BERT's 0.02.
+        std = self.bert.config.initializer_range
+        if isinstance(module, nn.Embedding | nn.Linear) and module not in self.bert.modules():
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def _buffers_for(self, shape: CatalogShape) -> None:
+        item_cat = torch.tensor(shape.item_category, dtype=torch.long)
+        order = torch.argsort(item_cat, stable=True)
+        sizes = torch.bincount(item_cat, minlength=shape.categories)
+        # Derived from the catalog, not learned: kept out of the state dict that is exchanged.
+        self.register_buffer("item_category", item_cat, persistent=False)
+        self.register_buffer("items_by_category", order, persistent=False)
+        self.register_buffer("category_size", sizes, persistent=False)
+        self.register_buffer("category_start", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        # Categories without vocabulary items (e.g. <unknown>) must take no probability.
+        empty = torch.where(sizes > 0, 0.0, float("-inf"))
+        self.register_buffer("category_mask", empty, persistent=False)
+
+    # encoder -------------------------------------------------------------------------------
+
+    def _layout(self, length: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window id and position within the window per slot; windows align to the row's end."""
+        i = torch.arange(width, device=length.device)[None, :]
+        from_end = length[:, None] - 1 - i
+        window = torch.div(from_end, self.cfg.max_len, rounding_mode="floor")  # pads: -1
+        start = (length[:, None] - (window + 1) * self.cfg.max_len).clamp_min(0)
+        return window, (i - start).clamp(0, self.cfg.max_len - 1)
+
+    def encode(self, b: Batch) -> torch.Tensor:
+        """Hidden state per event, [B, L, H]; position i sees only events ≤ i of its window."""
+        width = b.items.shape[1]
         embeds = (
-            self.bert.embeddings.word_embeddings(items)
-            + self.category(cats)
-            + self.dow(dow)
-            + self.hour(hour)
-            + self.gap(gap)
-            + self.region(region)[:, None, :]
+            self.item_in(self.item_code(b.items))
+            + self.category(b.cats)
+            + self.dow(b.dow)
+            + self.hour(b.hour)
+            + self.gap(b.gap)
+            + self.region(b.region)[:, None, :]
         )
+        window, position = self._layout(b.length, width)
+        i = torch.arange(width, device=b.items.device)
+        allowed = (window[:, :, None] == window[:, None, :]) & (i[None, :] <= i[:, None])
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
         # Per-sample position/type ids of shape [B, L]: a broadcast [1, L] breaks Opacus's
         # per-sample gradients of those embeddings (opacus issue 841).
-        positions = torch.arange(length, device=items.device).expand(batch, length)
         return self.bert(
             inputs_embeds=embeds,
-            position_ids=positions.contiguous(),
-            token_type_ids=torch.zeros_like(items),
+            attention_mask=mask,
+            position_ids=position.contiguous(),
+            token_type_ids=torch.zeros_like(b.items),
         ).last_hidden_state
 
-    def forward(
-        self,
-        items: torch.Tensor,
-        cats: torch.Tensor,
-        dow: torch.Tensor,
-        hour: torch.Tensor,
-        gap: torch.Tensor,
-        region: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encode(items, cats, dow, hour, gap, region)
-        return self.item_head(h), self.demand_head(h)
+    # repeat component ----------------------------------------------------------------------
 
-    def last_state(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """State after each user's last event, [B, H]."""
-        h = self.encode(*batch[:6])
-        length = batch[9]
-        return h[torch.arange(h.shape[0], device=h.device), length - 1]
+    def _copy_attention(self, h: torch.Tensor, b: Batch) -> torch.Tensor:
+        """log attention of each position over the user's events up to it, [B, L, L]."""
+        width = h.shape[1]
+        scores = self.copy_query(h) @ self.copy_key(h).transpose(1, 2) / math.sqrt(h.shape[-1])
+        days = (b.day[:, :, None] - b.day[:, None, :]).clamp_min(0).float()
+        bucket = torch.where(days > 0, 1 + torch.log2(days.clamp_min(1)).floor(), 0).long()
+        scores = scores + self.recency(bucket.clamp_max(RECENCY_BUCKETS - 1)).squeeze(-1)
+        i = torch.arange(width, device=h.device)
+        key = i[None, None, :]
+        allowed = (key <= i[None, :, None]) & (key < b.length[:, None, None])
+        return scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+
+    # explore component ---------------------------------------------------------------------
+
+    def _explore_target(
+        self, state: torch.Tensor, owner: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """log p_explore(target) at packed positions: log p(category) + log p(item | category),
+        normalised exactly over the target category's items only."""
+        log_cat = (self.category_out(state, owner) + self.category_mask).log_softmax(-1)
+        query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
+        cat = self.item_category[target]
+        sizes = self.category_size[cat]
+        pos = torch.repeat_interleave(torch.arange(len(target), device=target.device), sizes)
+        first = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        within = torch.arange(len(pos), device=target.device) - first
+        item = self.items_by_category[self.category_start[cat][pos] + within]
+        codes = self.item_out(item + self.shape.special_rows, owner[pos])
+        score = (query[pos] * codes).sum(-1)
+        top = torch.full_like(target, 0, dtype=score.dtype).scatter_reduce(
+            0, pos, score.detach(), "amax", include_self=False
+        )
+        norm = torch.zeros_like(top).index_add(0, pos, (score - top[pos]).exp()).log() + top
+        hit = torch.zeros_like(top).index_add(0, pos, score * (item == target[pos]))
+        return log_cat.gather(1, cat[:, None]).squeeze(1) + hit - norm
+
+    def _explore_all(self, state: torch.Tensor) -> torch.Tensor:
+        """log p_explore of every item for each state [B, H] → [B, V] (evaluation)."""
+        owner = torch.arange(len(state), device=state.device)
+        log_cat = (self.category_out(state, owner) + self.category_mask).log_softmax(-1)
+        query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
+        score = query @ self.item_code.weight[self.shape.special_rows :].T
+        index = self.item_category.expand_as(score)
+        top = torch.full_like(log_cat, float("-inf")).scatter_reduce(1, index, score, "amax")
+        top = top.nan_to_num(neginf=0.0)
+        norm = torch.zeros_like(log_cat).scatter_add(1, index, (score - top.gather(1, index)).exp())
+        norm = norm.clamp_min(torch.finfo(norm.dtype).tiny).log() + top
+        return log_cat.gather(1, index) + score - norm.gather(1, index)
+
+    # training ------------------------------------------------------------------------------
+
+    def losses(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-user next-item NLL and demand Poisson NLL, [B] each; positions are averaged per
+        user, so every user weighs the same whatever their history length."""
+        users, width = b.items.shape
+        set_users(self, users)
+        h = self.encode(b)
+        owner, slot = pack(b.length, width)
+        state = h[owner, slot]
+        target = b.next_item[owner, slot]
+        has = target != IGNORE
+        t_owner, t_slot, t_target = owner[has], slot[has], target[has]
+        log_copy = self._copy_attention(h, b)[t_owner, t_slot]
+        same = b.items[t_owner] == (t_target + self.shape.special_rows)[:, None]
+        # Probability space, not logsumexp: a target never seen before has no term at all.
+        repeat = (log_copy.exp() * same).sum(-1)
+        log_repeat = repeat.clamp_min(torch.finfo(repeat.dtype).tiny).log()
+        log_explore = self._explore_target(state[has], t_owner, t_target)
+        gate = self.gate(h)[t_owner, t_slot, 0]
+        log_p = torch.logaddexp(F.logsigmoid(gate) + log_repeat, F.logsigmoid(-gate) + log_explore)
+        rec = _per_user(-log_p, t_owner, users)
+        log_rate = self.demand_head(state, owner)
+        nll = F.poisson_nll_loss(
+            log_rate, b.demand[owner, slot].float(), log_input=True, full=False, reduction="none"
+        ).mean(-1)
+        dem = _per_user(nll, owner, users, b.demand_mask[owner, slot].float())
+        return rec, dem
+
+    # inference -----------------------------------------------------------------------------
+
+    def last_state(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [B, L, H], state after each user's last event [B, H])."""
+        set_users(self, len(b.items))
+        h = self.encode(b)
+        return h, h[torch.arange(len(h), device=h.device), b.length - 1]
+
+    def score_items(self, b: Batch) -> torch.Tensor:
+        """log p(next item) for every vocabulary item, [B, V]."""
+        h, last = self.last_state(b)
+        rows = torch.arange(len(h), device=h.device)
+        attention = self._copy_attention(h, b)[rows, b.length - 1].exp()
+        item = b.items - self.shape.special_rows
+        known = (item >= 0) & (attention > 0)
+        repeat = torch.zeros(len(h), self.shape.items, device=h.device, dtype=h.dtype)
+        owner = rows[:, None].expand_as(item)[known]
+        repeat.index_put_((owner, item[known]), attention[known], accumulate=True)
+        gate = self.gate(last)
+        return torch.logaddexp(
+            F.logsigmoid(gate) + repeat.log(), F.logsigmoid(-gate) + self._explore_all(last)
+        )
+
+    def expected_units(self, b: Batch) -> torch.Tensor:
+        """Expected units per top category over the demand horizon after each user's last
+        event, [B, C]."""
+        _, last = self.last_state(b)
+        return self.demand_head(last, torch.arange(len(last), device=last.device)).exp()
+
+
+def _drop_tied(module: nn.Module, state: dict, prefix: str, _meta: object) -> None:
+    for alias in TIED:
+        state.pop(prefix + alias, None)
+
+
+def _link_tied(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    for alias, name in TIED.items():
+        if prefix + name in state:
+            state[prefix + alias] = state[prefix + name]
+
+
+def _per_user(
+    values: torch.Tensor, owner: torch.Tensor, users: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    weight = torch.ones_like(values) if weight is None else weight
+    total = torch.zeros(users, device=values.device, dtype=values.dtype)
+    count = torch.zeros_like(total).index_add(0, owner, weight)
+    return total.index_add(0, owner, values * weight) / count.clamp_min(1)
 
 
 def per_user_loss(
-    model: nn.Module, batch: tuple[torch.Tensor, ...], demand_weight: float
+    model: nn.Module, batch: Batch, demand_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss per user [B] (the DP unit): next-item CE + weighted Poisson demand NLL.
+    """Loss per user [B] (the DP unit): next-item NLL + weighted Poisson demand NLL.
 
-    Each user's positions are averaged first, so every user weighs the same whatever their
-    history length. `model` may be wrapped (e.g. by Opacus). Returns (total, next_item, demand).
+    `model` may be wrapped (e.g. by Opacus' GradSampleModule, which forwards `losses`' hooks
+    through the wrapped module). Returns (total, next_item, demand).
     """
-    items, cats, dow, hour, gap, region, next_item, demand, demand_mask = batch[:9]
-    logits, log_rate = model(items, cats, dow, hour, gap, region)
-    valid = next_item != IGNORE
-    ce = F.cross_entropy(
-        logits.flatten(0, 1), next_item.clamp_min(0).flatten(), reduction="none"
-    ).view_as(next_item)
-    rec = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
-    nll = F.poisson_nll_loss(log_rate, demand, log_input=True, full=False, reduction="none")
-    mask = demand_mask.float()
-    dem = (nll.mean(-1) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    core = getattr(model, "_module", model)
+    rec, dem = core.losses(batch)
     return rec + demand_weight * dem, rec, dem
-
-
-def trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Cut the padding columns that no user in this batch needs (sequences are right-padded)."""
-    width = int(batch[9].max().clamp_min(1))
-    return tuple(t[:, :width] if t.dim() >= 2 else t for t in batch)

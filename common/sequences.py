@@ -7,6 +7,7 @@ that samples rows therefore samples users.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from common.events import EventType, sort_events
 SPLITS = ("train", "valid", "test")
 GAP_BUCKETS = 24  # 0 pad, 1 first event, 2.. log2 minutes since the previous event
 IGNORE = -100
+DAY_S = 86_400
 
 
 def leave_last_out(events: pd.DataFrame, min_events: int = 3) -> pd.DataFrame:
@@ -60,6 +62,7 @@ def encode(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
             "gap": gap.astype(np.int64),
             "region": catalog.region_index(pd.Series(region)),
             "t": t,
+            "day": t // DAY_S,
             "bought": np.where(purchase, events["quantity"].to_numpy(float), 0.0),
         }
     ).assign(user_id=events["user_id"].to_numpy())
@@ -76,15 +79,41 @@ def demand_labels(enc: pd.DataFrame, n_top: int, horizon_s: int) -> np.ndarray:
     return (cum[end] - cum[start]).astype(np.float32)
 
 
+class Batch(NamedTuple):
+    """One batch of `Sequences` as tensors (every field but `users`), read by name."""
+
+    items: torch.Tensor
+    cats: torch.Tensor
+    dow: torch.Tensor
+    hour: torch.Tensor
+    gap: torch.Tensor
+    day: torch.Tensor
+    region: torch.Tensor
+    next_item: torch.Tensor
+    demand: torch.Tensor
+    demand_mask: torch.Tensor
+    length: torch.Tensor
+    target: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device) for t in self))
+
+    def trim(self) -> Batch:
+        """Cut the padding columns no user in this batch needs (rows are right-padded)."""
+        width = int(self.length.max().clamp_min(1))
+        return Batch(*(t[:, :width] if t.dim() >= 2 else t for t in self))
+
+
 @dataclass
 class Sequences:
-    """Right-padded per-user arrays; row i is one user. Field order = model input order."""
+    """Right-padded per-user arrays; row i is one user. Fields as in `Batch`, plus user ids."""
 
-    items: np.ndarray
+    items: np.ndarray  # [N, L] embedding rows
     cats: np.ndarray
     dow: np.ndarray
     hour: np.ndarray
     gap: np.ndarray
+    day: np.ndarray  # [N, L] days since 1970 (the copy component's recency)
     region: np.ndarray  # [N]
     next_item: np.ndarray  # [N, L] output class of the following event, IGNORE where none
     demand: np.ndarray  # [N, L, C] units per top category over the horizon after each event
@@ -96,8 +125,8 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.users)
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.tensor(getattr(self, f.name)) for f in fields(self) if f.name != "users")
+    def tensors(self) -> Batch:
+        return Batch(*(torch.tensor(getattr(self, name)) for name in Batch._fields))
 
     def subset(self, idx: np.ndarray) -> Sequences:
         return Sequences(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
@@ -123,6 +152,7 @@ def _pack(kept: pd.DataFrame, slot: np.ndarray, width: int) -> tuple[dict, np.nd
         ("dow", "dow"),
         ("hour", "hour"),
         ("gap", "gap"),
+        ("day", "day"),
     ):
         arr = np.zeros((n, width), dtype=np.int64)
         arr[row, slot] = kept[column].to_numpy()
@@ -136,9 +166,9 @@ def _pack(kept: pd.DataFrame, slot: np.ndarray, width: int) -> tuple[dict, np.nd
 
 
 def training_sequences(
-    enc: pd.DataFrame, n_top: int, max_len: int, horizon_s: int, demand_until: int | None = None
+    enc: pd.DataFrame, n_top: int, history_len: int, horizon_s: int, demand_until: int | None = None
 ) -> Sequences:
-    """Next-item and demand targets at every position of each user's last `max_len` events.
+    """Next-item and demand targets at every position of each user's last `history_len` events.
 
     `enc` holds only training events. A demand label counts only when its whole horizon lies
     inside the user's observed training events and before `demand_until` (a global time cut).
@@ -150,14 +180,15 @@ def training_sequences(
     nxt = np.r_[enc["item_class"].to_numpy()[1:], IGNORE]
     same_user = np.r_[enc["user"].to_numpy()[1:] == enc["user"].to_numpy()[:-1], False]
     enc = enc.assign(next_class=np.where(same_user & (nxt >= 0), nxt, IGNORE), observed=observed)
-    kept, slot = _last_events(enc, max_len)
-    inputs, row, users = _pack(kept, slot, max_len)
+    kept, slot = _last_events(enc, history_len)
+    inputs, row, users = _pack(kept, slot, history_len)
     n = len(users)
-    next_item = np.full((n, max_len), IGNORE, dtype=np.int64)
+    next_item = np.full((n, history_len), IGNORE, dtype=np.int64)
     next_item[row, slot] = kept["next_class"].to_numpy()
-    demand = np.zeros((n, max_len, n_top), dtype=np.float32)
-    demand[row, slot] = labels[kept.index.to_numpy()]
-    mask = np.zeros((n, max_len), dtype=bool)
+    # Half precision: per-user weekly units are small integers, and this is the largest array.
+    demand = np.zeros((n, history_len, n_top), dtype=np.float16)
+    demand[row, slot] = np.minimum(labels[kept.index.to_numpy()], np.finfo(np.float16).max)
+    mask = np.zeros((n, history_len), dtype=bool)
     mask[row, slot] = kept["observed"].to_numpy()
     target = np.full(n, IGNORE, dtype=np.int64)
     return Sequences(
@@ -166,11 +197,12 @@ def training_sequences(
 
 
 def history_sequences(
-    history: pd.DataFrame, n_top: int, max_len: int, targets: pd.DataFrame | None = None
+    history: pd.DataFrame, n_top: int, history_len: int, targets: pd.DataFrame | None = None
 ) -> Sequences:
-    """Each user's last `max_len` events as model input; `targets` (one row per user) to rank."""
-    kept, slot = _last_events(history, max_len)
-    inputs, _, users = _pack(kept, slot, max_len)
+    """Each user's last `history_len` events as model input; `targets` (one row per user) to
+    rank."""
+    kept, slot = _last_events(history, history_len)
+    inputs, _, users = _pack(kept, slot, history_len)
     n = len(users)
     target = np.full(n, -1, dtype=np.int64)
     if targets is not None:
@@ -178,9 +210,9 @@ def history_sequences(
         target = by_user.reindex(users).fillna(-1).to_numpy(np.int64)
     return Sequences(
         **inputs,
-        next_item=np.full((n, max_len), IGNORE, dtype=np.int64),
-        demand=np.zeros((n, max_len, n_top), dtype=np.float32),
-        demand_mask=np.zeros((n, max_len), dtype=bool),
+        next_item=np.full((n, history_len), IGNORE, dtype=np.int64),
+        demand=np.zeros((n, 0, n_top), dtype=np.float16),  # no labels: inputs to score only
+        demand_mask=np.zeros((n, 0), dtype=bool),
         target=target,
         users=users,
     )

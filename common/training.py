@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.metrics import FULL_RANKING, SAMPLED_RANKING, full_ranks, hit_ndcg, sampled_ranks
-from common.model import BehaviorModel, per_user_loss, trim
-from common.sequences import Sequences
+from common.model import BehaviorModel, per_user_loss
+from common.sequences import Batch, Sequences
 
 EVAL_BATCH = 512
 
@@ -61,8 +61,7 @@ def train_epoch(
             if on_empty:
                 on_empty()
             continue
-        batch = tuple(t.to(device) for t in trim(batch))
-        total, rec, dem = per_user_loss(model, batch, demand_weight)
+        total, rec, dem = per_user_loss(model, Batch(*batch).trim().to(device), demand_weight)
         optimizer.zero_grad(set_to_none=True)
         total.mean().backward()
         optimizer.step()
@@ -76,14 +75,13 @@ def train_epoch(
 
 
 @torch.no_grad()
-def last_states(
-    model: BehaviorModel, seqs: Sequences, device: torch.device
+def per_batch(
+    fn: Callable[[Batch], torch.Tensor], seqs: Sequences, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(state after the last event [B, H], held-out target [B]) per evaluation batch."""
-    model.eval()
+    """(fn(batch), held-out target [B]) per evaluation batch, in user order."""
     for batch in loader(seqs, EVAL_BATCH, shuffle=False):
-        batch = tuple(t.to(device) for t in trim(batch))
-        yield model.last_state(batch), batch[10]
+        b = Batch(*batch).trim().to(device)
+        yield fn(b), b.target
 
 
 def rank_metrics(
@@ -108,12 +106,13 @@ def rank_metrics(
 def evaluate_ranking(
     model: BehaviorModel, seqs: Sequences, device: torch.device, k: int = 10
 ) -> dict[str, object]:
-    batches = ((model.item_head(h), t) for h, t in last_states(model, seqs, device))
-    return rank_metrics(batches, k)
+    model.eval()
+    return rank_metrics(per_batch(model.score_items, seqs, device), k)
 
 
 @torch.no_grad()
 def predict_demand(model: BehaviorModel, seqs: Sequences, device: torch.device) -> np.ndarray:
     """Expected units per user and top category over the model's horizon, [N, C]."""
-    rates = [model.demand_head(h).exp().cpu() for h, _ in last_states(model, seqs, device)]
+    model.eval()
+    rates = [units.cpu() for units, _ in per_batch(model.expected_units, seqs, device)]
     return torch.cat(rates).numpy()

@@ -18,10 +18,10 @@ from scipy.stats import rankdata
 from common.atomic import write_json
 from common.dataset import prepare
 from common.inference import load_exported
-from common.model import per_user_loss, trim
+from common.model import per_user_loss
 from common.partition import audit_non_members
 from common.runconfig import RunConfig
-from common.sequences import Sequences
+from common.sequences import Batch, Sequences
 from common.sources import run_events
 from common.training import loader
 
@@ -38,7 +38,7 @@ def user_losses(model: torch.nn.Module, seqs: Sequences, batch_size: int = 256) 
     """Each user's mean next-item cross-entropy over their own training sequence."""
     model.eval()
     out = [
-        per_user_loss(model, trim(batch), demand_weight=0.0)[1]
+        per_user_loss(model, Batch(*batch).trim(), demand_weight=0.0)[1]
         for batch in loader(seqs, batch_size, shuffle=False)
     ]
     return torch.cat(out).numpy()
@@ -67,7 +67,10 @@ def audit_run(run_dir: Path) -> dict:
         )
     events, top_chars = run_events(cfg.data, cfg.format, cfg.synth.model_dump_json())
     prepared = prepare(
-        events, top_category_chars=top_chars, max_len=cfg.max_len, catalog=exported.catalog
+        events,
+        top_category_chars=top_chars,
+        history_len=cfg.model.history,
+        catalog=exported.catalog,
     )
     train = prepared.train
     outsider = audit_non_members(train.users, cfg.audit_holdout)

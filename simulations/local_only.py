@@ -32,7 +32,7 @@ def train_local_only(
         prepared = prepare(
             select(events, part),
             top_category_chars=top_chars,
-            max_len=cfg.model.max_len,
+            history_len=cfg.model.history,
             demand_start=start,
             catalog=catalog,
         )

@@ -1,68 +1,157 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
 from common.dataset import prepare
-from common.model import BehaviorModel, ModelConfig, per_user_loss, trim
+from common.model import BehaviorModel, ModelConfig, per_user_loss
+from common.sequences import IGNORE, Batch
 from common.training import evaluate_ranking, loader, predict_demand, train_epoch
 
-TINY_MODEL = ModelConfig(hidden=16, layers=1, heads=2, intermediate=32, max_len=12, dropout=0.1)
+# Two windows of 6 events: long histories span windows, so every path of the model is exercised.
+TINY_MODEL = ModelConfig(
+    hidden=16, layers=1, heads=2, intermediate=32, max_len=6, windows=2, item_dim=4, dropout=0.1
+)
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_events):
-    return prepare(tiny_events, top_category_chars=None, max_len=TINY_MODEL.max_len)
+    return prepare(tiny_events, top_category_chars=None, history_len=TINY_MODEL.history)
 
 
-def test_shapes(prepared):
+def _batch(prepared, n: int, start: int = 0) -> Batch:
+    return Batch(*next(iter(loader(prepared.train.subset(range(start, start + n)), n, False))))
+
+
+def test_losses_and_scores_have_one_value_per_user(prepared):
     model = BehaviorModel(TINY_MODEL, prepared.shape)
-    batch = trim(next(iter(loader(prepared.train, 8, shuffle=False))))
-    logits, log_rate = model(*batch[:6])
-    width = batch[0].shape[1]
-    assert logits.shape == (8, width, prepared.shape.items)
-    assert log_rate.shape == (8, width, prepared.shape.top_categories)
+    batch = _batch(prepared, 8).trim()
     total, rec, dem = per_user_loss(model, batch, 0.5)
     assert total.shape == rec.shape == dem.shape == (8,)
     assert torch.isfinite(total).all()
+    scores = model.eval().score_items(batch)
+    assert scores.shape == (8, prepared.shape.items)
+    # A mixture of two distributions; the repeat part's mass on unknown items is not in the
+    # vocabulary, so the total is at most one.
+    total = scores.exp().sum(1)
+    assert (total <= 1 + 1e-4).all() and (total > 0.5).all()
 
 
-def test_encoder_is_causal(prepared):
+def test_side_embeddings_start_at_the_item_scale(prepared):
+    model = BehaviorModel(TINY_MODEL, prepared.shape)
+    for module in (model.category, model.dow, model.hour, model.gap, model.region, model.item_code):
+        assert module.weight.std().item() == pytest.approx(0.02, rel=0.25)
+
+
+def test_output_weights_are_the_input_embeddings(prepared):
+    model = BehaviorModel(TINY_MODEL, prepared.shape)
+    assert model.category_out.weight is model.category.weight
+    assert model.item_out.weight is model.item_code.weight
+    state = model.state_dict()
+    assert "category_out.weight" not in state and "item_out.weight" not in state
+    again = BehaviorModel(TINY_MODEL, prepared.shape)
+    again.load_state_dict(state)
+    assert torch.equal(again.item_out.weight, model.item_code.weight)
+    assert again.item_out.weight is again.item_code.weight
+
+
+def test_factorised_softmax_is_exact(prepared):
+    """The training loss's explore term equals a full softmax over every item of the catalog
+    scored as p(category) · p(item | category)."""
+    torch.manual_seed(0)
     model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
-    batch = [t.clone() for t in next(iter(loader(prepared.train, 4, shuffle=False)))]
-    before = model.encode(*batch[:6])
-    batch[0][:, -1] = 7  # change only the last event
-    after = model.encode(*batch[:6])
+    state = torch.randn(5, TINY_MODEL.hidden)
+    owner = torch.arange(5)
+    target = torch.tensor([0, 3, 7, 11, prepared.shape.items - 1])
+    model.category_out.max_batch_len = model.item_query.max_batch_len = 5
+    model.item_out.max_batch_len = 5
+    fast = model._explore_target(state, owner, target)
+    full = model._explore_all(state)
+    assert torch.allclose(fast, full.gather(1, target[:, None]).squeeze(1), atol=1e-5)
+    # … and it is a proper distribution over the whole catalog.
+    assert torch.allclose(full.exp().sum(1), torch.ones(5), atol=1e-5)
+    # Brute force, category by category.
+    code = F.pad(model.item_query(state, owner), (0, 1), value=1.0)
+    items = code @ model.item_code.weight[prepared.shape.special_rows :].T
+    logits = model.category_out(state, owner)
+    used = torch.tensor([c in set(model.item_category.tolist()) for c in range(logits.shape[1])])
+    cats = logits - logits[:, used].logsumexp(1, keepdim=True)
+    for i, t in enumerate(target.tolist()):
+        c = model.item_category[t]
+        members = (model.item_category == c).nonzero().squeeze(1)
+        expected = cats[i, c] + items[i, t] - items[i, members].logsumexp(0)
+        assert fast[i].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_encoder_is_causal_within_windows(prepared):
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    batch = _batch(prepared, 4).trim()
+    before = model.encode(batch)
+    changed = batch.items.clone()
+    changed[:, -1] = 7  # change only the last slot
+    after = model.encode(batch._replace(items=changed))
     assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5)
+
+
+def test_repeat_component_scores_the_users_own_items(prepared):
+    """A user's past items get the repeat mass; an item never seen gets explore mass only."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    with torch.no_grad():
+        model.gate.bias.fill_(8.0)  # nearly all mass on repeating
+    batch = _batch(prepared, 4).trim()
+    scores = model.score_items(batch)
+    for row in range(4):
+        seen = batch.items[row, : batch.length[row]] - prepared.shape.special_rows
+        seen = seen[seen >= 0].unique()
+        assert scores[row].exp()[seen].sum() > 0.99
 
 
 def test_opacus_validator_accepts_the_model(prepared):
     assert ModuleValidator.validate(BehaviorModel(TINY_MODEL, prepared.shape), strict=False) == []
 
 
-def test_dp_sgd_step_with_per_sample_gradients(prepared):
+def test_opacus_per_sample_gradients_are_exact_for_every_parameter(prepared):
+    """Per-user gradients from Opacus (including the packed heads and both uses of each tied
+    weight) equal each user's own gradient computed alone."""
     torch.manual_seed(0)
-    model = BehaviorModel(TINY_MODEL, prepared.shape)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = TINY_MODEL.model_copy(update={"dropout": 0.0})
+    model = BehaviorModel(cfg, prepared.shape)
+    long_user = int(prepared.train.length.argmax())
+    batch = _batch(prepared, 5, start=max(long_user - 2, 0)).trim()
+    assert batch.length.max() > cfg.max_len  # one user spans two windows
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    alone = []
+    for user in range(5):
+        model.zero_grad()
+        single = Batch(*(t[user : user + 1] for t in batch)).trim()
+        per_user_loss(model, single, 0.5)[0].sum().backward()
+        alone.append({n: p.grad.clone() for n, p in trainable.items()})
     engine = PrivacyEngine(accountant="rdp")
-    dp_model, dp_opt, dp_loader = engine.make_private(
+    dp_model, _, _ = engine.make_private(
         module=model,
-        optimizer=optimizer,
-        data_loader=loader(prepared.train, 16, shuffle=False),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(prepared.train, 8, shuffle=False),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         poisson_sampling=True,
     )
-    batch = trim(next(b for b in dp_loader if len(b[0]) > 1))
-    weights = model.bert.embeddings.position_embeddings.weight
-    before = weights.detach().clone()
-    total, _, _ = per_user_loss(dp_model, batch, 0.5)
-    total.mean().backward()
-    # One gradient per user for the position embedding (opacus issue 841 would break this).
-    assert weights.grad_sample.shape == (len(batch[0]), *weights.shape)
-    dp_opt.step()
-    assert not torch.equal(before, weights.detach())
-    assert engine.get_epsilon(1e-5) > 0
+    per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
+    for name, param in trainable.items():
+        assert param.grad_sample.shape == (5, *param.shape), name
+        for user in range(5):
+            assert torch.allclose(
+                param.grad_sample[user], alone[user][name], atol=1e-5, rtol=1e-4
+            ), f"{name}, user {user}"
+    dp_model.remove_hooks()
+
+
+def test_every_target_of_a_long_history_trains(prepared):
+    longest = int(prepared.train.length.max())
+    assert longest > TINY_MODEL.max_len
+    row = int(prepared.train.length.argmax())
+    targets = (prepared.train.next_item[row] != IGNORE).sum()
+    assert targets >= longest - 2  # all but the last event (and any unknown item)
 
 
 def test_training_improves_loss_and_evaluates(prepared):

@@ -111,7 +111,7 @@ def test_history_sequences_keep_the_most_recent_events():
 
 
 def test_prepare_builds_every_split(tiny_events):
-    prepared = prepare(tiny_events, top_category_chars=None, max_len=20)
+    prepared = prepare(tiny_events, top_category_chars=None, history_len=20)
     users = tiny_events.groupby("user_id").size()
     assert len(prepared.train) == len(prepared.valid) == len(prepared.test) == (users >= 3).sum()
     assert prepared.train.items.shape[1] == 20

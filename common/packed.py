@@ -1,0 +1,80 @@
+"""Layers over a batch's real positions only, with exact per-user gradients under Opacus.
+
+Sequences are right-padded, and most of a batch is padding when one user's history is long. The
+heads therefore run on the real positions packed into [P, ·], each tagged with the batch row
+(user) it belongs to. Opacus computes per-sample gradients module by module from the batch
+dimension of each module's input, which here would be positions, not users; the grad samplers
+registered below sum each user's positions instead, so clipping still bounds a user's whole
+contribution. Opacus' documented extension point (`register_grad_sampler`) and its
+`max_batch_len` attribute (as its DPLSTM uses for packed sequences) carry this; nothing else of
+Opacus is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from torch import nn
+
+
+def set_users(model: nn.Module, users: int) -> None:
+    """Tell the packed layers how many users the batch holds (Opacus reads `max_batch_len`
+    to scale and size per-sample gradients; their own inputs only count positions)."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear | PackedEmbedding):
+            module.max_batch_len = users
+
+
+def pack(length: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, slot) of every real position of a right-padded batch, ordered by owner."""
+    real = torch.arange(width, device=length.device)[None, :] < length[:, None]
+    owner, slot = real.nonzero(as_tuple=True)
+    return owner, slot
+
+
+class PackedLinear(nn.Linear):
+    """`nn.Linear` on packed positions: x [P, in], owner [P] (ascending) → [P, out]."""
+
+    def forward(self, x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedEmbedding(nn.Embedding):
+    """`nn.Embedding` lookups tagged with their user: index [Q], owner [Q] → [Q, dim]."""
+
+    def forward(self, index: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.weight)
+
+
+@register_grad_sampler(PackedLinear)
+def _linear_grad_sample(
+    layer: PackedLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    x, owner = activations[0], activations[1]
+    users = layer.max_batch_len
+    out = {}
+    if layer.weight.requires_grad:
+        bounds = torch.searchsorted(owner, torch.arange(users + 1, device=owner.device)).tolist()
+        grad = torch.zeros(users, *layer.weight.shape, device=x.device, dtype=backprops.dtype)
+        for user in range(users):
+            start, end = bounds[user], bounds[user + 1]
+            if end > start:
+                grad[user] = backprops[start:end].T @ x[start:end]
+        out[layer.weight] = grad
+    if layer.bias is not None and layer.bias.requires_grad:
+        bias = torch.zeros(users, layer.out_features, device=x.device, dtype=backprops.dtype)
+        out[layer.bias] = bias.index_add_(0, owner, backprops)
+    return out
+
+
+@register_grad_sampler(PackedEmbedding)
+def _embedding_grad_sample(
+    layer: PackedEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    index, owner = activations[0], activations[1]
+    users = layer.max_batch_len
+    rows, dim = layer.weight.shape
+    grad = torch.zeros(users * rows, dim, device=index.device, dtype=backprops.dtype)
+    grad.index_add_(0, owner * rows + index, backprops)
+    return {layer.weight: grad.view(users, rows, dim)}
