@@ -83,7 +83,7 @@ def prepare(
 
     def history_before(t: int) -> Sequences:
         return history_sequences(
-            enc[enc["t"].to_numpy() < t].reset_index(drop=True), n_top, history_len
+            enc[enc["t"].to_numpy() < t].reset_index(drop=True), n_top, history_len, at=t
         )
 
     return Prepared(

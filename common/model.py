@@ -45,7 +45,7 @@ class ModelConfig(BaseModel):
     intermediate: int = Field(256, ge=8)
     dropout: float = Field(0.2, ge=0, lt=1)
     max_len: int = Field(50, ge=2)  # events the encoder attends over at once
-    windows: int = Field(4, ge=1)  # windows of history per user
+    windows: int = Field(2, ge=1)  # windows of history per user
     item_dim: int = Field(16, ge=1)  # trainable coordinates per item, plus its bias
     demand_weight: float = Field(0.5, ge=0)
 
@@ -111,6 +111,7 @@ class BehaviorModel(nn.Module):
         self.category_out = PackedLinear(h, shape.categories)
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
         self.item_out = PackedEmbedding(shape.item_rows, code)
+        self.absence = PackedEmbedding(RECENCY_BUCKETS, h)  # days since the visit, for demand
         self.demand_head = PackedLinear(h, shape.top_categories)
         self.apply(self._init)
         # Tied after init: one parameter, two uses; Opacus sums both uses' per-user gradients.
@@ -183,9 +184,7 @@ class BehaviorModel(nn.Module):
         """log attention of each position over the user's events up to it, [B, L, L]."""
         width = h.shape[1]
         scores = self.copy_query(h) @ self.copy_key(h).transpose(1, 2) / math.sqrt(h.shape[-1])
-        days = (b.day[:, :, None] - b.day[:, None, :]).clamp_min(0).float()
-        bucket = torch.where(days > 0, 1 + torch.log2(days.clamp_min(1)).floor(), 0).long()
-        scores = scores + self.recency(bucket.clamp_max(RECENCY_BUCKETS - 1)).squeeze(-1)
+        scores = scores + self.recency(_days_bucket(b.day[:, :, None] - b.day[:, None, :]))[..., 0]
         i = torch.arange(width, device=h.device)
         key = i[None, None, :]
         allowed = (key <= i[None, :, None]) & (key < b.length[:, None, None])
@@ -250,7 +249,7 @@ class BehaviorModel(nn.Module):
         gate = self.gate(h)[t_owner, t_slot, 0]
         log_p = torch.logaddexp(F.logsigmoid(gate) + log_repeat, F.logsigmoid(-gate) + log_explore)
         rec = _per_user(-log_p, t_owner, users)
-        log_rate = self.demand_head(state, owner)
+        log_rate = self._log_rate(state, owner, b.lag[owner, slot])
         nll = F.poisson_nll_loss(
             log_rate, b.demand[owner, slot].float(), log_input=True, full=False, reduction="none"
         ).mean(-1)
@@ -284,7 +283,20 @@ class BehaviorModel(nn.Module):
         """Expected units per top category over the demand horizon after each user's last
         event, [B, C]."""
         _, last = self.last_state(b)
-        return self.demand_head(last, torch.arange(len(last), device=last.device)).exp()
+        rows = torch.arange(len(last), device=last.device)
+        return self._log_rate(last, rows, b.lag[rows, b.length - 1]).exp()
+
+    def _log_rate(
+        self, state: torch.Tensor, owner: torch.Tensor, lag: torch.Tensor
+    ) -> torch.Tensor:
+        """log expected units per top category over the horizon starting `lag` days after."""
+        return self.demand_head(state + self.absence(_days_bucket(lag), owner), owner)
+
+
+def _days_bucket(days: torch.Tensor) -> torch.Tensor:
+    days = days.clamp_min(0).float()
+    bucket = torch.where(days > 0, 1 + torch.log2(days.clamp_min(1)).floor(), 0)
+    return bucket.long().clamp_max(RECENCY_BUCKETS - 1)
 
 
 def _drop_tied(module: nn.Module, state: dict, prefix: str, _meta: object) -> None:

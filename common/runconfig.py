@@ -79,7 +79,9 @@ class RunConfig(BaseModel):
     hidden: int = Field(64, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
-    max_len: int = Field(50, ge=2)
+    max_len: int = Field(50, ge=2, description="Events the encoder attends over at once")
+    windows: int = Field(2, ge=1, description="Windows of max-len events read per user")
+    item_dim: int = Field(16, ge=1, description="Trainable coordinates per item (plus a bias)")
     demand_start: str = Field("", description="First day of the weekly demand bins (ISO date)")
 
     @model_validator(mode="after")
@@ -124,6 +126,8 @@ class RunConfig(BaseModel):
             heads=self.heads,
             intermediate=4 * self.hidden,
             max_len=self.max_len,
+            windows=self.windows,
+            item_dim=self.item_dim,
         )
 
     @property

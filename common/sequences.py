@@ -20,6 +20,7 @@ SPLITS = ("train", "valid", "test")
 GAP_BUCKETS = 24  # 0 pad, 1 first event, 2.. log2 minutes since the previous event
 IGNORE = -100
 DAY_S = 86_400
+MAX_LAG_DAYS = 91  # the longest absence the demand head is trained to forecast after
 
 
 def leave_last_out(events: pd.DataFrame, min_events: int = 3) -> pd.DataFrame:
@@ -68,11 +69,15 @@ def encode(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
     ).assign(user_id=events["user_id"].to_numpy())
 
 
-def demand_labels(enc: pd.DataFrame, n_top: int, horizon_s: int) -> np.ndarray:
-    """Per event: units bought per top category in (t, t + horizon] by the same user."""
+def demand_labels(
+    enc: pd.DataFrame, n_top: int, horizon_s: int, lag_s: np.ndarray | None = None
+) -> np.ndarray:
+    """Per event: units bought per top category in (t + lag, t + lag + horizon] by the same
+    user (lag 0 unless given)."""
     key = enc["user"].to_numpy(np.int64) * (1 << 40) + enc["t"].to_numpy()
-    start = np.searchsorted(key, key, side="right")
-    end = np.searchsorted(key, key + horizon_s, side="right")
+    lag_s = np.zeros(len(key), dtype=np.int64) if lag_s is None else lag_s
+    start = np.searchsorted(key, key + lag_s, side="right")
+    end = np.searchsorted(key, key + lag_s + horizon_s, side="right")
     onehot = np.zeros((len(enc) + 1, n_top), dtype=np.float64)
     np.add.at(onehot, (np.arange(1, len(enc) + 1), enc["top"].to_numpy()), enc["bought"].to_numpy())
     cum = np.cumsum(onehot, axis=0)
@@ -88,6 +93,7 @@ class Batch(NamedTuple):
     hour: torch.Tensor
     gap: torch.Tensor
     day: torch.Tensor
+    lag: torch.Tensor
     region: torch.Tensor
     next_item: torch.Tensor
     demand: torch.Tensor
@@ -114,6 +120,7 @@ class Sequences:
     hour: np.ndarray
     gap: np.ndarray
     day: np.ndarray  # [N, L] days since 1970 (the copy component's recency)
+    lag: np.ndarray  # [N, L] days from the event to when its demand horizon starts
     region: np.ndarray  # [N]
     next_item: np.ndarray  # [N, L] output class of the following event, IGNORE where none
     demand: np.ndarray  # [N, L, C] units per top category over the horizon after each event
@@ -153,6 +160,7 @@ def _pack(kept: pd.DataFrame, slot: np.ndarray, width: int) -> tuple[dict, np.nd
         ("hour", "hour"),
         ("gap", "gap"),
         ("day", "day"),
+        ("lag", "lag"),
     ):
         arr = np.zeros((n, width), dtype=np.int64)
         arr[row, slot] = kept[column].to_numpy()
@@ -165,6 +173,18 @@ def _pack(kept: pd.DataFrame, slot: np.ndarray, width: int) -> tuple[dict, np.nd
     return inputs, row, user_ids
 
 
+def _quiet_lags(enc: pd.DataFrame, bound: np.ndarray) -> np.ndarray:
+    """A lag per event, in whole days, drawn inside the quiet spell before the user's next event
+    (or before `bound`): forecasts are made some time after a user's last visit, and a user who
+    has been away longer tends to buy less. Drawn from a fixed seed: it shapes training
+    examples, not privacy."""
+    t = enc["t"].to_numpy()
+    same_user = np.r_[enc["user"].to_numpy()[1:] == enc["user"].to_numpy()[:-1], False]
+    quiet = np.where(same_user, np.r_[t[1:], 0] - t, bound - t).clip(0, MAX_LAG_DAYS * DAY_S)
+    days = np.floor(np.random.default_rng(0).random(len(t)) * (quiet // DAY_S)).astype(np.int64)
+    return days * DAY_S
+
+
 def training_sequences(
     enc: pd.DataFrame, n_top: int, history_len: int, horizon_s: int, demand_until: int | None = None
 ) -> Sequences:
@@ -173,10 +193,12 @@ def training_sequences(
     `enc` holds only training events. A demand label counts only when its whole horizon lies
     inside the user's observed training events and before `demand_until` (a global time cut).
     """
-    labels = demand_labels(enc, n_top, horizon_s)
     last_t = enc.groupby("user", sort=False)["t"].transform("max").to_numpy()
     bound = last_t if demand_until is None else np.minimum(last_t, demand_until)
-    observed = enc["t"].to_numpy() + horizon_s <= bound
+    lag_s = _quiet_lags(enc, bound)
+    labels = demand_labels(enc, n_top, horizon_s, lag_s)
+    observed = enc["t"].to_numpy() + lag_s + horizon_s <= bound
+    enc = enc.assign(lag=lag_s // DAY_S)
     nxt = np.r_[enc["item_class"].to_numpy()[1:], IGNORE]
     same_user = np.r_[enc["user"].to_numpy()[1:] == enc["user"].to_numpy()[:-1], False]
     enc = enc.assign(next_class=np.where(same_user & (nxt >= 0), nxt, IGNORE), observed=observed)
@@ -197,11 +219,16 @@ def training_sequences(
 
 
 def history_sequences(
-    history: pd.DataFrame, n_top: int, history_len: int, targets: pd.DataFrame | None = None
+    history: pd.DataFrame,
+    n_top: int,
+    history_len: int,
+    targets: pd.DataFrame | None = None,
+    at: int | None = None,
 ) -> Sequences:
     """Each user's last `history_len` events as model input; `targets` (one row per user) to
-    rank."""
-    kept, slot = _last_events(history, history_len)
+    rank; `at` (seconds since 1970), when a demand forecast is made then, sets each event's lag."""
+    lag = 0 if at is None else np.clip((at - history["t"].to_numpy()) // DAY_S, 0, None)
+    kept, slot = _last_events(history.assign(lag=lag), history_len)
     inputs, _, users = _pack(kept, slot, history_len)
     n = len(users)
     target = np.full(n, -1, dtype=np.int64)

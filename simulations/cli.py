@@ -156,7 +156,10 @@ def train_central_cmd(
     epochs: Annotated[int, typer.Option(help="Training epochs (best on validation is kept).")] = 3,
     hidden: Annotated[int, typer.Option(help="BERT hidden size.")] = 64,
     layers: Annotated[int, typer.Option(help="BERT layers.")] = 2,
-    max_len: Annotated[int, typer.Option(help="Events per user sequence.")] = 50,
+    max_len: Annotated[int, typer.Option(help="Events the encoder attends over at once.")] = 50,
+    windows: Annotated[
+        int, typer.Option(help="Windows of max-len events read (and trained on) per user.")
+    ] = RUN["windows"],
     batch_size: Annotated[int, typer.Option(help="Users per batch.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -171,7 +174,7 @@ def train_central_cmd(
 
     try:
         cfg = CentralConfig(
-            model=ModelConfig(hidden=hidden, layers=layers, max_len=max_len),
+            model=ModelConfig(hidden=hidden, layers=layers, max_len=max_len, windows=windows),
             train=TrainConfig(
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
             ),
@@ -180,7 +183,9 @@ def train_central_cmd(
         raise fail(str(exc)) from exc
     src = _source(data, fmt, spec, maps)
     with console.status("preparing sequences"):
-        prepared = prepare(src.events, top_category_chars=src.top_category_chars, max_len=max_len)
+        prepared = prepare(
+            src.events, top_category_chars=src.top_category_chars, history_len=cfg.model.history
+        )
     base = None if skip_baselines else baselines(prepared)
     columns = (
         TextColumn("{task.description}"),
@@ -284,7 +289,12 @@ def simulate_cmd(
     ] = RUN["audit_holdout"],
     hidden: Annotated[int, typer.Option(help="BERT hidden size.")] = RUN["hidden"],
     layers: Annotated[int, typer.Option(help="BERT layers.")] = RUN["layers"],
-    max_len: Annotated[int, typer.Option(help="Events per user sequence.")] = RUN["max_len"],
+    max_len: Annotated[int, typer.Option(help="Events the encoder attends over at once.")] = RUN[
+        "max_len"
+    ],
+    windows: Annotated[
+        int, typer.Option(help="Windows of max-len events read (and trained on) per user.")
+    ] = RUN["windows"],
     seed: Annotated[int, typer.Option(help="Random seed.")] = RUN["seed"],
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = RUN[
         "device"
@@ -321,6 +331,7 @@ def simulate_cmd(
             hidden=hidden,
             layers=layers,
             max_len=max_len,
+            windows=windows,
             seed=seed,
             device=device,
             data=str(data.resolve()) if data else "",
