@@ -29,5 +29,8 @@ browser:
 test: lint browser
 	FEDSHOP_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
+# Non-private vs DP users/s on the default and a Ta-Feng-sized data set (about 3 minutes on
+# 2 cores). BENCH_ARGS="--quick" for a smoke run, "--tafeng PATH" to time the real file.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py $(BENCH_ARGS)
