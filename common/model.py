@@ -108,6 +108,7 @@ class BehaviorModel(nn.Module):
         self.copy_key = nn.Linear(h, h)
         self.recency = nn.Embedding(RECENCY_BUCKETS, 1)
         self.gate = nn.Linear(h, 1)
+        self.basket_penalty = nn.Linear(h, 1)  # β ≥ 0 after softplus: damps today's basket
         self.category_out = PackedLinear(h, shape.categories)
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
         self.item_out = PackedEmbedding(shape.item_rows, code)
@@ -192,27 +193,28 @@ class BehaviorModel(nn.Module):
 
     # explore component ---------------------------------------------------------------------
 
-    def _explore_target(
-        self, state: torch.Tensor, owner: torch.Tensor, target: torch.Tensor
+    def _explore_log_prob(
+        self, state: torch.Tensor, owner: torch.Tensor, at: torch.Tensor, item: torch.Tensor
     ) -> torch.Tensor:
-        """log p_explore(target) at packed positions: log p(category) + log p(item | category),
-        normalised exactly over the target category's items only."""
+        """log p_explore(item[q] | state[at[q]]) = log p(category) + log p(item | category),
+        normalised exactly over that category's items only; `owner` is each state's user."""
         log_cat = (self.category_out(state, owner) + self.category_mask).log_softmax(-1)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
-        cat = self.item_category[target]
+        cat = self.item_category[item]
         sizes = self.category_size[cat]
-        pos = torch.repeat_interleave(torch.arange(len(target), device=target.device), sizes)
+        pair = torch.repeat_interleave(torch.arange(len(item), device=item.device), sizes)
         first = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-        within = torch.arange(len(pos), device=target.device) - first
-        item = self.items_by_category[self.category_start[cat][pos] + within]
-        codes = self.item_out(item + self.shape.special_rows, owner[pos])
-        score = (query[pos] * codes).sum(-1)
-        top = torch.full_like(target, 0, dtype=score.dtype).scatter_reduce(
-            0, pos, score.detach(), "amax", include_self=False
+        within = torch.arange(len(pair), device=item.device) - first
+        member = self.items_by_category[self.category_start[cat][pair] + within]
+        where = at[pair]
+        codes = self.item_out(member + self.shape.special_rows, owner[where])
+        score = (query[where] * codes).sum(-1)
+        top = torch.zeros(len(item), dtype=score.dtype, device=score.device).scatter_reduce(
+            0, pair, score.detach(), "amax", include_self=False
         )
-        norm = torch.zeros_like(top).index_add(0, pos, (score - top[pos]).exp()).log() + top
-        hit = torch.zeros_like(top).index_add(0, pos, score * (item == target[pos]))
-        return log_cat.gather(1, cat[:, None]).squeeze(1) + hit - norm
+        norm = torch.zeros_like(top).index_add(0, pair, (score - top[pair]).exp()).log() + top
+        hit = torch.zeros_like(top).index_add(0, pair, score * (member == item[pair]))
+        return log_cat[at, cat] + hit - norm
 
     def _explore_all(self, state: torch.Tensor) -> torch.Tensor:
         """log p_explore of every item for each state [B, H] → [B, V] (evaluation)."""
@@ -237,24 +239,72 @@ class BehaviorModel(nn.Module):
         h = self.encode(b)
         owner, slot = pack(b.length, width)
         state = h[owner, slot]
-        target = b.next_item[owner, slot]
-        has = target != IGNORE
-        t_owner, t_slot, t_target = owner[has], slot[has], target[has]
-        log_copy = self._copy_attention(h, b)[t_owner, t_slot]
-        same = b.items[t_owner] == (t_target + self.shape.special_rows)[:, None]
-        # Probability space, not logsumexp: a target never seen before has no term at all.
-        repeat = (log_copy.exp() * same).sum(-1)
-        log_repeat = repeat.clamp_min(torch.finfo(repeat.dtype).tiny).log()
-        log_explore = self._explore_target(state[has], t_owner, t_target)
-        gate = self.gate(h)[t_owner, t_slot, 0]
-        log_p = torch.logaddexp(F.logsigmoid(gate) + log_repeat, F.logsigmoid(-gate) + log_explore)
-        rec = _per_user(-log_p, t_owner, users)
+        nll, t_owner = self._next_item_nll(h, b, state, owner, slot)
+        rec = _per_user(nll, t_owner, users)
         log_rate = self._log_rate(state, owner, b.lag[owner, slot])
         nll = F.poisson_nll_loss(
             log_rate, b.demand[owner, slot].float(), log_input=True, full=False, reduction="none"
         ).mean(-1)
         dem = _per_user(nll, owner, users, b.demand_mask[owner, slot].float())
         return rec, dem
+
+    def _next_item_nll(
+        self,
+        h: torch.Tensor,
+        b: Batch,
+        state: torch.Tensor,
+        owner: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """−log p(next item) at every packed position that has a target, and its user.
+
+        p = the gated repeat/explore mixture, with the items already in the current day's
+        basket damped by a learned factor e^−β and the rest renormalised exactly (the basket
+        is small, so its items' probabilities are computed directly)."""
+        special = self.shape.special_rows
+        target = b.next_item[owner, slot]
+        at = (target != IGNORE).nonzero().squeeze(1)
+        rows, cols, y = owner[at], slot[at], target[at]
+        attention = self._copy_attention(h, b).exp()
+        same = (b.items[:, :, None] == b.items[:, None, :]).to(attention.dtype)
+        repeat_of = (attention @ same)[rows, cols]  # repeat mass of the item in each slot
+        basket = self._baskets(b)[rows, cols]
+        in_at, in_slot = basket.nonzero(as_tuple=True)
+        queries = torch.arange(len(at), device=at.device)
+        log_explore = self._explore_log_prob(
+            state[at],
+            rows,
+            torch.cat([queries, in_at]),
+            torch.cat([y, b.items[rows[in_at], in_slot] - special]),
+        )
+        gate = self.gate(h)[rows, cols, 0]
+        is_y = b.items[rows] == (y + special)[:, None]
+        repeat_y = (attention[rows, cols] * is_y).sum(-1)
+        # Probability space for the repeat part: a target never seen before has no term.
+        log_y = torch.logaddexp(
+            F.logsigmoid(gate) + repeat_y.clamp_min(torch.finfo(h.dtype).tiny).log(),
+            F.logsigmoid(-gate) + log_explore[: len(at)],
+        )
+        g = torch.sigmoid(gate)[in_at]
+        p_basket = g * repeat_of[in_at, in_slot] + (1 - g) * log_explore[len(at) :].exp()
+        beta = F.softplus(self.basket_penalty(h))[rows, cols, 0]
+        mass = torch.zeros_like(beta).index_add(0, in_at, p_basket)
+        log_norm = torch.log1p(-(1 - torch.exp(-beta)) * mass)
+        damped = (basket & is_y).any(-1)
+        return -(log_y - beta * damped - log_norm), rows
+
+    def _baskets(self, b: Batch) -> torch.Tensor:
+        """[B, L, L]: slot k holds a known item bought on the day of position t, at or before
+        t, and not already earlier that day (each basket item counted once)."""
+        width = b.items.shape[1]
+        i = torch.arange(width, device=b.items.device)
+        same_day = b.day[:, :, None] == b.day[:, None, :]
+        earlier = i[None, None, :] < i[None, :, None]
+        repeat_that_day = (same_day & earlier & (b.items[:, :, None] == b.items[:, None, :])).any(
+            -1
+        )
+        kept = (b.items >= self.shape.special_rows) & ~repeat_that_day
+        return same_day & (i[None, None, :] <= i[None, :, None]) & kept[:, None, :]
 
     # inference -----------------------------------------------------------------------------
 
@@ -268,16 +318,23 @@ class BehaviorModel(nn.Module):
         """log p(next item) for every vocabulary item, [B, V]."""
         h, last = self.last_state(b)
         rows = torch.arange(len(h), device=h.device)
-        attention = self._copy_attention(h, b)[rows, b.length - 1].exp()
+        end = b.length - 1
+        attention = self._copy_attention(h, b)[rows, end].exp()
         item = b.items - self.shape.special_rows
         known = (item >= 0) & (attention > 0)
         repeat = torch.zeros(len(h), self.shape.items, device=h.device, dtype=h.dtype)
         owner = rows[:, None].expand_as(item)[known]
         repeat.index_put_((owner, item[known]), attention[known], accumulate=True)
         gate = self.gate(last)
-        return torch.logaddexp(
+        log_p = torch.logaddexp(
             F.logsigmoid(gate) + repeat.log(), F.logsigmoid(-gate) + self._explore_all(last)
         )
+        basket = self._baskets(b)[rows, end]
+        in_basket = torch.zeros_like(log_p, dtype=torch.bool)
+        in_basket[rows[:, None].expand_as(item)[basket], item[basket]] = True
+        beta = F.softplus(self.basket_penalty(last))
+        mass = (log_p.exp() * in_basket).sum(1, keepdim=True)
+        return log_p - beta * in_basket - torch.log1p(-(1 - torch.exp(-beta)) * mass)
 
     def expected_units(self, b: Batch) -> torch.Tensor:
         """Expected units per top category over the demand horizon after each user's last

@@ -66,7 +66,7 @@ def test_factorised_softmax_is_exact(prepared):
     target = torch.tensor([0, 3, 7, 11, prepared.shape.items - 1])
     model.category_out.max_batch_len = model.item_query.max_batch_len = 5
     model.item_out.max_batch_len = 5
-    fast = model._explore_target(state, owner, target)
+    fast = model._explore_log_prob(state, owner, owner, target)
     full = model._explore_all(state)
     assert torch.allclose(fast, full.gather(1, target[:, None]).squeeze(1), atol=1e-5)
     # … and it is a proper distribution over the whole catalog.
@@ -82,6 +82,30 @@ def test_factorised_softmax_is_exact(prepared):
         members = (model.item_category == c).nonzero().squeeze(1)
         expected = cats[i, c] + items[i, t] - items[i, members].logsumexp(0)
         assert fast[i].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_training_loss_is_the_served_distribution(prepared):
+    """−log p(target) in training (basket damping and its exact renormalisation included)
+    equals what `score_items` serves for the same prefix."""
+    torch.manual_seed(0)
+    model = BehaviorModel(TINY_MODEL.model_copy(update={"dropout": 0.0}), prepared.shape).eval()
+    with torch.no_grad():
+        model.basket_penalty.bias.fill_(2.0)
+    length = prepared.train.length
+    short = ((length <= TINY_MODEL.max_len) & (length >= 4)).nonzero()[0][:6]
+    batch = Batch(*loader(prepared.train.subset(short), 6, False).dataset.tensors).trim()
+    assert model._baskets(batch).sum() > batch.length.sum()  # some days hold several items
+    _, rec, _ = per_user_loss(model, batch, 0.0)
+    for row in range(6):
+        n = int(batch.length[row])
+        targets = (batch.next_item[row, :n] != IGNORE).nonzero().squeeze(1)
+        expected = []
+        for t in targets.tolist():
+            prefix = Batch(*(x[row : row + 1] for x in batch))
+            prefix = prefix._replace(length=torch.tensor([t + 1])).trim()
+            y = batch.next_item[row, t]
+            expected.append(-model.score_items(prefix)[0, y])
+        assert rec[row].item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
 
 
 def test_encoder_is_causal_within_windows(prepared):
