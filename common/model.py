@@ -110,6 +110,7 @@ class BehaviorModel(nn.Module):
         self.gate = nn.Linear(h, 1)
         self.basket_penalty = nn.Linear(h, 1)  # β ≥ 0 after softplus: damps today's basket
         self.category_out = PackedLinear(h, shape.categories)
+        self.habit = PackedLinear(h, 1)  # how much the user's own category counts weigh
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
         self.item_out = PackedEmbedding(shape.item_rows, code)
         self.absence = PackedEmbedding(RECENCY_BUCKETS, h)  # days since the visit, for demand
@@ -193,12 +194,37 @@ class BehaviorModel(nn.Module):
 
     # explore component ---------------------------------------------------------------------
 
+    def _category_log_prob(
+        self, state: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(category) [S, C]: the state's own scores plus a learned weight on how often
+        the user bought each category so far (their whole history, not one window)."""
+        weight = F.softplus(self.habit(state, owner))
+        logits = self.category_out(state, owner) + weight * torch.log1p(counts)
+        return (logits + self.category_mask).log_softmax(-1)
+
+    def _category_counts(self, b: Batch, rows: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
+        """[S, C]: events per category in row `rows[s]` at slots ≤ `upto[s]`."""
+        width = b.cats.shape[1]
+        s, i = (torch.arange(width, device=rows.device)[None, :] <= upto[:, None]).nonzero(
+            as_tuple=True
+        )
+        counts = torch.zeros(len(rows), self.shape.categories, device=rows.device)
+        return counts.index_put_(
+            (s, b.cats[rows[s], i]), torch.ones_like(s, dtype=counts.dtype), accumulate=True
+        )
+
     def _explore_log_prob(
-        self, state: torch.Tensor, owner: torch.Tensor, at: torch.Tensor, item: torch.Tensor
+        self,
+        state: torch.Tensor,
+        owner: torch.Tensor,
+        counts: torch.Tensor,
+        at: torch.Tensor,
+        item: torch.Tensor,
     ) -> torch.Tensor:
         """log p_explore(item[q] | state[at[q]]) = log p(category) + log p(item | category),
         normalised exactly over that category's items only; `owner` is each state's user."""
-        log_cat = (self.category_out(state, owner) + self.category_mask).log_softmax(-1)
+        log_cat = self._category_log_prob(state, owner, counts)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         cat = self.item_category[item]
         sizes = self.category_size[cat]
@@ -216,10 +242,10 @@ class BehaviorModel(nn.Module):
         hit = torch.zeros_like(top).index_add(0, pair, score * (member == item[pair]))
         return log_cat[at, cat] + hit - norm
 
-    def _explore_all(self, state: torch.Tensor) -> torch.Tensor:
+    def _explore_all(self, state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """log p_explore of every item for each state [B, H] → [B, V] (evaluation)."""
         owner = torch.arange(len(state), device=state.device)
-        log_cat = (self.category_out(state, owner) + self.category_mask).log_softmax(-1)
+        log_cat = self._category_log_prob(state, owner, counts)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         score = query @ self.item_code.weight[self.shape.special_rows :].T
         index = self.item_category.expand_as(score)
@@ -274,6 +300,7 @@ class BehaviorModel(nn.Module):
         log_explore = self._explore_log_prob(
             state[at],
             rows,
+            self._category_counts(b, rows, cols),
             torch.cat([queries, in_at]),
             torch.cat([y, b.items[rows[in_at], in_slot] - special]),
         )
@@ -327,7 +354,8 @@ class BehaviorModel(nn.Module):
         repeat.index_put_((owner, item[known]), attention[known], accumulate=True)
         gate = self.gate(last)
         log_p = torch.logaddexp(
-            F.logsigmoid(gate) + repeat.log(), F.logsigmoid(-gate) + self._explore_all(last)
+            F.logsigmoid(gate) + repeat.log(),
+            F.logsigmoid(-gate) + self._explore_all(last, self._category_counts(b, rows, end)),
         )
         basket = self._baskets(b)[rows, end]
         in_basket = torch.zeros_like(log_p, dtype=torch.bool)

@@ -66,15 +66,18 @@ def test_factorised_softmax_is_exact(prepared):
     target = torch.tensor([0, 3, 7, 11, prepared.shape.items - 1])
     model.category_out.max_batch_len = model.item_query.max_batch_len = 5
     model.item_out.max_batch_len = 5
-    fast = model._explore_log_prob(state, owner, owner, target)
-    full = model._explore_all(state)
+    counts = torch.randint(0, 3, (5, prepared.shape.categories)).float()
+    model.habit.max_batch_len = 5
+    fast = model._explore_log_prob(state, owner, counts, owner, target)
+    full = model._explore_all(state, counts)
     assert torch.allclose(fast, full.gather(1, target[:, None]).squeeze(1), atol=1e-5)
     # … and it is a proper distribution over the whole catalog.
     assert torch.allclose(full.exp().sum(1), torch.ones(5), atol=1e-5)
     # Brute force, category by category.
     code = F.pad(model.item_query(state, owner), (0, 1), value=1.0)
     items = code @ model.item_code.weight[prepared.shape.special_rows :].T
-    logits = model.category_out(state, owner)
+    habit = F.softplus(model.habit(state, owner))
+    logits = model.category_out(state, owner) + habit * torch.log1p(counts)
     used = torch.tensor([c in set(model.item_category.tolist()) for c in range(logits.shape[1])])
     cats = logits - logits[:, used].logsumexp(1, keepdim=True)
     for i, t in enumerate(target.tolist()):
