@@ -319,9 +319,9 @@ def render(report: dict, reports: list[LedgerReport]) -> str:
 client is <b>{worst:.4f}</b>.</p>
 <p>{GUARANTEE}</p>
 <p>It rests on these assumptions and does not cover:</p><ul>{assumptions}</ul>
-<p>How to read the numbers: ε is reported by the accountant each client used (RDP unless it
-says otherwise), an upper bound; PRV and PLD are tighter estimates of the same mechanism,
-recomputed here from the ledger alone. A verified ledger is intact (hash chain and Ed25519
+<p>How to read the numbers: ε is reported by the accountant each client used (PRV's upper
+bound unless it says otherwise); RDP, PRV and PLD bounds of the same mechanism are recomputed
+here from the ledger alone. A verified ledger is intact (hash chain and Ed25519
 signatures), its arithmetic holds, and every ε agrees with an independent recomputation
 within 1 %.</p>
 </div>
