@@ -74,13 +74,27 @@ def test_demand_labels_count_units_strictly_after_each_event_within_horizon():
     seqs = training_sequences(u1, len(catalog.top_categories), 8, 7 * DAY)
     top1 = catalog.top_categories.index("1")
     top2 = catalog.top_categories.index("2")
-    demand = seqs.demand[0]
+    demand, lag = seqs.demand[0], seqs.lag[0]
+    # Each label starts `lag` days after its event, inside the quiet spell before the next one.
+    assert lag[0] == lag[1] == 0  # a and b on day 1: no quiet day before the next event
+    assert 0 <= lag[2] < 2 and 0 <= lag[3] < 15
     # After the first event (day 1): b is at the same time (excluded), a ×3 on day 5 counts.
     assert demand[0, top1] == 3 and demand[0, top2] == 0
-    assert demand[2, top1] == 3  # after the view on day 3
-    assert demand[3].sum() == 0  # nothing in the 7 days after day 5
-    # A horizon counts only when fully observed: day 5 + 7 ≤ day 20 yes, day 20 + 7 no.
-    assert seqs.demand_mask[0].tolist()[:5] == [True, True, True, True, False]
+    assert demand[2, top1] == 3  # after the view on day 3, wherever its lag starts
+    # From day 5 + lag: d on day 20 counts only if the 7-day horizon reaches it.
+    assert demand[3, top2] == (5 + lag[3] + 7 >= 20)
+    # A horizon counts only when fully observed (before u1's last training event, day 20).
+    assert seqs.demand_mask[0].tolist()[:5] == [True, True, True, 5 + lag[3] + 7 <= 20, False]
+
+
+def test_forecast_inputs_know_how_long_each_user_has_been_away():
+    split = leave_last_out(EVENTS)
+    catalog = Catalog.build(split, oov_buckets=4)
+    enc = encode(split, catalog)
+    at = int(pd.Timestamp("2024-01-25").timestamp())
+    seqs = history_sequences(enc, len(catalog.top_categories), 8, at=at)
+    last = seqs.lag[np.arange(len(seqs)), seqs.length - 1]
+    assert dict(zip(seqs.users, last.tolist(), strict=True)) == {"u1": 5, "u2": 19}
 
 
 def test_unknown_items_map_to_stable_oov_rows():
