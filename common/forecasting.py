@@ -1,4 +1,5 @@
-"""Weekly demand per region × top-level category, and the forecasting baselines."""
+"""Weekly demand per region × top-level category, the forecasting baselines, and the forecast
+planners use: a robust level, corrected by the model's ratio, with a prediction interval."""
 
 from __future__ import annotations
 
@@ -79,16 +80,166 @@ def moving_average(history: np.ndarray, horizon: int, window: int = 4) -> np.nda
     return np.repeat(history[:, -window:].mean(1, keepdims=True), horizon, axis=1)
 
 
+TRIM = 0.2  # share of weeks cut at each end for the trimmed-mean level
+
+
+def robust_level(history: np.ndarray, trim: float | None = None) -> np.ndarray:
+    """Per series, the median of all history weeks, or with `trim` the mean after cutting that
+    share of weeks at each end (like scipy's trim_mean); [S]. Long windows and order statistics
+    ignore a single spike or an empty week."""
+    if trim is None:
+        return np.median(history, axis=1)
+    cut = int(trim * history.shape[1])
+    ordered = np.sort(history, axis=1)
+    return ordered[:, cut : history.shape[1] - cut].mean(1)
+
+
 def score(actual: np.ndarray, forecast: np.ndarray) -> dict[str, float]:
     return {"wape": wape(actual, forecast), "mae": mae(actual, forecast)}
 
 
-def baseline_scores(series: DemandSeries, holdout_weeks: int = 4) -> dict[str, dict[str, float]]:
+QUANTILES = (0.1, 0.9)  # the interval `fedshop forecast` shows: 80 % of weeks should fall inside
+MIN_ORIGIN_WEEKS = 3  # history a backtest origin needs before its level means anything
+MIN_INTERVAL_WEEKS = 6  # history an interval needs: backtests from three origins
+ERROR_HORIZON = 4  # backtest errors 1..4 weeks ahead, like the held-out weeks
+MIN_SERIES_ERRORS = 12  # fewer backtest errors than this: a series borrows the pooled quantiles
+SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0 = the level alone; ascending: ties keep less model
+RATIO_BOUNDS = (0.67, 1.5)  # the model may correct the level by at most a factor 1.5 either way
+
+
+def level_errors(history: np.ndarray, horizon: int = ERROR_HORIZON) -> np.ndarray:
+    """Backtest of the median level: from every origin with ≥ MIN_ORIGIN_WEEKS weeks before it,
+    log1p(actual) − log1p(level) for each of the next `horizon` history weeks; [S, errors].
+
+    On the log1p scale an error is a ratio that stays defined for empty weeks."""
+    errors = []
+    for origin in range(MIN_ORIGIN_WEEKS, history.shape[1]):
+        level = np.log1p(robust_level(history[:, :origin]))[:, None]
+        errors.append(np.log1p(history[:, origin : origin + horizon]) - level)
+    return np.concatenate(errors, axis=1)
+
+
+def error_quantiles(errors: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
+    """Empirical quantiles of each series' errors, [S, Q]; pooled over all series when a series
+    has fewer than MIN_SERIES_ERRORS (every series has the same weeks, so all or none do)."""
+    if errors.shape[1] >= MIN_SERIES_ERRORS:
+        return np.quantile(errors, quantiles, axis=1).T
+    return np.tile(np.quantile(errors, quantiles), (errors.shape[0], 1))
+
+
+def model_ratio(sums: np.ndarray, at: int) -> np.ndarray:
+    """How the model's bottom-up sum of each series moved at cut `at`, beyond the move of all
+    series together; [S].
+
+    `sums` [S, cuts] holds the sums at the cutoff (column 0) and 1, 2, … weeks before it. Per
+    series, the sum at the cut over its mean at the earlier cuts; then divided by the same ratio
+    of the total. Comparing the model with itself cancels the share of demand its known users
+    cover; dividing by the total's ratio cancels the drift every series shares because each cut
+    knows more users (on Ta-Feng that drift alone made the forecast worse in the backtest). A
+    series the model never predicted keeps ratio 1."""
+    reference = sums[:, at + 1 :].mean(1)
+    ratio = np.divide(sums[:, at], reference, out=np.ones(len(sums)), where=reference > 0)
+    total = reference.sum()
+    return ratio * (total / sums[:, at].sum()) if total > 0 and sums[:, at].sum() > 0 else ratio
+
+
+def correction(ratio: np.ndarray, shrink: float) -> np.ndarray:
+    """The model's ratio shrunk towards 1 and clipped to RATIO_BOUNDS, so the model corrects
+    the level and never replaces it."""
+    return np.clip(1.0 + shrink * (ratio - 1.0), *RATIO_BOUNDS)
+
+
+def choose_shrink(history: np.ndarray, sums: np.ndarray) -> float:
+    """The shrinkage with the least absolute error over backtest cuts before the cutoff.
+
+    At a cut k weeks before the cutoff (it needs a model sum at an earlier cut), the level of
+    the weeks before the cut, corrected by the ratio at the cut, forecasts the k weeks from the
+    cut up to the cutoff. Held-out weeks are never used; no backtest means no correction."""
+    n = history.shape[1]
+    errors = dict.fromkeys(SHRINK_GRID, 0.0)
+    for k in range(1, sums.shape[1] - 1):
+        if n - k < MIN_ORIGIN_WEEKS:
+            continue
+        level, ratio = robust_level(history[:, : n - k]), model_ratio(sums, k)
+        actual = history[:, n - k :]
+        for shrink in SHRINK_GRID:
+            errors[shrink] += float(
+                np.abs(actual - (level * correction(ratio, shrink))[:, None]).sum()
+            )
+    return min(SHRINK_GRID, key=lambda s: errors[s])
+
+
+@dataclass
+class Forecast:
+    """Per series, a flat weekly forecast: the robust level corrected by the model, and the
+    interval from the level's backtest errors placed around it."""
+
+    level: np.ndarray  # [S] median of the history weeks
+    ratio: np.ndarray  # [S] factor applied to the level (after shrinkage and clipping)
+    shrink: float
+    point: np.ndarray  # [S]
+    lower: np.ndarray  # [S]
+    upper: np.ndarray  # [S]
+    quantiles: tuple[float, float]
+
+
+def planner_forecast(
+    history: np.ndarray, sums: np.ndarray, quantiles: tuple[float, float] = QUANTILES
+) -> Forecast:
+    """Forecast the weeks after `history` [S, T] from the model's sums [S, cuts] (column 0 at
+    the cutoff, column k at k weeks before it)."""
+    level = robust_level(history)
+    shrink = choose_shrink(history, sums)
+    ratio = correction(model_ratio(sums, 0), shrink) if sums.shape[1] > 1 else np.ones(len(level))
+    point = level * ratio
+    return Forecast(level, ratio, shrink, point, *interval(point, history, quantiles), quantiles)
+
+
+def interval(
+    point: np.ndarray, history: np.ndarray, quantiles: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds [S]: the level's backtest error quantiles around `point`.
+
+    A few biased backtest errors must not leave the point outside its own interval, so the
+    lower error quantile is at most 0 and the upper at least 0. With fewer than
+    MIN_INTERVAL_WEEKS weeks of history there is no interval: both bounds are NaN."""
+    if history.shape[1] < MIN_INTERVAL_WEEKS:
+        return np.full(len(point), np.nan), np.full(len(point), np.nan)
+    q = error_quantiles(level_errors(history), quantiles)
+    log_point = np.log1p(point)
+    lower = np.expm1(log_point + np.minimum(q[:, 0], 0.0))
+    return np.maximum(lower, 0.0), np.expm1(log_point + np.maximum(q[:, 1], 0.0))
+
+
+def coverage(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
+    """Share of series × weeks whose actual lies inside [lower, upper] (bounds per series);
+    NaN without an interval."""
+    if np.isnan(lower).any() or np.isnan(upper).any():
+        return float("nan")
+    inside = (actual >= lower[:, None]) & (actual <= upper[:, None])
+    return float(inside.mean())
+
+
+def baseline_scores(series: DemandSeries, holdout_weeks: int = 4) -> dict[str, dict]:
+    """WAPE and MAE of each baseline on the held-out weeks; the median level also reports how
+    often its interval covered them (NaN when the history is too short for one)."""
     history, actual = series.holdout(holdout_weeks)
-    return {
+
+    def flat(level: np.ndarray) -> np.ndarray:
+        return np.repeat(level[:, None], holdout_weeks, axis=1)
+
+    median = robust_level(history)
+    scores = {
         "seasonal_naive": score(actual, seasonal_naive(history, holdout_weeks)),
         "moving_average_4w": score(actual, moving_average(history, holdout_weeks)),
+        "median_level": score(actual, flat(median)),
+        "trimmed_mean_level": score(actual, flat(robust_level(history, TRIM))),
     }
+    scores["median_level"] |= {
+        "coverage": coverage(actual, *interval(median, history, QUANTILES)),
+        "interval": list(QUANTILES),
+    }
+    return scores
 
 
 def bottom_up(

@@ -1,17 +1,21 @@
-"""Popularity baselines, scored by the same ranking code as the model.
+"""Popularity and repeat-purchase baselines, scored by the same ranking code as the model.
 
-Counts come from every event of the training part (not only the last L the model sees).
+Counts come from every event of the training part (not only the last L the model sees); a
+user's own counts come from their whole history before the held-out event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from common.catalog import Catalog
 from common.dataset import Prepared
+from common.metrics import hit_ndcg
 from common.sequences import Sequences
 from common.training import rank_metrics
 
@@ -73,15 +77,207 @@ def own_history_scores(seqs: Sequences, history: pd.DataFrame, counts: np.ndarra
         yield scores, _targets(seqs, s)
 
 
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class RepeatWeights:
+    """score = item·log1p(own count of the item) + category·log1p(own count of its fine
+    category) + log1p(training popularity) − basket·[item in the user's last-day basket]."""
+
+    item: float = 4.0
+    category: float = 2.0
+    basket: float = 20.0
+
+
+REPEAT_GRID = tuple(
+    RepeatWeights(a, b, c)
+    for a in (4.0, 8.0, 16.0, 32.0)
+    for b in (0.0, 1.0, 2.0)
+    for c in (0.0, 5.0, 20.0)
+)
+
+Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class RepeatFeatures:
+    """Per user (row of a `Sequences`): pairs (row, key, count), sorted by row."""
+
+    items: pd.DataFrame  # key = item class: how often the user bought it
+    categories: pd.DataFrame  # key = fine category index: how often the user bought in it
+    basket: pd.DataFrame  # key = item class bought on the day of the user's last event
+
+
+def _pairs(seqs: Sequences, frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    row_of = pd.Series(np.arange(len(seqs)), index=pd.Index(seqs.users))
+    rows = row_of.reindex(frame["user_id"].to_numpy()).to_numpy()
+    pairs = pd.DataFrame({"row": rows, "key": frame[column].to_numpy()}).dropna()
+    pairs = pairs.astype(np.int64).value_counts().reset_index()
+    return pairs.sort_values("row", kind="stable").reset_index(drop=True)
+
+
+def repeat_features(seqs: Sequences, history: pd.DataFrame) -> RepeatFeatures:
+    """Counts over the whole `history` (encoded events before each user's held-out event).
+
+    The basket is the items of the events on the calendar day of the user's last event: on
+    Ta-Feng most held-out items are bought that same day, and rarely the same item twice.
+    """
+    known = history[history["item_class"] >= 0]
+    day = history["t"].to_numpy() // DAY_S
+    last_day = pd.Series(day).groupby(history["user"].to_numpy()).transform("max").to_numpy()
+    basket = history[(day == last_day) & (history["item_class"] >= 0).to_numpy()]
+    return RepeatFeatures(
+        items=_pairs(seqs, known, "item_class"),
+        categories=_pairs(seqs, history[history["cat"] > 0], "cat"),
+        basket=_pairs(seqs, basket, "item_class"),
+    )
+
+
+def _dense(pairs: pd.DataFrame, start: int, stop: int, width: int) -> torch.Tensor:
+    """log1p(count) of rows [start, stop) as a dense [stop - start, width] matrix."""
+    lo, hi = np.searchsorted(pairs["row"].to_numpy(), [start, stop])
+    part = pairs.iloc[lo:hi]
+    out = torch.zeros(stop - start, width)
+    rows = torch.from_numpy(part["row"].to_numpy(copy=True) - start)
+    out[rows, torch.from_numpy(part["key"].to_numpy(copy=True))] = torch.from_numpy(
+        np.log1p(part["count"].to_numpy(np.float32))
+    )
+    return out
+
+
+def _part_batches(
+    seqs: Sequences, feats: RepeatFeatures, catalog: Catalog
+) -> Iterator[tuple[Parts, torch.Tensor]]:
+    """(own item, own category, basket) as dense [B, V] matrices per batch, with targets."""
+    n_items, n_cats = len(catalog.items), len(catalog.categories)
+    item_category = torch.as_tensor(catalog.item_category)
+    for start in range(0, len(seqs), BATCH):
+        stop = min(start + BATCH, len(seqs))
+        own_category = _dense(feats.categories, start, stop, n_cats)[:, item_category]
+        in_basket = (_dense(feats.basket, start, stop, n_items) > 0).float()
+        parts = (_dense(feats.items, start, stop, n_items), own_category, in_basket)
+        yield parts, _targets(seqs, slice(start, stop))
+
+
+def _score(log_popularity: torch.Tensor, parts: Parts, w: RepeatWeights) -> torch.Tensor:
+    """Elementwise, one correctly rounded operation at a time (never a fused multiply-add), so
+    an item scores bit for bit the same in a dense [B, V] matrix and in a flat list of entries:
+    ties must stay ties in both."""
+    own_item, own_category, in_basket = parts
+    scores = own_item * w.item + log_popularity
+    scores += own_category * w.category
+    scores -= in_basket * w.basket
+    return scores
+
+
+def _combine(
+    parts: Parts, log_popularity: torch.Tensor, w: RepeatWeights, target: torch.Tensor
+) -> torch.Tensor:
+    scores = _score(log_popularity, parts, w)
+    # full_ranks counts only items scoring strictly higher; lowering the target's score by one
+    # float32 step also puts every item that ties it ahead, so ties count against the target.
+    # (rank_metrics casts to float32, so the step survives.)
+    rows = (target >= 0).nonzero().squeeze(1)
+    cols = target[rows]
+    scores[rows, cols] = torch.nextafter(scores[rows, cols], torch.tensor(-torch.inf))
+    return scores
+
+
+def repeat_scores(
+    seqs: Sequences, history: pd.DataFrame, counts: np.ndarray, catalog: Catalog, w: RepeatWeights
+) -> ScoreBatches:
+    log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
+    for parts, target in _part_batches(seqs, repeat_features(seqs, history), catalog):
+        yield _combine(parts, log_popularity, w, target), target
+
+
+@dataclass
+class _Entries:
+    """A batch's (user row, item) pairs with a non-zero user part, as flat lists."""
+
+    rows: torch.Tensor  # [E]
+    log_popularity: torch.Tensor  # [E]
+    parts: Parts  # [E] each
+    target: torch.Tensor  # [B]
+    target_entry: torch.Tensor  # [B] the target's entry, -1 where it has no user part
+
+
+def _entries(parts: Parts, log_popularity: torch.Tensor, target: torch.Tensor) -> _Entries:
+    own_item, own_category, in_basket = parts
+    rows, cols = ((own_item > 0) | (own_category > 0) | (in_basket > 0)).nonzero(as_tuple=True)
+    width = own_item.shape[1]
+    keys = rows * width + cols  # row-major, so sorted
+    wanted = torch.arange(len(target)) * width + target.clamp_min(0)
+    pos = torch.searchsorted(keys, wanted).clamp_max(max(len(keys) - 1, 0))
+    found = keys[pos] == wanted if len(keys) else torch.zeros(len(target), dtype=torch.bool)
+    return _Entries(
+        rows,
+        log_popularity[cols],
+        (own_item[rows, cols], own_category[rows, cols], in_basket[rows, cols]),
+        target,
+        torch.where(found, pos, -1),
+    )
+
+
+def _entry_ranks(e: _Entries, log_popularity: torch.Tensor, w: RepeatWeights) -> torch.Tensor:
+    """The ranks full_ranks gives on `_combine`'s dense scores (items scoring at least the
+    target, the target itself excluded), at the cost of the entries instead of the catalog.
+
+    An item without a user part scores its log popularity, so: items whose popularity reaches
+    the target's score, corrected on the entries for their real score."""
+    scores = _score(e.log_popularity, e.parts, w)
+    target_score = log_popularity[e.target.clamp_min(0)]
+    if len(scores):
+        has_part = e.target_entry >= 0
+        target_score = torch.where(has_part, scores[e.target_entry.clamp_min(0)], target_score)
+    ordered = torch.sort(log_popularity).values
+    reach = len(ordered) - torch.searchsorted(ordered, target_score)
+    at_row = target_score[e.rows]
+    fix = (scores >= at_row).long() - (e.log_popularity >= at_row).long()
+    ranks = reach + torch.zeros_like(reach).index_add_(0, e.rows, fix) - 1
+    return torch.where(e.target >= 0, ranks, len(ordered))
+
+
+def choose_repeat_weights(
+    seqs: Sequences,
+    history: pd.DataFrame,
+    counts: np.ndarray,
+    catalog: Catalog,
+    grid: tuple[RepeatWeights, ...] = REPEAT_GRID,
+) -> tuple[RepeatWeights, dict[str, float]]:
+    """The grid point with the best full-ranking NDCG@10 on `seqs` (pass validation), and its
+    metrics. NDCG, like the model's choice of epoch; the first grid point wins a tie."""
+    log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
+    ranks: dict[RepeatWeights, list[torch.Tensor]] = {w: [] for w in grid}
+    for parts, target in _part_batches(seqs, repeat_features(seqs, history), catalog):
+        entries = _entries(parts, log_popularity, target)
+        for w in grid:
+            ranks[w].append(_entry_ranks(entries, log_popularity, w))
+    metrics = {w: hit_ndcg(torch.cat(r).numpy()) for w, r in ranks.items()}
+    best = max(grid, key=lambda w: metrics[w]["ndcg@10"])
+    return best, metrics[best]
+
+
 def popularity_results(prepared: Prepared) -> dict[str, dict[str, object]]:
-    """Most-popular (global, per region) and own-history baselines on the test split."""
+    """Most-popular (global, per region), own-history and repeat-aware baselines on the test
+    split; the repeat-aware weights are chosen on the validation split."""
     n_items = len(prepared.catalog.items)
     counts = item_counts(prepared.train_events, n_items)
     by_region = region_counts(prepared.train_events, n_items, len(prepared.catalog.regions))
+    weights, valid = choose_repeat_weights(
+        prepared.valid, prepared.train_events, counts, prepared.catalog
+    )
+    repeat = repeat_scores(prepared.test, prepared.test_history, counts, prepared.catalog, weights)
     return {
         "most_popular": rank_metrics(global_scores(prepared.test, counts)),
         "most_popular_region": rank_metrics(regional_scores(prepared.test, counts, by_region)),
         "own_history": rank_metrics(
             own_history_scores(prepared.test, prepared.test_history, counts)
         ),
+        "repeat_aware": {
+            **rank_metrics(repeat),
+            "weights": asdict(weights),
+            "valid": valid,
+        },
     }

@@ -1,0 +1,122 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.catalog import Catalog
+from common.events import sort_events
+from common.forecasting import DemandSeries, baseline_scores, robust_level
+from common.metrics import full_ranks, hit_ndcg
+from common.popularity import (
+    REPEAT_GRID,
+    RepeatWeights,
+    choose_repeat_weights,
+    item_counts,
+    repeat_scores,
+)
+from common.sequences import encode, history_sequences
+
+# Twelve popular items, bought four times each by other users: plain popularity ranks
+# the repeat items 10th or lower.
+POPULAR = [f"p{i:02d}" for i in range(12)]
+CATEGORY = {"a": "01.1", "b": "01.1", "c": "02.1", "x": "03.1", **dict.fromkeys(POPULAR, "09.1")}
+
+
+def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
+    """(user, item, day) → canonical purchase events."""
+    frame = pd.DataFrame(rows, columns=["user_id", "item_id", "day"])
+    return pd.DataFrame(
+        {
+            "user_id": frame["user_id"],
+            "item_id": frame["item_id"],
+            "timestamp": pd.Timestamp("2024-01-01 10:00") + pd.to_timedelta(frame["day"], "D"),
+            "region": "r",
+            "category": frame["item_id"].map(CATEGORY),
+            "quantity": 1.0,
+            "price": 1.0,
+            "event_type": "purchase",
+            "source_row": np.arange(1, len(frame) + 1),
+        }
+    )
+
+
+def _setup(history_rows, target_rows):
+    """(users' sequences with targets, their encoded history, item counts, catalog)."""
+    crowd = [(f"o{i}", item, 0) for i, item in enumerate(POPULAR) for _ in range(4)]
+    crowd.append(("ob", "b", 0))  # b is in the vocabulary, bought once
+    history = _events(crowd + history_rows)
+    catalog = Catalog.build(history)
+    enc = encode(sort_events(history), catalog)
+    counts = item_counts(enc, len(catalog.items))
+    enc = enc[enc["user_id"].isin({u for u, _, _ in target_rows})].reset_index(drop=True)
+    targets = encode(sort_events(_events(target_rows)), catalog)
+    seqs = history_sequences(enc, len(catalog.top_categories), 10, targets)
+    return seqs, enc, counts, catalog
+
+
+def _ranks(history_rows, target_rows, weights: RepeatWeights) -> dict[str, int]:
+    """Rank of each user's target under the repeat-aware scores (0 = first)."""
+    seqs, enc, counts, catalog = _setup(history_rows, target_rows)
+    scores, target = next(repeat_scores(seqs, enc, counts, catalog, weights))
+    return dict(zip(seqs.users, full_ranks(scores, target).tolist(), strict=True))
+
+
+def test_repeat_beats_popularity_for_a_repeating_user():
+    history = [("u", "a", 1), ("u", "a", 2), ("u", "a", 3), ("u", "c", 4)]
+    popularity_only = RepeatWeights(item=0.0, category=0.0, basket=0.0)
+    assert _ranks(history, [("u", "a", 5)], popularity_only)["u"] >= 10
+    assert _ranks(history, [("u", "a", 5)], RepeatWeights())["u"] == 0
+
+
+def test_category_counts_lift_an_unbought_item_of_a_bought_category():
+    history = [("u", "a", 1), ("u", "a", 2), ("u", "c", 3)]
+    no_category = RepeatWeights(item=4.0, category=0.0, basket=0.0)
+    # b shares a's fine category; without the category term it sits behind every popular item.
+    assert _ranks(history, [("u", "b", 4)], no_category)["u"] >= 10
+    assert _ranks(history, [("u", "b", 4)], RepeatWeights(basket=0.0))["u"] < 10
+
+
+def test_last_day_basket_items_are_pushed_down():
+    # x: bought often, also on the last day (that basket is being filled: x is in it already).
+    history = [("u", "x", 1), ("u", "x", 2), ("u", "a", 2), ("u", "x", 5), ("u", "c", 5)]
+    assert _ranks(history, [("u", "x", 5)], RepeatWeights(basket=0.0))["u"] == 0
+    assert _ranks(history, [("u", "x", 5)], RepeatWeights())["u"] >= 10
+    # a (bought before, not on the last day) now leads.
+    assert _ranks(history, [("u", "a", 5)], RepeatWeights())["u"] == 0
+
+
+def test_ties_count_against_the_target():
+    # Every popular item has the same count: a target among them ranks behind all eleven others.
+    history = [("u", "c", 1), ("u", "c", 2)]
+    weights = RepeatWeights(item=0.0, category=0.0, basket=0.0)
+    assert _ranks(history, [("u", "p03", 3)], weights)["u"] == len(POPULAR) - 1
+
+
+def test_the_weight_search_ranks_exactly_like_the_dense_scores():
+    # Users with repeats, categories, baskets and many tied popular items; one target is new.
+    history = [("u", "a", 1), ("u", "a", 2), ("u", "c", 3), ("v", "x", 1), ("v", "p01", 1)]
+    history += [("w", "p02", 1), ("w", "b", 2), ("w", "p02", 2)]
+    targets = [("u", "a", 4), ("v", "p05", 2), ("w", "zz", 3)]
+    seqs, enc, counts, catalog = _setup(history, targets)
+    for w in REPEAT_GRID[::5]:
+        dense = hit_ndcg(full_ranks(*next(repeat_scores(seqs, enc, counts, catalog, w))))
+        assert choose_repeat_weights(seqs, enc, counts, catalog, (w,)) == (w, dense)
+
+
+def test_median_and_trimmed_mean_ignore_a_spike():
+    history = np.array([[10.0, 10, 100, 10, 10], [4, 0, 4, 4, 4]])  # a spike, an empty week
+    assert robust_level(history).tolist() == [10.0, 4.0]
+    assert robust_level(history, 0.2).tolist() == [10.0, 4.0]
+    assert history.mean(1)[0] == pytest.approx(28.0)
+
+
+def test_baseline_scores_include_the_robust_levels():
+    units = np.array([[10.0, 10, 100, 10, 10, 10, 10], [5, 5, 5, 5, 5, 5, 5]])
+    series = DemandSeries(
+        pd.MultiIndex.from_tuples([("r", "01"), ("r", "02")], names=["region", "top"]),
+        pd.date_range("2024-01-01", periods=7, freq="7D"),
+        units,
+    )
+    scores = baseline_scores(series, holdout_weeks=2)
+    assert scores["median_level"]["wape"] == 0.0
+    assert scores["trimmed_mean_level"]["wape"] == 0.0
+    assert scores["moving_average_4w"]["wape"] > 0.5
