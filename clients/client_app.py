@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from clients.local_data import ClientData, load_client_data
 from clients.local_training import train_plain, train_private
-from common.demand import forecast_holdout
+from common.demand import PRIMARY, holdout_forecast
 from common.forecasting import moving_average
 from common.model import BehaviorModel
 from common.runconfig import RunConfig
@@ -114,9 +114,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.device)
     model.to(device)
     ranking = evaluate_ranking(model, data.prepared.test, device)
-    actual, forecasts = forecast_holdout(model, data.prepared, device)
+    held = holdout_forecast(model, data.prepared, device)
+    actual, forecasts, planner = held.actual, held.forecasts, held.planner
     history, _ = data.prepared.demand.holdout(data.prepared.holdout_weeks)
     moving = moving_average(history, actual.shape[1])
+    inside = (actual >= planner.lower[:, None]) & (actual <= planner.upper[:, None])
     metrics = {
         "num-examples": ranking["users"],
         "uniform-weight": 1.0,  # Flower checks the training weight key in every reply
@@ -125,8 +127,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         "hr10-sampled": ranking["sampled"]["hr@10"],
         "ndcg10-sampled": ranking["sampled"]["ndcg@10"],
         "demand-actual-sum": float(actual.sum()),
-        "demand-abs-error-sum": float(np.abs(actual - forecasts["calibrated"]).sum()),
+        "demand-abs-error-sum": float(np.abs(actual - forecasts[PRIMARY]).sum()),
         "demand-raw-abs-error-sum": float(np.abs(actual - forecasts["bottom_up"]).sum()),
         "demand-ma-abs-error-sum": float(np.abs(actual - moving).sum()),
+        "demand-level-abs-error-sum": float(np.abs(actual - planner.level[:, None]).sum()),
+        # Interval coverage pools as covered / cells (both summed across clients); a series
+        # without an interval (too little history) counts in neither.
+        "demand-covered-sum": float(inside.sum()),
+        "demand-cells-sum": float(np.isfinite(planner.lower).sum() * actual.shape[1]),
     }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

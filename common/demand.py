@@ -1,27 +1,54 @@
-"""Demand forecasts from the model: the held-out weeks of a prepared data set, and next week
-from an exported model's users."""
+"""Demand forecasts from the model: the held-out weeks of a prepared data set, and the weeks
+after a cut in an event log (next week, or each recent week for monitoring).
+
+The forecast is the one planners use: the series' robust level (median of its history weeks),
+corrected by how the model's bottom-up sum over users moved, with an interval from backtest
+errors. The raw bottom-up sum and its older calibration stay beside it for comparison.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from common.dataset import Prepared
-from common.forecasting import bottom_up, calibrated, moving_average, weekly_demand
+from common.forecasting import (
+    QUANTILES,
+    WEEK,
+    DemandSeries,
+    Forecast,
+    bottom_up,
+    calibrated,
+    coverage,
+    moving_average,
+    planner_forecast,
+    weekly_demand,
+)
 from common.inference import Exported, user_histories
 from common.model import BehaviorModel
 from common.training import predict_demand
 
+PRIMARY = "corrected"  # the model's forecast: robust level × the model's ratio
+CALIBRATION_WEEKS = 4  # model sums at this many weekly cuts before the cutoff
 
-def forecast_holdout(
+
+@dataclass
+class HoldoutForecast:
+    actual: np.ndarray  # [S, W]
+    forecasts: dict[str, np.ndarray]  # name → [S, W]; PRIMARY is the model's forecast
+    planner: Forecast  # PRIMARY's level, ratio and interval
+
+    def coverage(self) -> float:
+        return coverage(self.actual, self.planner.lower, self.planner.upper)
+
+
+def holdout_forecast(
     model: BehaviorModel, prepared: Prepared, device: torch.device
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Actual holdout demand [S, W] and the model's bottom-up forecasts of it, raw and calibrated.
-
-    The model predicts each user's units for the next week; the same flat weekly value serves
-    every holdout week.
-    """
+) -> HoldoutForecast:
+    """The model's forecasts of the held-out weeks, flat over them, with PRIMARY's interval."""
     cat, demand, weeks = prepared.catalog, prepared.demand, prepared.holdout_weeks
     sums = [
         bottom_up(
@@ -34,37 +61,73 @@ def forecast_holdout(
         for seqs in prepared.forecast_inputs
     ]
     history, actual = demand.holdout(weeks)
+    # forecast_inputs: the cutoff, then the calibration cuts in time order.
     past = np.stack(sums[1:], axis=1)
-    scaled = calibrated(sums[0], past, history[:, -past.shape[1] :])
-    flat = {"bottom_up": sums[0], "calibrated": scaled}
-    return actual, {k: np.repeat(v[:, None], weeks, axis=1) for k, v in flat.items()}
+    planner = planner_forecast(history, np.column_stack([sums[0], past[:, ::-1]]))
+    flat = {
+        PRIMARY: planner.point,
+        "bottom_up": sums[0],
+        "calibrated": calibrated(sums[0], past, history[:, -past.shape[1] :]),
+    }
+    return HoldoutForecast(
+        actual, {k: np.repeat(v[:, None], weeks, axis=1) for k, v in flat.items()}, planner
+    )
 
 
-def forecast_next_week(
-    exp: Exported, events: pd.DataFrame, calibration_weeks: int = 4
-) -> pd.DataFrame:
-    """Units per region × top category for the week after the last full week in `events`.
+def forecast_holdout(
+    model: BehaviorModel, prepared: Prepared, device: torch.device
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Actual holdout demand [S, W] and the model's forecasts of it by name (PRIMARY first)."""
+    result = holdout_forecast(model, prepared, device)
+    return result.actual, result.forecasts
 
-    Next to the model's sum over users (raw and calibrated on the weeks before) stands the
-    4-week moving average of the same series.
-    """
-    cat = exp.catalog
-    series = weekly_demand(events, cat.top_category_chars)
-    cuts = [series.cutoff - pd.Timedelta(days=7 * w) for w in range(calibration_weeks + 1)]
-    cuts = [c for c in cuts if c > series.weeks[0]]
-    device = torch.device("cpu")
-    sums = []
+
+def model_sums(
+    exp: Exported, events: pd.DataFrame, series: DemandSeries, cuts: list[pd.Timestamp]
+) -> dict[pd.Timestamp, np.ndarray]:
+    """The model's bottom-up sum [S] from the users' events before each cut."""
+    cat, device, out = exp.catalog, torch.device("cpu"), {}
     for cut in cuts:
         seqs = user_histories(exp, events[events["timestamp"] < cut])
         per_user = predict_demand(exp.model, seqs, device)
-        sums.append(bottom_up(per_user, seqs.region, cat.regions, cat.top_categories, series))
-    raw = sums[0]
-    past = np.stack(sums[1:], axis=1)[:, ::-1]
-    scaled = calibrated(raw, past, series.units[:, -past.shape[1] :]) if past.size else raw
+        out[cut] = bottom_up(per_user, seqs.region, cat.regions, cat.top_categories, series)
+    return out
+
+
+def calibration_cuts(series: DemandSeries, week: int) -> list[pd.Timestamp]:
+    """The cut at the start of week `week` and the weekly cuts before it that have events."""
+    return [series.weeks[0] + (week - k) * WEEK for k in range(CALIBRATION_WEEKS + 1) if week > k]
+
+
+def forecast_week(
+    series: DemandSeries,
+    week: int,
+    sums: dict[pd.Timestamp, np.ndarray],
+    quantiles: tuple[float, float] = QUANTILES,
+) -> Forecast:
+    """Forecast week `week` (len(weeks) = the week after the data) from the weeks before it."""
+    cuts = calibration_cuts(series, week)
+    return planner_forecast(
+        series.units[:, :week], np.column_stack([sums[c] for c in cuts]), quantiles
+    )
+
+
+def forecast_next_week(exp: Exported, events: pd.DataFrame) -> pd.DataFrame:
+    """Units per region × top category for the week after the last full week in `events`:
+    the model's forecast with its interval, and beside it the robust level, the 4-week moving
+    average and last week."""
+    series = weekly_demand(events, exp.catalog.top_category_chars)
+    week = len(series.weeks)
+    sums = model_sums(exp, events, series, calibration_cuts(series, week))
+    fc = forecast_week(series, week, sums)
     return pd.DataFrame(
         {
-            "model": scaled,
-            "model_uncalibrated": raw,
+            "forecast": fc.point,
+            "lower": fc.lower,  # QUANTILES of the forecast
+            "upper": fc.upper,
+            "robust_level": fc.level,
+            "model_ratio": fc.ratio,
+            "bottom_up": sums[series.cutoff],
             "moving_average_4w": moving_average(series.units, 1)[:, 0],
             "last_week": series.units[:, -1],
         },

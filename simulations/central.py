@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
 from common.dataset import Prepared
-from common.demand import forecast_holdout
+from common.demand import PRIMARY, holdout_forecast
 from common.forecasting import baseline_scores, score
 from common.model import BehaviorModel, ModelConfig
 from common.popularity import popularity_results
@@ -67,12 +67,18 @@ def train_central(
         if on_progress:
             on_progress("epoch", epoch)
     model.load_state_dict(best_state)
-    actual, forecasts = forecast_holdout(model, prepared, device)
+    held = holdout_forecast(model, prepared, device)
+    forecast = {k: score(held.actual, f) for k, f in held.forecasts.items()}
+    forecast[PRIMARY] |= {
+        "coverage": held.coverage(),
+        "interval": list(held.planner.quantiles),
+        "shrink": held.planner.shrink,
+    }
     results = {
         "best_epoch": max(history, key=lambda h: h["valid"]["ndcg@10"])["epoch"],
         "history": history,
         "test": evaluate_ranking(model, prepared.test, device),
-        "forecast": {k: score(actual, f) for k, f in forecasts.items()},
+        "forecast": forecast,
     }
     return model, results
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -124,6 +126,13 @@ def data_synth(
     console.print(f"wrote {len(frame):,} events, {frame['user_id'].nunique():,} users to {out}")
 
 
+def _label(name: str, m: dict) -> str:
+    """A baseline's name, with the weights chosen on validation where it has some."""
+    if "weights" not in m:
+        return name
+    return f"{name} ({', '.join(f'{k} {v:g}' for k, v in m['weights'].items())})"
+
+
 def _print_results(
     title: str, rows: list[tuple[str, dict]], forecast: list[tuple[str, dict]]
 ) -> None:
@@ -135,14 +144,24 @@ def _print_results(
     for name, m in rows:
         f, s = m["full"], m["sampled"]
         table.add_row(
-            name, f"{f['hr@10']:.4f} ({s['hr@10']:.3f})", f"{f['ndcg@10']:.4f} ({s['ndcg@10']:.3f})"
+            _label(name, m),
+            f"{f['hr@10']:.4f} ({s['hr@10']:.3f})",
+            f"{f['ndcg@10']:.4f} ({s['ndcg@10']:.3f})",
         )
     console.print(table)
     fc = Table(title="demand per region × top category × week, last 4 weeks held out")
-    for col in ("forecast", "WAPE", "MAE"):
+    for col in ("forecast", "WAPE", "MAE", "interval coverage"):
         fc.add_column(col)
     for name, m in forecast:
-        fc.add_row(name, f"{m['wape']:.3f}", f"{m['mae']:.2f}")
+        cover = ""
+        if "coverage" in m:
+            low, high = m["interval"]
+            cover = (
+                "history too short"
+                if math.isnan(m["coverage"])
+                else f"{m['coverage']:.1%} in the {low:.0%}–{high:.0%} interval"
+            )
+        fc.add_row(name, f"{m['wape']:.3f}", f"{m['mae']:.2f}", cover)
     console.print(fc)
 
 
@@ -506,8 +525,12 @@ def forecast_cmd(
     events: EventsOpt,
     fmt: FormatOpt = "auto",
 ) -> None:
-    """Next week's demand per region and top category, next to the moving-average baseline."""
+    """Next week's demand per region and top category with its interval, beside the robust level
+    and the moving average."""
+    import pandas as pd
+
     from common.demand import forecast_next_week
+    from common.forecasting import QUANTILES
 
     exp = _exported(model)
     frame = _source(events, fmt, None, None).events
@@ -516,18 +539,73 @@ def forecast_cmd(
     except ValueError as exc:
         raise fail(f"{events}: {exc}") from exc
     week = table_df["week_start"].iloc[0]
-    table = Table(title=f"units in the week from {week} (model = sum over users, calibrated)")
-    for col in ("region", "category", "model", "4-week average", "last week"):
-        table.add_column(col, justify="right")
+    low, high = QUANTILES
+    table = Table(
+        title=f"units in the week from {week}: forecast = level (median of all past weeks) × "
+        f"the model's ratio, with its {low:.0%}–{high:.0%} interval",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("region", "category"):
+        table.add_column(col, no_wrap=True)
+    for col in ("forecast", f"p{low * 100:g}–p{high * 100:g}", "level", "4-week average"):
+        table.add_column(col, justify="right", no_wrap=True)
     for (region, top), r in table_df.iterrows():
         table.add_row(
             str(region),
             str(top),
-            f"{r['model']:.1f}",
+            f"{r['forecast']:.1f}",
+            "–" if pd.isna(r["lower"]) else f"{r['lower']:.1f}–{r['upper']:.1f}",
+            f"{r['robust_level']:.1f}",
             f"{r['moving_average_4w']:.1f}",
-            f"{r['last_week']:.0f}",
         )
     console.print(table)
+
+
+@app.command("monitor")
+def monitor_cmd(
+    model: ModelOpt,
+    events: EventsOpt,
+    fmt: FormatOpt = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for the plots. Default: <model run>/monitor."),
+    ] = None,
+    weeks: Annotated[int, typer.Option(help="Last full weeks to check.")] = 4,
+) -> None:
+    """Region × category weeks whose actual fell outside the forecast interval, forecast from
+    the data before each week; one PNG per flagged series."""
+    from common.monitor import monitor, plot_alerts
+
+    exp = _exported(model)
+    frame = _source(events, fmt, None, None).events
+    try:
+        result = monitor(exp, frame, weeks)
+    except ValueError as exc:
+        raise fail(f"{events}: {exc}") from exc
+    low, high = result.quantiles
+    if result.alerts.empty:
+        console.print(f"no alerts: every series stayed inside its {low:.1%}–{high:.1%} interval")
+        return
+    folder = out or (model if model.is_dir() else model.parent) / "monitor"
+    paths = plot_alerts(result, folder)
+    table = Table(title=f"{len(result.alerts)} week(s) outside the {low:.1%}–{high:.1%} interval")
+    for col in ("region", "category", "week"):
+        table.add_column(col, no_wrap=True)
+    for col in ("actual", "forecast", "interval", "outside"):
+        table.add_column(col, justify="right")
+    for a in result.alerts.itertuples():
+        beyond = a.upper if a.outside > 0 else a.lower
+        table.add_row(
+            str(a.region),
+            str(a.category),
+            str(a.week),
+            f"{a.actual:.0f}",
+            f"{a.forecast:.1f}",
+            f"{a.lower:.1f}–{a.upper:.1f}",
+            f"{a.outside:+.1f} ({a.actual / beyond:.2f}× bound)" if beyond else f"{a.outside:+.1f}",
+        )
+    console.print(table)
+    console.print(f"{len(paths)} plot(s) in {folder}")
 
 
 @app.command("train-local")

@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from common.catalog import Catalog
+from common.dataset import catalog_shape
+from common.events import EventType
+from common.forecasting import (
+    RATIO_BOUNDS,
+    coverage,
+    planner_forecast,
+    robust_level,
+    weekly_demand,
+)
+from common.inference import load_exported
+from common.model import BehaviorModel, ModelConfig
+from common.monitor import monitor, plot_alerts
+from simulations.cli import app
+
+TINY_MODEL = ModelConfig(hidden=16, layers=1, heads=2, intermediate=32, max_len=12)
+
+
+def test_an_uninformative_model_leaves_the_robust_level():
+    rng = np.random.default_rng(0)
+    history = rng.poisson(20, (6, 12)).astype(float)
+    flat = np.full((6, 5), 7.0)  # the model's sum never moves: ratio 1
+    fc = planner_forecast(history, flat)
+    assert np.allclose(fc.point, robust_level(history))
+    assert (fc.lower <= fc.point).all() and (fc.point <= fc.upper).all()
+
+
+def test_a_model_wrong_in_the_backtest_gets_no_say():
+    history = np.full((3, 12), 10.0)
+    # The model's series move against each other while demand stays flat.
+    swings = np.array([[3.0, 1, 2, 1, 2], [1.0, 3, 1, 2, 1], [2.0, 2, 2, 2, 2]])
+    fc = planner_forecast(history, swings)
+    assert fc.shrink == 0.0
+    assert np.allclose(fc.point, 10.0)
+
+
+def test_a_model_that_saw_the_mix_shift_corrects_the_levels_within_bounds():
+    # Demand moves from the second category to the first; the model's sums (at the cutoff and
+    # 1..5 weeks before it) moved the same way.
+    history = np.array(
+        [np.r_[np.full(8, 10.0), np.full(4, 20.0)], np.r_[np.full(8, 20.0), [10] * 4]]
+    )
+    sums = np.array([[20.0, 20, 20, 20, 20, 10], [10.0, 10, 10, 10, 10, 20]])
+    fc = planner_forecast(history, sums)
+    assert fc.shrink > 0
+    level = robust_level(history)
+    assert level[0] < fc.point[0] <= RATIO_BOUNDS[1] * level[0]
+    assert RATIO_BOUNDS[0] * level[1] <= fc.point[1] < level[1]
+
+
+def test_a_drift_shared_by_every_series_is_not_a_correction():
+    # Each cut knows more users, so every sum grows; demand does not.
+    history = np.full((2, 12), 10.0)
+    sums = np.array([[14.0, 13, 12, 11, 10], [28.0, 26, 24, 22, 20]])
+    assert np.allclose(planner_forecast(history, sums).point, 10.0)
+
+
+def test_coverage_counts_weeks_inside_the_bounds():
+    actual = np.array([[1.0, 5, 9], [0, 0, 2]])
+    assert coverage(actual, np.array([2.0, 0]), np.array([9.0, 1])) == pytest.approx(4 / 6)
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """A small synthetic event log and a tiny untrained exported model for it."""
+    from common.synth import SynthConfig, generate
+
+    events = generate(
+        SynthConfig(events=6_000, users=200, items=150, regions=3, top_categories=4, days=56)
+    )
+    folder = tmp_path_factory.mktemp("run")
+    catalog = Catalog.build(events)
+    catalog.save(folder / "catalog.json")
+    torch.manual_seed(0)
+    model = BehaviorModel(TINY_MODEL, catalog_shape(catalog))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "model_card.json").write_text(json.dumps({"config": TINY_MODEL.model_dump()}))
+    return events, folder
+
+
+def _plant(events: pd.DataFrame, region: str, category: str, factor: float) -> pd.DataFrame:
+    """Multiply the units of one region × top category in the last full week by `factor`."""
+    series = weekly_demand(events, None)
+    last = series.weeks[-1]
+    hit = (
+        (events["region"] == region)
+        & events["category"].str.startswith(f"{category}.")
+        & (events["event_type"] == EventType.PURCHASE.value)
+        & (events["timestamp"] >= last)
+        & (events["timestamp"] < last + pd.Timedelta(days=7))
+    )
+    out = events.copy()
+    out.loc[hit, "quantity"] *= factor
+    return out
+
+
+def test_monitor_flags_exactly_the_planted_week_and_plots_it(shop, tmp_path):
+    events, folder = shop
+    exp = load_exported(folder)
+    clean = monitor(exp, events, weeks=2)
+    region, category = weekly_demand(events, None).index[2]
+    planted = monitor(exp, _plant(events, region, category, 10.0), weeks=2)
+    new = planted.alerts.merge(clean.alerts, how="left", indicator=True)
+    new = new[new["_merge"] == "left_only"]
+    assert new[["region", "category"]].values.tolist() == [[region, category]]
+    assert str(new["week"].iloc[0]) == str(planted.series.weeks[-1].date())
+    assert new["outside"].iloc[0] > 0
+    paths = plot_alerts(planted, tmp_path / "plots")
+    assert tmp_path / "plots" / f"{region}__{category}.png" in paths
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_monitor_command(shop, tmp_path):
+    events, folder = shop
+    region, category = weekly_demand(events, None).index[2]
+    clean, planted = tmp_path / "clean.parquet", tmp_path / "planted.parquet"
+    events.to_parquet(clean)
+    _plant(events, region, category, 10.0).to_parquet(planted)
+    runner = CliRunner()
+    out = tmp_path / "alerts"
+    args = ["--model", str(folder), "--weeks", "2"]
+    result = runner.invoke(app, ["monitor", *args, "--events", str(planted), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert region in result.output and "outside" in result.output
+    assert [p.name for p in out.iterdir()] == [f"{region}__{category}.png"]
+    result = runner.invoke(app, ["monitor", *args, "--events", str(clean), "--out", str(out)])
+    assert result.exit_code == 0 and "no alerts" in result.output
+    too_long = runner.invoke(app, ["monitor", "--model", str(folder), "--events", str(clean)])
+    assert too_long.exit_code == 2 and "full weeks" in too_long.output
