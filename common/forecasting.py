@@ -83,10 +83,13 @@ def moving_average(history: np.ndarray, horizon: int, window: int = 4) -> np.nda
 TRIM = 0.2  # share of weeks cut at each end for the trimmed-mean level
 
 
-def robust_level(history: np.ndarray, trim: float | None = None) -> np.ndarray:
-    """Per series, the median of all history weeks, or with `trim` the mean after cutting that
-    share of weeks at each end (like scipy's trim_mean); [S]. Long windows and order statistics
-    ignore a single spike or an empty week."""
+def robust_level(
+    history: np.ndarray, trim: float | None = None, window: int | None = None
+) -> np.ndarray:
+    """Per series, the median of the history weeks (the last `window` of them, default all), or
+    with `trim` the mean after cutting that share of weeks at each end (like scipy's
+    trim_mean); [S]. Long windows and order statistics ignore a single spike or an empty week."""
+    history = history[:, -window:] if window else history
     if trim is None:
         return np.median(history, axis=1)
     cut = int(trim * history.shape[1])
@@ -103,18 +106,44 @@ MIN_ORIGIN_WEEKS = 3  # history a backtest origin needs before its level means a
 MIN_INTERVAL_WEEKS = 6  # history an interval needs: backtests from three origins
 ERROR_HORIZON = 4  # backtest errors 1..4 weeks ahead, like the held-out weeks
 MIN_SERIES_ERRORS = 12  # fewer backtest errors than this: a series borrows the pooled quantiles
+# Weeks the level's median looks back (None = all), longest first: a tie keeps the longer one.
+# Short windows follow a trend (Online Retail before Christmas), long ones ignore holidays.
+LEVEL_WINDOWS = (None, 13, 8, 4)
+WINDOW_BACKTEST_WEEKS = 8  # origins in the last weeks of history that choose the window
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0 = the level alone; ascending: ties keep less model
 RATIO_BOUNDS = (0.67, 1.5)  # the model may correct the level by at most a factor 1.5 either way
 
 
-def level_errors(history: np.ndarray, horizon: int = ERROR_HORIZON) -> np.ndarray:
+def choose_window(history: np.ndarray) -> int | None:
+    """The level window with the least absolute error over 1–4-week-ahead forecasts from each
+    origin in the last WINDOW_BACKTEST_WEEKS history weeks (all weeks without enough history)."""
+    n = history.shape[1]
+    origins = range(max(MIN_ORIGIN_WEEKS, n - WINDOW_BACKTEST_WEEKS), n)
+
+    def error(window: int | None) -> float:
+        return sum(
+            float(
+                np.abs(
+                    history[:, o : o + ERROR_HORIZON]
+                    - robust_level(history[:, :o], window=window)[:, None]
+                ).sum()
+            )
+            for o in origins
+        )
+
+    return min(LEVEL_WINDOWS, key=error) if len(origins) else None
+
+
+def level_errors(
+    history: np.ndarray, window: int | None = None, horizon: int = ERROR_HORIZON
+) -> np.ndarray:
     """Backtest of the median level: from every origin with ≥ MIN_ORIGIN_WEEKS weeks before it,
     log1p(actual) − log1p(level) for each of the next `horizon` history weeks; [S, errors].
 
     On the log1p scale an error is a ratio that stays defined for empty weeks."""
     errors = []
     for origin in range(MIN_ORIGIN_WEEKS, history.shape[1]):
-        level = np.log1p(robust_level(history[:, :origin]))[:, None]
+        level = np.log1p(robust_level(history[:, :origin], window=window))[:, None]
         errors.append(np.log1p(history[:, origin : origin + horizon]) - level)
     return np.concatenate(errors, axis=1)
 
@@ -149,7 +178,7 @@ def correction(ratio: np.ndarray, shrink: float) -> np.ndarray:
     return np.clip(1.0 + shrink * (ratio - 1.0), *RATIO_BOUNDS)
 
 
-def choose_shrink(history: np.ndarray, sums: np.ndarray) -> float:
+def choose_shrink(history: np.ndarray, sums: np.ndarray, window: int | None = None) -> float:
     """The shrinkage with the least absolute error over backtest cuts before the cutoff.
 
     At a cut k weeks before the cutoff (it needs a model sum at an earlier cut), the level of
@@ -160,7 +189,8 @@ def choose_shrink(history: np.ndarray, sums: np.ndarray) -> float:
     for k in range(1, sums.shape[1] - 1):
         if n - k < MIN_ORIGIN_WEEKS:
             continue
-        level, ratio = robust_level(history[:, : n - k]), model_ratio(sums, k)
+        level = robust_level(history[:, : n - k], window=window)
+        ratio = model_ratio(sums, k)
         actual = history[:, n - k :]
         for shrink in SHRINK_GRID:
             errors[shrink] += float(
@@ -174,7 +204,8 @@ class Forecast:
     """Per series, a flat weekly forecast: the robust level corrected by the model, and the
     interval from the level's backtest errors placed around it."""
 
-    level: np.ndarray  # [S] median of the history weeks
+    level: np.ndarray  # [S] median of the last `window` history weeks
+    window: int | None  # chosen by backtest; None = all weeks
     ratio: np.ndarray  # [S] factor applied to the level (after shrinkage and clipping)
     shrink: float
     point: np.ndarray  # [S]
@@ -184,19 +215,26 @@ class Forecast:
 
 
 def planner_forecast(
-    history: np.ndarray, sums: np.ndarray, quantiles: tuple[float, float] = QUANTILES
+    history: np.ndarray, sums: np.ndarray | None, quantiles: tuple[float, float] = QUANTILES
 ) -> Forecast:
     """Forecast the weeks after `history` [S, T] from the model's sums [S, cuts] (column 0 at
-    the cutoff, column k at k weeks before it)."""
-    level = robust_level(history)
-    shrink = choose_shrink(history, sums)
-    ratio = correction(model_ratio(sums, 0), shrink) if sums.shape[1] > 1 else np.ones(len(level))
+    the cutoff, column k at k weeks before it); without sums, the level alone (a baseline)."""
+    window = choose_window(history)
+    level = robust_level(history, window=window)
+    ratio, shrink = np.ones(len(level)), 0.0
+    if sums is not None and sums.shape[1] > 1:
+        shrink = choose_shrink(history, sums, window)
+        ratio = correction(model_ratio(sums, 0), shrink)
     point = level * ratio
-    return Forecast(level, ratio, shrink, point, *interval(point, history, quantiles), quantiles)
+    bounds = interval(point, history, quantiles, window)
+    return Forecast(level, window, ratio, shrink, point, *bounds, quantiles)
 
 
 def interval(
-    point: np.ndarray, history: np.ndarray, quantiles: tuple[float, float]
+    point: np.ndarray,
+    history: np.ndarray,
+    quantiles: tuple[float, float],
+    window: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper bounds [S]: the level's backtest error quantiles around `point`.
 
@@ -205,7 +243,7 @@ def interval(
     MIN_INTERVAL_WEEKS weeks of history there is no interval: both bounds are NaN."""
     if history.shape[1] < MIN_INTERVAL_WEEKS:
         return np.full(len(point), np.nan), np.full(len(point), np.nan)
-    q = error_quantiles(level_errors(history), quantiles)
+    q = error_quantiles(level_errors(history, window), quantiles)
     log_point = np.log1p(point)
     lower = np.expm1(log_point + np.minimum(q[:, 0], 0.0))
     return np.maximum(lower, 0.0), np.expm1(log_point + np.maximum(q[:, 1], 0.0))
@@ -221,8 +259,9 @@ def coverage(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
 
 
 def baseline_scores(series: DemandSeries, holdout_weeks: int = 4) -> dict[str, dict]:
-    """WAPE and MAE of each baseline on the held-out weeks; the median level also reports how
-    often its interval covered them (NaN when the history is too short for one)."""
+    """WAPE and MAE of each baseline on the held-out weeks. The median levels also report how
+    often their interval covered them (NaN when the history is too short for one); the one
+    whose window a backtest chose is the model's forecast without the model's correction."""
     history, actual = series.holdout(holdout_weeks)
 
     def flat(level: np.ndarray) -> np.ndarray:
@@ -237,6 +276,12 @@ def baseline_scores(series: DemandSeries, holdout_weeks: int = 4) -> dict[str, d
     }
     scores["median_level"] |= {
         "coverage": coverage(actual, *interval(median, history, QUANTILES)),
+        "interval": list(QUANTILES),
+    }
+    level = planner_forecast(history, None)
+    scores["median_level_backtested"] = score(actual, flat(level.point)) | {
+        "window": level.window,
+        "coverage": coverage(actual, level.lower, level.upper),
         "interval": list(QUANTILES),
     }
     return scores

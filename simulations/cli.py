@@ -127,10 +127,12 @@ def data_synth(
 
 
 def _label(name: str, m: dict) -> str:
-    """A baseline's name, with the weights chosen on validation where it has some."""
-    if "weights" not in m:
-        return name
-    return f"{name} ({', '.join(f'{k} {v:g}' for k, v in m['weights'].items())})"
+    """A baseline's name, with what was chosen on held-in data (weights, a level's window)."""
+    if "weights" in m:
+        return f"{name} ({', '.join(f'{k} {v:g}' for k, v in m['weights'].items())})"
+    if "window" in m:
+        return f"{name} ({m['window'] or 'all'} weeks)"
+    return name
 
 
 def _print_results(
@@ -153,6 +155,7 @@ def _print_results(
     for col in ("forecast", "WAPE", "MAE", "interval coverage"):
         fc.add_column(col)
     for name, m in forecast:
+        name = _label(name, m)
         cover = ""
         if "coverage" in m:
             low, high = m["interval"]
@@ -541,8 +544,8 @@ def forecast_cmd(
     week = table_df["week_start"].iloc[0]
     low, high = QUANTILES
     table = Table(
-        title=f"units in the week from {week}: forecast = level (median of all past weeks) × "
-        f"the model's ratio, with its {low:.0%}–{high:.0%} interval",
+        title=f"units in the week from {week}: forecast = level (median of recent weeks, window "
+        f"chosen by backtest) × the model's ratio, with its {low:.0%}–{high:.0%} interval",
         box=box.SIMPLE_HEAD,
     )
     for col in ("region", "category"):

@@ -11,7 +11,9 @@ from common.catalog import Catalog
 from common.dataset import catalog_shape
 from common.events import EventType
 from common.forecasting import (
+    LEVEL_WINDOWS,
     RATIO_BOUNDS,
+    choose_window,
     coverage,
     planner_forecast,
     robust_level,
@@ -30,6 +32,7 @@ def test_an_uninformative_model_leaves_the_robust_level():
     history = rng.poisson(20, (6, 12)).astype(float)
     flat = np.full((6, 5), 7.0)  # the model's sum never moves: ratio 1
     fc = planner_forecast(history, flat)
+    assert fc.window is None  # no trend: the median of all weeks
     assert np.allclose(fc.point, robust_level(history))
     assert (fc.lower <= fc.point).all() and (fc.point <= fc.upper).all()
 
@@ -52,9 +55,16 @@ def test_a_model_that_saw_the_mix_shift_corrects_the_levels_within_bounds():
     sums = np.array([[20.0, 20, 20, 20, 20, 10], [10.0, 10, 10, 10, 10, 20]])
     fc = planner_forecast(history, sums)
     assert fc.shrink > 0
-    level = robust_level(history)
-    assert level[0] < fc.point[0] <= RATIO_BOUNDS[1] * level[0]
-    assert RATIO_BOUNDS[0] * level[1] <= fc.point[1] < level[1]
+    assert fc.level[0] < fc.point[0] <= RATIO_BOUNDS[1] * fc.level[0]
+    assert RATIO_BOUNDS[0] * fc.level[1] <= fc.point[1] < fc.level[1]
+
+
+def test_the_level_window_follows_a_trend_and_ignores_a_spike():
+    trend = np.arange(1.0, 17.0)[None] * 10  # grows every week
+    assert choose_window(trend) == min(w for w in LEVEL_WINDOWS if w)
+    spiky = np.full((1, 16), 10.0)
+    spiky[0, [5, 11, 14]] = 80.0
+    assert choose_window(spiky) is None
 
 
 def test_a_drift_shared_by_every_series_is_not_a_correction():
