@@ -25,6 +25,9 @@ from common.inference import Exported
 # Wider than the planning interval: an alert should be rare when nothing changed
 # (about 1 in 20 series-weeks if the backtest errors are representative).
 MONITOR_QUANTILES = (0.025, 0.975)
+# Units are counted whole: missing a bound by less than half a unit (an empty week under a lower
+# bound of 0.3, or rounding in the bounds) is no alert.
+MIN_MISS = 0.5
 ALERT_COLUMNS = ["region", "category", "week", "actual", "forecast", "lower", "upper", "outside"]
 
 
@@ -63,7 +66,7 @@ def _alerts(series: DemandSeries, first: int, forecasts: list[Forecast]) -> pd.D
     for week, fc in enumerate(forecasts, start=first):
         actual = series.units[:, week]
         outside = np.where(actual > fc.upper, actual - fc.upper, np.minimum(actual - fc.lower, 0.0))
-        for s in np.flatnonzero(outside):
+        for s in np.flatnonzero(np.abs(outside) >= MIN_MISS):
             region, category = series.index[s]
             rows.append(
                 {

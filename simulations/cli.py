@@ -564,6 +564,10 @@ def forecast_cmd(
     console.print(table)
 
 
+def _units(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 @app.command("monitor")
 def monitor_cmd(
     model: ModelOpt,
@@ -594,7 +598,7 @@ def monitor_cmd(
     table = Table(title=f"{len(result.alerts)} week(s) outside the {low:.1%}–{high:.1%} interval")
     for col in ("region", "category", "week"):
         table.add_column(col, no_wrap=True)
-    for col in ("actual", "forecast", "interval", "outside"):
+    for col in ("actual", "forecast", "interval", "outside (× bound)"):
         table.add_column(col, justify="right")
     for a in result.alerts.itertuples():
         beyond = a.upper if a.outside > 0 else a.lower
@@ -604,8 +608,8 @@ def monitor_cmd(
             str(a.week),
             f"{a.actual:.0f}",
             f"{a.forecast:.1f}",
-            f"{a.lower:.1f}–{a.upper:.1f}",
-            f"{a.outside:+.1f} ({a.actual / beyond:.2f}× bound)" if beyond else f"{a.outside:+.1f}",
+            f"{_units(a.lower)}–{_units(a.upper)}",
+            f"{a.outside:+.1f} (×{a.actual / beyond:.2f})" if beyond else f"{a.outside:+.1f}",
         )
     console.print(table)
     console.print(f"{len(paths)} plot(s) in {folder}")
