@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from common.formats import load_events
 from common.dataset import prepare
+from common.demand import holdout_forecast
+from common.forecasting import baseline_scores, score
+from common.formats import load_events
 from common.inference import load_exported
-from common.demand import holdout_forecast, PRIMARY
-from common.forecasting import score, baseline_scores
 
 run, data, fmt = sys.argv[1:4]
 exp = load_exported(run)
