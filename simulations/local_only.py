@@ -12,7 +12,7 @@ import pandas as pd
 
 from common.catalog import Catalog
 from common.dataset import prepare
-from common.demand import forecast_holdout
+from common.demand import PRIMARY, forecast_holdout
 from common.forecasting import score
 from common.partition import plan, select
 from common.sequences import leave_last_out
@@ -42,12 +42,12 @@ def train_local_only(
         users += n
         hr += n * results["test"]["full"]["hr@10"]
         ndcg += n * results["test"]["full"]["ndcg@10"]
-        err += float(np.abs(actual - forecasts["calibrated"]).sum())
+        err += float(np.abs(actual - forecasts[PRIMARY]).sum())
         actual_sum += float(actual.sum())
         per_client[part.name] = {
             "users": n,
             "test": results["test"]["full"],
-            "forecast": score(actual, forecasts["calibrated"]),
+            "forecast": score(actual, forecasts[PRIMARY]),
         }
     return {
         "clients": per_client,
