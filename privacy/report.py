@@ -39,7 +39,8 @@ ASSUMPTIONS = [
     "Hyper-parameters were chosen without looking at the private data; tuning on it spends "
     "privacy that is not in this ledger.",
     "Only the model updates are covered. Evaluation metrics sent to the server (hit rates, "
-    "demand error sums) are aggregates released without noise.",
+    "demand error sums for the model, the robust level and the moving average, and how many "
+    "held-out weeks fell inside the forecast interval) are aggregates released without noise.",
     "The catalogue and the demand-bin calendar are platform data, public to all clients.",
 ]
 AUDIT_CAVEAT = (
