@@ -2,17 +2,31 @@
 
 Each client's update is clipped to `central-clip` and Gaussian noise is added to the uniform
 average, so the model is also protected at the level of a whole client (all its users at once),
-on top of each client's user-level DP-SGD. Fixed clipping uses Flower's accounted mode (its
-wrapper composes the release into Flower's RDP accountant and insists on equal weights and full
-participation). Flower's adaptive-clipping wrapper has no accountant hook; its noise multiplier is
-the total one of Andrew et al. (2021), which splits it between the clipped-count and the update
-releases, so each round is composed here as one Gaussian release with that multiplier.
+on top of each client's user-level DP-SGD. Both wrappers calibrate the noise to the number of
+clients counted at the start (`clients`): its standard deviation is σ·C/`clients`, which is σ
+times the sensitivity C/m of an average over m clients only when m = `clients`. With fewer
+replies (a client declined or failed) the same noise would be a σ·m/`clients` release, so what
+holds is: an aggregate is released only from exactly `clients` updates, and each release is
+composed into Flower's RDP accountant with the configured σ.
+
+- Fixed clipping uses Flower's accounted mode: its wrapper refuses (no aggregate) a round whose
+  reply count differs from `clients`, and composes each release itself.
+- Flower's adaptive-clipping wrapper only warns on a short round and releases anyway, and it has
+  no accountant hook. `_AdaptiveClipping` refuses such a round before anything is computed, so
+  neither the noisy clipped count (which moves the clipping norm) nor the average is released;
+  `CentralPrivacy.released` composes each aggregate the round loop receives. The noise multiplier
+  is the total one of Andrew et al. (2021), which splits it between the clipped-count and the
+  update releases, so each round is one Gaussian release with that multiplier.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from logging import WARNING
 
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -25,8 +39,29 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 
 from common.runconfig import CentralDP, RunConfig
+
+
+class _AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, strict about the reply count like its accounted
+    fixed-clipping mode: the noise is calibrated to `num_sampled_clients` averaged updates."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if not validate_replies(replies, self.num_sampled_clients, strict=True):
+            log(
+                WARNING,
+                "round %s: %s update(s) where central DP is calibrated to %s; nothing released",
+                server_round,
+                len(replies),
+                self.num_sampled_clients,
+            )
+            return None, None
+        return super().aggregate_train(server_round, replies)
 
 
 @dataclass
@@ -37,7 +72,8 @@ class CentralPrivacy:
     clients: int
 
     def released(self) -> None:
-        """Account one aggregate release (the fixed wrapper does this itself)."""
+        """Account one aggregate release (the fixed wrapper does this itself); the adaptive
+        wrapper only releases from the full set of clients its noise is calibrated to."""
         if self.cfg.central_dp is CentralDP.ADAPTIVE:
             event = GaussianPrivacyEvent(self.cfg.central_noise, self.clients, self.clients)
             self.accountant.compose(event)
@@ -45,6 +81,9 @@ class CentralPrivacy:
     def summary(self) -> dict[str, float | str]:
         spent = self.accountant.get_privacy_spent()
         wrapper = type(self.strategy).__name__
+        if isinstance(self.strategy, _AdaptiveClipping):
+            # the report names Flower's wrapper; the subclass only adds the reply-count check
+            wrapper = DifferentialPrivacyServerSideAdaptiveClipping.__name__ + " (strict count)"
         clip = getattr(self.strategy, "clipping_norm", self.cfg.central_clip)
         return {
             "wrapper": wrapper,
@@ -77,7 +116,7 @@ def wrap(strategy: Strategy, cfg: RunConfig, clients: int, state: dict | None) -
     else:
         # Flower's default count noise (clients/20) is too small for a handful of regional
         # clients to leave any noise for the update; σ_count = σ leaves it 1/sqrt(3/4) ≈ 1.15 σ.
-        wrapped = DifferentialPrivacyServerSideAdaptiveClipping(
+        wrapped = _AdaptiveClipping(
             strategy,
             cfg.central_noise,
             clients,

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism
@@ -151,6 +152,43 @@ def test_central_dp_wraps_flower_strategies_and_accounts_releases(mode):
     assert once["releases"] == 1 and once["epsilon"] > 0
     resumed = wrap(make_strategy(cfg), cfg, clients=4, state=central.accountant.state_dict())
     assert resumed.summary()["epsilon"] == pytest.approx(once["epsilon"])
+
+
+class _Grid:
+    """Just enough of Flower's Grid for `configure_train`: four connected nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3, 4]
+
+
+def _train_replies(instructions: list[Message], count: int) -> list[Message]:
+    replies = []
+    for i, instruction in enumerate(instructions[:count]):
+        update = ArrayRecord({"w": torch.full((3,), float(i + 1))})
+        content = RecordDict({"arrays": update, "metrics": MetricRecord({"uniform-weight": 1.0})})
+        replies.append(Message(content, reply_to=instruction))
+    return replies
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_central_dp_releases_nothing_from_fewer_clients_than_its_noise_assumes(mode, monkeypatch):
+    # the noise is σ·C/4: from 3 updates it would be a σ·3/4 release, accounted as σ
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cfg = RunConfig(central_dp=mode, central_noise=1.0, central_clip=0.5)
+    central = wrap(make_strategy(cfg), cfg, clients=4, state=None)
+    start = ArrayRecord({"w": torch.zeros(3)})
+    clip = central.strategy.clipping_norm
+    for rnd, count in ((1, 3), (2, 4)):
+        sent = list(central.strategy.configure_train(rnd, start, ConfigRecord({}), _Grid()))
+        arrays, _ = central.strategy.aggregate_train(rnd, _train_replies(sent, count))
+        if arrays is not None:
+            central.released()  # what the round loop does with an aggregate
+        if count == 3:
+            assert arrays is None
+            assert central.summary()["releases"] == 0
+            assert central.strategy.clipping_norm == clip  # the clipped count stayed private
+    assert arrays is not None and central.summary()["releases"] == 1
 
 
 def test_central_dp_refuses_a_weighted_server_optimizer():
