@@ -8,6 +8,11 @@ PRV (Gopi et al. 2021) is the default: it computes the subsampled Gaussian's pri
 numerically with a rigorous error bound, and Opacus' `PRVAccountant.get_epsilon` returns the
 upper end of that bound (estimate at δ − δ/1000, plus `eps_error` = 0.01), so planning and
 enforcement never rest on an optimistic figure; the same ε buys a 4–16 % smaller σ than RDP.
+
+Besides DP-SGD a client releases a noisy user count (once) and noisy evaluation sums (per
+evaluation). Each is a Gaussian mechanism, which is Opacus' subsampled Gaussian with sample rate 1,
+so one accountant composes them all. The neighbouring relation is add/remove one user throughout:
+it is the one Poisson-sampled DP-SGD is analysed under, and counts then have sensitivity 1.
 """
 
 from __future__ import annotations
@@ -15,29 +20,28 @@ from __future__ import annotations
 import warnings
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ConfigDict, Field
 
-from privacy.ledger import Spend
+from privacy.ledger import Release, Spend
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps), Opacus history form
 DEFAULT_ACCOUNTANT = "prv"
+NEIGHBOURING = "add or remove one user"  # Opacus' relation for Poisson-sampled DP-SGD
+MAX_SIGMA = 1e6
 
 
 def _merged(history: list[Step]) -> list[Step]:
-    """Consecutive runs of one mechanism as one (σ, q, total steps) step: the same composition.
+    """All steps of one mechanism as one (σ, q, total steps) step: the same composition.
 
-    PRV discretises each history entry separately, so without this a client's per-round entries
-    would give a figure a hair away from the one its plan searched for; merged, the replay of
-    the planned rounds is exactly the planned epsilon (and several times faster).
+    Composition does not depend on order, and PRV discretises each history entry separately, so
+    without this a client's per-round entries would give a figure a hair away from the one its
+    plan searched for; merged, the replay of the planned releases is exactly the planned epsilon
+    (and several times faster).
     """
-    out: list[Step] = []
+    totals: dict[tuple[float, float], int] = {}
     for sigma, q, steps in history:
-        if out and out[-1][:2] == (sigma, q):
-            out[-1] = (sigma, q, out[-1][2] + steps)
-        else:
-            out.append((sigma, q, steps))
-    return out
+        totals[(sigma, q)] = totals.get((sigma, q), 0) + steps
+    return [(sigma, q, steps) for (sigma, q), steps in totals.items()]
 
 
 def replay(history: list[Step], delta: float, accountant: str) -> float:
@@ -59,7 +63,11 @@ class Budget(BaseModel):
 
 
 class Mechanism(BaseModel):
-    """DP-SGD parameters fixed at a client's first round so the planned rounds fit its budget."""
+    """DP-SGD parameters fixed at a client's first round so the planned rounds fit its budget.
+
+    `noisy_users` is the user count the client released (with noise) at that round; the sample
+    rate and steps derive from it, never from the exact count, so they reveal nothing more.
+    """
 
     model_config = ConfigDict(extra="forbid")
     noise_multiplier: float = Field(gt=0)
@@ -68,13 +76,24 @@ class Mechanism(BaseModel):
     clip_norm: float = Field(gt=0)
     accountant: str
     planned_rounds: int = Field(ge=1)
+    noisy_users: int = Field(1, ge=1)
+
+    def round_steps(self) -> list[Step]:
+        return [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+
+
+def release_steps(releases: list[Release]) -> list[Step]:
+    return [(r.noise_multiplier, 1.0, 1) for r in releases]
 
 
 class RoundSpend(BaseModel):
+    """One ledger entry's worth: a training round, an evaluation or a declined round."""
+
     model_config = ConfigDict(extra="forbid")
     server_round: int
-    status: str  # "trained" or "declined"
+    status: str  # "trained", "evaluated" or "declined"
     steps: int
+    releases: list[Release] = Field(default_factory=list)
     epsilon_before: float
     epsilon_after: float
 
@@ -96,25 +115,39 @@ class PrivacyState(BaseModel):
         return replay(steps, self.budget.delta, name) if steps else 0.0
 
     def round_steps(self) -> list[Step]:
-        m = self.mechanism
-        return [(m.noise_multiplier, m.sample_rate, m.steps_per_round)]
+        assert self.mechanism is not None
+        return self.mechanism.round_steps()
 
-    def affordable(self) -> tuple[bool, float]:
-        """Whether one more planned round stays within budget, and epsilon after it."""
-        after = self.epsilon(self.round_steps())
-        return after <= self.budget.epsilon, after
+    def affordable(
+        self, extra: list[Step] | None = None, cap: float | None = None
+    ) -> tuple[bool, float]:
+        """Whether `extra` (default: one more planned round) stays within the budget — or
+        within `cap`, a smaller limit the current request asked for — and epsilon after it."""
+        after = self.epsilon(self.round_steps() if extra is None else extra)
+        limit = self.budget.epsilon if cap is None else min(cap, self.budget.epsilon)
+        return after <= limit, after
 
-    def record(self, server_round: int, steps: list[Step], status: str) -> RoundSpend:
+    def record(
+        self,
+        server_round: int,
+        steps: list[Step],
+        status: str,
+        releases: list[Release] | None = None,
+    ) -> RoundSpend:
+        """Add DP-SGD `steps` and Gaussian `releases` as one entry's spend."""
         if len({(s[0], s[1]) for s in steps}) > 1:
             raise ValueError("one round must use one mechanism (noise multiplier, sample rate)")
+        releases = releases or []
         before = self.epsilon()
-        self.history.extend(steps)
+        added = [*steps, *release_steps(releases)]
+        self.history.extend(added)
         spend = RoundSpend(
             server_round=server_round,
             status=status,
             steps=sum(s[2] for s in steps),
+            releases=releases,
             epsilon_before=before,
-            epsilon_after=self.epsilon() if steps else before,
+            epsilon_after=self.epsilon() if added else before,
         )
         self.rounds.append(spend)
         return spend
@@ -127,22 +160,52 @@ def plan_mechanism(
     rounds: int,
     clip_norm: float,
     accountant: str = DEFAULT_ACCOUNTANT,
+    *,
+    noisy_users: int = 1,
+    spent: list[Step] | None = None,
+    per_round: list[Step] | None = None,
+    tolerance: float = 0.01,
 ) -> Mechanism:
-    """Smallest noise multiplier (Opacus' search) so that `rounds` rounds fit the budget."""
-    sigma = get_noise_multiplier(
-        target_epsilon=budget.epsilon,
-        target_delta=budget.delta,
-        sample_rate=sample_rate,
-        steps=steps_per_round * rounds,
-        accountant=accountant,
-    )
+    """Smallest noise multiplier for which what is already `spent` plus `rounds` rounds — each
+    DP-SGD and the round's other releases (`per_round`, e.g. an evaluation) — fit the budget.
+
+    Opacus' own bisection (`get_noise_multiplier`), generalised to a history with other
+    releases in it; every epsilon comes from the accountant, and the result sits within
+    `tolerance` below the budget.
+    """
+    fixed = [*(spent or []), *[s for s in (per_round or []) for _ in range(rounds)]]
+
+    def eps(sigma: float) -> float:
+        return replay(
+            [*fixed, (sigma, sample_rate, steps_per_round * rounds)], budget.delta, accountant
+        )
+
+    if fixed and eps(MAX_SIGMA) > budget.epsilon:
+        raise ValueError(
+            f"budget ε = {budget.epsilon:g} cannot cover the other releases "
+            f"(already spent and reserved per round) even without any training"
+        )
+    low, high, eps_high = 0.0, 10.0, float("inf")
+    while eps_high > budget.epsilon:
+        high *= 2
+        if high > MAX_SIGMA:
+            raise ValueError(f"budget ε = {budget.epsilon:g} is too low to train at all")
+        eps_high = eps(high)
+    while budget.epsilon - eps_high > tolerance:
+        mid = (low + high) / 2
+        e = eps(mid)
+        if e < budget.epsilon:
+            high, eps_high = mid, e
+        else:
+            low = mid
     return Mechanism(
-        noise_multiplier=sigma,
+        noise_multiplier=high,
         sample_rate=sample_rate,
         steps_per_round=steps_per_round,
         clip_norm=clip_norm,
         accountant=accountant,
         planned_rounds=rounds,
+        noisy_users=noisy_users,
     )
 
 
@@ -161,14 +224,15 @@ def restore(client: str, budget: Budget, spends: list[Spend]) -> PrivacyState:
             clip_norm=spend.clip_norm,
             accountant=spend.accountant,
             planned_rounds=spend.planned_rounds,
+            noisy_users=spend.noisy_users,
         )
-        if spend.steps:
-            state.history.append((spend.noise_multiplier, spend.sample_rate, spend.steps))
+        state.history.extend(spend.history())
         state.rounds.append(
             RoundSpend(
                 server_round=spend.server_round,
                 status=spend.status,
                 steps=spend.steps,
+                releases=spend.releases,
                 epsilon_before=spend.epsilon_before,
                 epsilon_after=spend.epsilon_after,
             )
@@ -179,6 +243,7 @@ def restore(client: str, budget: Budget, spends: list[Spend]) -> PrivacyState:
 def spend_fields(state: PrivacyState, spend: RoundSpend, run_id: int | str) -> dict:
     """A ledger entry's content for `spend`, the round `state` just recorded."""
     m = state.mechanism
+    assert m is not None
     return {
         "run_id": str(run_id),
         "server_round": spend.server_round,
@@ -195,4 +260,6 @@ def spend_fields(state: PrivacyState, spend: RoundSpend, run_id: int | str) -> d
         "budget_epsilon": state.budget.epsilon,
         "steps_per_round": m.steps_per_round,
         "planned_rounds": m.planned_rounds,
+        "noisy_users": m.noisy_users,
+        "releases": [r.model_dump() for r in spend.releases],
     }

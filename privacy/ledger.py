@@ -42,12 +42,28 @@ class Chained(BaseModel):
     server_round: int = Field(ge=1)
 
 
+class Release(BaseModel):
+    """A Gaussian release beside DP-SGD: noise of `noise_multiplier × sensitivity` on values
+    that one user (added or removed) moves by at most `sensitivity` in L2 norm. Composed as
+    Opacus' history step (noise_multiplier, sample rate 1, 1 step): an unsampled Gaussian."""
+
+    model_config = ConfigDict(extra="forbid")
+    what: Literal["user-count", "evaluation"]
+    noise_multiplier: float = Field(gt=0)
+    sensitivity: float = Field(gt=0)
+
+
 class Spend(Chained):
-    """One client round: what it released (or declined) and what that cost, user-level."""
+    """One client release — a training round (DP-SGD, plus the user count at the first one), an
+    evaluation, or a declined round — and its cost, user-level (add/remove one user).
+
+    The budget, δ, accountant and DP-SGD mechanism are fixed by the first entry; every later
+    entry repeats them unchanged, so a reader can check that nobody raised them.
+    """
 
     kind: Literal["spend"] = "spend"
     client: str
-    status: Literal["trained", "declined"]
+    status: Literal["trained", "evaluated", "declined"]
     noise_multiplier: float = Field(gt=0)
     clip_norm: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)
@@ -59,6 +75,13 @@ class Spend(Chained):
     budget_epsilon: float = Field(gt=0)
     steps_per_round: int = Field(ge=1)
     planned_rounds: int = Field(ge=1)
+    noisy_users: int = Field(ge=1)  # the released user count: sets q and the FedAvg weight
+    releases: list[Release] = Field(default_factory=list)
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """This entry's releases in Opacus' history form (noise multiplier, sample rate, steps)."""
+        sgd = [(self.noise_multiplier, self.sample_rate, self.steps)] if self.steps else []
+        return sgd + [(r.noise_multiplier, 1.0, 1) for r in self.releases]
 
 
 class UsedEntry(BaseModel):

@@ -85,9 +85,11 @@ class _Pld:
     def __init__(self) -> None:
         self.accountant = pld_privacy_accountant.PLDAccountant()
 
-    def step(self, sigma: float, q: float, steps: int, delta: float) -> float:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        self.accountant.compose(event, steps)
+    def compose(self, history: list[tuple[float, float, int]], delta: float) -> float:
+        for sigma, q, steps in history:
+            gaussian = dp_accounting.GaussianDpEvent(sigma)
+            event = gaussian if q == 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
+            self.accountant.compose(event, steps)
         return float(self.accountant.get_epsilon(delta))
 
 
@@ -102,12 +104,12 @@ def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
     out: list[dict[str, float | None]] = []
     last: dict[str, float | None] = dict.fromkeys(ACCOUNTANTS, 0.0)
     for s in spends:
-        if s.steps:
-            history.append((s.noise_multiplier, s.sample_rate, s.steps))
+        if added := s.history():
+            history.extend(added)
             last = {
                 "rdp": _finite(replay(history, s.delta, "rdp")),
                 "prv": _finite(replay(history, s.delta, "prv")),
-                "pld": _finite(pld.step(s.noise_multiplier, s.sample_rate, s.steps, s.delta)),
+                "pld": _finite(pld.compose(added, s.delta)),
             }
         out.append(dict(last))
     return out
@@ -125,10 +127,12 @@ def _problems(s: Spend, first: Spend, before: float, eps: dict[str, float | None
         problems.append(
             f"epsilon_before {s.epsilon_before:.6g} is not the previous epsilon_after {before:.6g}"
         )
-    if s.status == "declined" and (s.steps or s.epsilon_after != s.epsilon_before):
+    if s.status == "declined" and (s.history() or s.epsilon_after != s.epsilon_before):
         problems.append("a declined round spent privacy")
     if s.status == "trained" and not s.steps:
         problems.append("a trained round with no steps")
+    if s.status == "evaluated" and (s.steps or [r.what for r in s.releases] != ["evaluation"]):
+        problems.append("an evaluation entry must hold one evaluation release and no steps")
     own = eps.get(s.accountant)
     if own is None:
         problems.append(f"accountant {s.accountant!r} cannot recompute this entry")
