@@ -21,6 +21,7 @@ from common.formats import load_events
 from common.partition import audit_non_members, plan, select
 from common.runconfig import RunConfig
 from common.sources import run_events
+from privacy.signing import CLIENT_PUBLIC_KEY, client_key, load_or_create
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def load_client_data(
     )
     state_dir = state_dir or default_state or Path(cfg.out) / "clients" / name
     key = node_config.get("signing-key")
-    return ClientData(
-        name, prepared, state_dir, Path(str(key)) if key else state_dir / "signing.key"
-    )
+    key_path = Path(str(key)) if key else client_key(state_dir, Path(cfg.out), name)
+    # The verifier finds the public key beside the ledger; made here, before any spend, a key
+    # that does not match the ledger's fails the client early.
+    load_or_create(key_path, publish=state_dir / CLIENT_PUBLIC_KEY)
+    return ClientData(name, prepared, state_dir, key_path)

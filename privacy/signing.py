@@ -1,9 +1,15 @@
-"""Ed25519 key pairs that sign privacy ledgers: one per client, one for the server."""
+"""Ed25519 key pairs that sign privacy ledgers: one per client, one for the server.
+
+Private keys are created owner-only (never readable by anyone else, not even for an instant) and,
+by default, kept beside a run folder rather than in it: the run folder is what a compliance team
+receives, so it holds only public keys (`keys/server.pub`, each client's `signing.pub`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -13,6 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from common.atomic import write_with
 
 PUBLIC_SUFFIX = ".pub"
+PRIVATE_KEYS_SUFFIX = ".keys"  # `<run>.keys/` beside the run folder `<run>` holds its private keys
+# Where a verifier without pinned keys finds the public key of a ledger, relative to its folder
+CLIENT_PUBLIC_KEY = "signing.pub"
+SERVER_PUBLIC_KEY = "keys/server.pub"
 
 
 class KeyFileError(ValueError):
@@ -41,14 +51,28 @@ def create_pair(private_path: Path, overwrite: bool = False) -> Ed25519PrivateKe
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-    def write_private(tmp: Path) -> None:
-        tmp.write_bytes(pem)
-        os.chmod(tmp, 0o600)
-
-    write_with(private_path, write_private)
+    _write_owner_only(private_path, pem)
     write_with(public_path, lambda tmp: tmp.write_bytes(public_pem(key.public_key())))
     return key
+
+
+def _write_owner_only(target: Path, data: bytes) -> None:
+    """Write `target` through a temporary file and a rename, mode 0600 from its creation.
+
+    `common.atomic` gives a new file the umask's mode first (shared outputs must stay readable),
+    so a private key written through it and then chmod-ed would be world-readable meanwhile.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
@@ -61,9 +85,41 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_or_create(path: Path) -> Ed25519PrivateKey:
-    """The key at `path`, created on first use (a client with no key given gets its own)."""
-    return load_private(path) if path.exists() else create_pair(path)
+def load_or_create(path: Path, publish: Path | None = None) -> Ed25519PrivateKey:
+    """The key at `path`, created on first use (a client with no key given gets its own).
+
+    `publish`: also place the public key there, where a verifier looks for it beside the
+    ledger it signs; a different key already published there is an error, since the ledger's
+    earlier entries were signed with that one.
+    """
+    key = load_private(path) if path.exists() else create_pair(path)
+    if publish is not None:
+        if not publish.exists():
+            write_with(publish, lambda tmp: tmp.write_bytes(public_pem(key.public_key())))
+        elif fingerprint(load_public(publish)) != fingerprint(key.public_key()):
+            raise KeyFileError(
+                f"{publish} holds another public key than {path}: the ledger beside it was "
+                "signed with a different private key (restore that key to this path)"
+            )
+    return key
+
+
+def private_keys(run_dir: Path) -> Path:
+    """The folder of a run's default private keys: `<run>.keys/`, beside the run folder and
+    never inside it, since the run folder is handed to compliance."""
+    run_dir = run_dir.resolve()  # "." or "runs/x/.." name no folder of their own
+    return run_dir.with_name(run_dir.name + PRIVATE_KEYS_SUFFIX)
+
+
+def client_key(state_dir: Path, run_dir: Path, name: str) -> Path:
+    """Default private key of a client whose node config names none.
+
+    A simulated client's state folder lies inside the run folder, so its key goes to the run's
+    private key folder; a deployed client's state folder is its own and keeps `signing.key`.
+    """
+    if state_dir.resolve().is_relative_to(run_dir.resolve()):
+        return private_keys(run_dir) / f"{name}.key"
+    return state_dir / "signing.key"
 
 
 def load_public(path: Path) -> Ed25519PublicKey:

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.dataset import catalog_shape
 from common.model import BehaviorModel
 from common.runconfig import CentralDP, RunConfig, StrategyName
-from privacy.signing import load_or_create
+from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, private_keys
 from server import central_dp, checkpoint, report
 from server.aggregation import make_strategy
 from server.export import export
@@ -57,7 +57,12 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.strategy is StrategyName.FEDPROX:
         shared["proximal-mu"] = cfg.proximal_mu
 
-    key = load_or_create(Path(cfg.server_key) if cfg.server_key else out / "keys" / "server.key")
+    # The default private key stays outside the run folder handed to compliance; its public
+    # half goes in, where the verifier looks for it.
+    key = load_or_create(
+        Path(cfg.server_key) if cfg.server_key else private_keys(out) / "server.key",
+        publish=out / SERVER_PUBLIC_KEY,
+    )
     trail = Trail(out, key, str(context.run_id), cfg.strategy.value)
 
     def on_round(_: dict) -> None:

@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 from ledger_factory import BUDGET, write_client, write_server
 
-from privacy.accounting import PrivacyState, plan_mechanism, restore, spend_fields
+from privacy.accounting import (
+    Mechanism,
+    PrivacyState,
+    RoundSpend,
+    plan_mechanism,
+    restore,
+    spend_fields,
+)
 from privacy.ledger import (
     CLIENT_LEDGER,
     SERVER_LEDGER,
+    Aggregation,
     LedgerError,
+    Release,
     Spend,
     append,
     check_head,
     entries,
     read_lines,
 )
-from privacy.signing import create_pair, load_keyring
+from privacy.signing import (
+    CLIENT_PUBLIC_KEY,
+    SERVER_PUBLIC_KEY,
+    KeyFileError,
+    client_key,
+    create_pair,
+    load_keyring,
+    load_or_create,
+    private_keys,
+)
 from privacy.verify import verify_paths
 
 
@@ -44,6 +63,23 @@ def rewrite(path: Path, edit) -> None:
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     lines = edit(lines)
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _one_round(name: str) -> tuple[PrivacyState, RoundSpend]:
+    """A client's first trained round (with its user count), on a mechanism not planned here:
+    planning takes seconds and these tests need only a consistent ledger."""
+    mechanism = Mechanism(
+        noise_multiplier=1.5,
+        sample_rate=0.05,
+        steps_per_round=20,
+        clip_norm=1.0,
+        accountant="prv",
+        planned_rounds=2,
+        noisy_users=20,
+    )
+    state = PrivacyState(client=name, budget=BUDGET, mechanism=mechanism)
+    count = Release(what="user-count", noise_multiplier=5.0, sensitivity=1.0)
+    return state, state.record(1, state.round_steps(), "trained", [count])
 
 
 def first_problem(paths: list[Path], keys: Path | None) -> str:
@@ -194,3 +230,83 @@ def test_a_ledger_behind_the_servers_record_is_refused(run):
         check_head(client, lines[:2], trail.heads["north"])  # restored from an old backup
     with pytest.raises(LedgerError, match="differs"):
         check_head(client, lines, (1, lines[2].hash))
+
+
+def test_a_private_key_is_never_readable_by_others(tmp_path, monkeypatch):
+    """Even with umask 0, the key file is 0600 from its creation to its final name: every mode
+    it is created with, changed to, synced or renamed with is owner-only."""
+    modes: list[int] = []
+    real = {name: getattr(os, name) for name in ("open", "chmod", "fsync", "replace")}
+
+    def is_key(path) -> bool:
+        return "north.key" in os.fspath(path)
+
+    def open_(path, flags, mode=0o777, *args, **kwargs):
+        if is_key(path) and flags & os.O_CREAT:
+            modes.append(mode & 0o777)
+        return real["open"](path, flags, mode, *args, **kwargs)
+
+    def chmod(path, mode, *args, **kwargs):
+        if is_key(path):
+            modes.append(mode & 0o777)
+        return real["chmod"](path, mode, *args, **kwargs)
+
+    def fsync(fd) -> None:
+        if is_key(os.readlink(f"/proc/self/fd/{fd}")):
+            modes.append(os.fstat(fd).st_mode & 0o777)
+        real["fsync"](fd)
+
+    def replace(src, dst) -> None:
+        if is_key(dst):
+            modes.append(os.stat(src).st_mode & 0o777)
+        real["replace"](src, dst)
+
+    old = os.umask(0)
+    try:
+        for name, fake in (
+            ("open", open_),
+            ("chmod", chmod),
+            ("fsync", fsync),
+            ("replace", replace),
+        ):
+            monkeypatch.setattr(os, name, fake)
+        create_pair(tmp_path / "keys" / "north.key")
+        create_pair(tmp_path / "keys" / "north.key", overwrite=True)
+    finally:
+        os.umask(old)
+        monkeypatch.undo()
+    assert len(modes) >= 6 and set(modes) == {0o600}, [oct(m) for m in modes]
+    assert (tmp_path / "keys" / "north.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "keys").stat().st_mode & 0o077 == 0
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["north.key", "north.pub"]
+
+
+def test_default_private_keys_stay_outside_the_run_folder(tmp_path):
+    """The run folder goes to compliance: it gets public keys only, where the verifier looks."""
+    out = tmp_path / "run"
+    server_key = load_or_create(private_keys(out) / "server.key", publish=out / SERVER_PUBLIC_KEY)
+    state = out / "clients" / "north"
+    client = client_key(state, out, "north")
+    client_private = load_or_create(client, publish=state / CLIENT_PUBLIC_KEY)
+    assert load_or_create(client, publish=state / CLIENT_PUBLIC_KEY)  # reloads, same key
+    assert client.parent == private_keys(out) == tmp_path / "run.keys"
+    inside = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(out).as_posix() for p in inside) == [
+        "clients/north/signing.pub",
+        "keys/server.pub",
+    ]
+    assert not any(b"PRIVATE" in p.read_bytes() for p in inside)
+    # the verifier, without pinned keys, finds both public keys in the run folder
+    path = state / CLIENT_LEDGER
+    fields = spend_fields(*_one_round("north"), run_id=7)
+    append(path, fields, client_private, Spend)
+    server_fields = {"run_id": "7", "server_round": 1, "strategy": "fedavg"}
+    used = {"client": "north", "status": "used", "seq": 0, "hash": read_lines(path)[0].hash}
+    append(out / SERVER_LEDGER, server_fields | {"clients": [used]}, server_key, Aggregation)
+    reports = verify_paths([out / SERVER_LEDGER, path])
+    assert all(r.ok for r in reports), [r.findings for r in reports]
+    # a deployed client's own state folder (outside any run folder) keeps its key
+    assert client_key(tmp_path / "north.fedshop", out, "north").parent.name == "north.fedshop"
+    # another key than the one that signed the ledger is refused, not silently published
+    with pytest.raises(KeyFileError, match="another public key"):
+        load_or_create(tmp_path / "other.key", publish=state / CLIENT_PUBLIC_KEY)
