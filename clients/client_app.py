@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -12,12 +14,13 @@ from clients.local_data import ClientData, load_client_data
 from clients.local_training import train_plain, train_private
 from common.demand import PRIMARY, holdout_forecast
 from common.forecasting import moving_average
+from common.messages import CLIENT, LEDGER_HEADS, REFUSED, UNIFORM, WEIGHT
 from common.model import BehaviorModel
 from common.runconfig import RunConfig
 from common.training import evaluate_ranking, pick_device
-from privacy.accounting import Budget, PrivacyState, restore, spend_fields
-from privacy.ledger import CLIENT_LEDGER, Line, Spend, append, check_head, parse, read_lines
-from privacy.signing import load_or_create
+from privacy.account import PrivacyAccount
+from privacy.ledger import Line
+from privacy.policy import POLICY_FILE, PrivacyPolicy, Refused
 
 app = ClientApp()
 
@@ -33,21 +36,26 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, Behav
     return cfg, data, model
 
 
-def _privacy_state(data: ClientData, cfg: RunConfig, heads: str) -> PrivacyState:
-    """Rebuilt from the ledger beside the client's data, so it survives any restart; first
-    checked against the newest entry the server recorded from this client."""
-    path = data.state_dir / CLIENT_LEDGER
-    lines = read_lines(path) if path.exists() else []
-    head = json.loads(heads or "{}").get(data.name)
-    check_head(path, lines, tuple(head) if head else None)
-    spends = [parse(path, line, Spend) for line in lines]
-    return restore(data.name, Budget(epsilon=cfg.epsilon, delta=cfg.delta), spends)
+def _account(
+    msg: Message, context: Context, cfg: RunConfig, data: ClientData
+) -> AbstractContextManager[PrivacyAccount]:
+    heads = json.loads(str(msg.content["config"].get(LEDGER_HEADS, "")) or "{}")
+    head = heads.get(data.name)
+    return PrivacyAccount.open(
+        data.name,
+        data.state_dir,
+        data.key_path,
+        _policy(context, cfg),
+        cfg,
+        tuple(head) if head else None,
+        context.run_id,
+    )
 
 
-def _write_ahead(state: PrivacyState, data: ClientData, run_id: int) -> Line:
-    """Sign and store the round's spend; only after this may the update leave the client."""
-    fields = spend_fields(state, state.rounds[-1], run_id)
-    return append(data.state_dir / CLIENT_LEDGER, fields, load_or_create(data.key_path), Spend)
+def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
+    """The client's own policy: node config in deployment, the simulation's file otherwise."""
+    simulated = Path(cfg.out) / "clients" / POLICY_FILE
+    return PrivacyPolicy.from_node_config(dict(context.node_config), simulated)
 
 
 def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
@@ -57,75 +65,103 @@ def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
     return ConfigRecord(record)
 
 
+def _refused(msg: Message, data: ClientData, reason: Refused) -> Message:
+    """Nothing about the data, only why: the server cannot make this client release more."""
+    content = RecordDict({REFUSED: ConfigRecord({"reason": str(reason)}), CLIENT: _client(data)})
+    return Message(content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One round. Released: the update (DP-SGD), the noisy user count as the FedAvg weight and
+    the mechanism's parameters, derived from that count; never losses or exact counts."""
     cfg, data, model = _setup(msg, context)
     device = pick_device(cfg.device)
     model.to(device)
     server_round = int(msg.content["config"]["server-round"])
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     train_seqs = data.prepared.train
-    metrics: dict[str, float] = {
-        "num-examples": len(train_seqs),
-        "uniform-weight": 1.0,
-        "declined": 0,
-    }
-    line = None
-    if cfg.dp:
-        state = _privacy_state(data, cfg, str(msg.content["config"].get("ledger-heads", "")))
-        result = train_private(model, train_seqs, cfg, state, server_round, device, mu)
-        line = _write_ahead(state, data, context.run_id)
-        mech = state.mechanism
-        metrics |= {
-            "epsilon": state.epsilon(),
-            "delta": state.budget.delta,
-            "epsilon-budget": state.budget.epsilon,
-            "noise-multiplier": mech.noise_multiplier,
-            "clip-norm": mech.clip_norm,
-            "sample-rate": mech.sample_rate,
-        }
-    else:
-        result = train_plain(model, train_seqs, cfg, server_round, device, mu)
-        metrics |= {"epsilon": float("inf")}
-    if not result.trained:
-        metrics |= {"declined": 1, "num-examples": 0, "steps": 0}
-        content = RecordDict({"metrics": MetricRecord(metrics), "client": _client(data, line)})
-        return Message(content, reply_to=msg)
-    metrics |= {
+    try:
+        if not cfg.dp:
+            _policy(context, cfg).answer(cfg, None)  # refuses unless the policy allows it
+            result = train_plain(model, train_seqs, cfg, server_round, device, mu)
+            metrics = {WEIGHT: len(train_seqs), "epsilon": float("inf")}
+            return _update(msg, model, metrics, _client(data))
+        with _account(msg, context, cfg, data) as account:
+            mech = account.mechanism(len(train_seqs))
+            if not account.can_train():
+                line = account.decline(server_round)
+                metrics = {"declined": 1, WEIGHT: 0}
+                content = {"metrics": MetricRecord(metrics), CLIENT: _client(data, line)}
+                return Message(RecordDict(content), reply_to=msg)
+            result = train_private(model, train_seqs, cfg, mech, device, mu)
+            line = account.trained(server_round, result.history)
+            state = account.state
+    except Refused as reason:
+        return _refused(msg, data, reason)
+    metrics = {
+        WEIGHT: mech.noisy_users,
+        "epsilon": state.epsilon(),
+        "delta": state.budget.delta,
+        "epsilon-budget": state.budget.epsilon,
+        "noise-multiplier": mech.noise_multiplier,
+        "clip-norm": mech.clip_norm,
+        "sample-rate": mech.sample_rate,
         "steps": result.metrics["steps"],
-        "loss": result.metrics["loss"],
-        "loss-next-item": result.metrics["loss_next_item"],
-        "loss-demand": result.metrics["loss_demand"],
     }
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.cpu().state_dict()),
-            "metrics": MetricRecord(metrics),
-            "client": _client(data, line),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return _update(msg, model, metrics, _client(data, line))
+
+
+def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRecord) -> Message:
+    metrics = {"declined": 0, UNIFORM: 1.0, **metrics}
+    content = {
+        "arrays": ArrayRecord(model.cpu().state_dict()),
+        "metrics": MetricRecord(metrics),
+        CLIENT: client,
+    }
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Metrics on this client's held-out data; forecast errors as sums so WAPE aggregates."""
+    """Held-out ranking as (users, hits, NDCG) sums, noised and accounted under DP; demand
+    error sums only where the client's policy shares them (they are not covered by ε)."""
     cfg, data, model = _setup(msg, context)
     device = pick_device(cfg.device)
     model.to(device)
+    server_round = int(msg.content["config"]["server-round"])
     ranking = evaluate_ranking(model, data.prepared.test, device)
+    users = ranking["users"]
+    sums = np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
+    policy = _policy(context, cfg)
+    try:
+        if cfg.dp:
+            with _account(msg, context, cfg, data) as account:
+                sums = account.evaluation(server_round, sums)
+        else:
+            policy.answer(cfg, None)
+    except Refused as reason:
+        return _refused(msg, data, reason)
+    metrics = {
+        WEIGHT: max(float(sums[0]), 1.0),
+        UNIFORM: 1.0,
+        "users-sum": float(sums[0]),
+        "hits10-sum": float(sums[1]),
+        "ndcg10-sum": float(sums[2]),
+    }
+    if policy.share_demand_evaluation or not cfg.dp:
+        metrics |= _demand_sums(model, data, device)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _demand_sums(model: BehaviorModel, data: ClientData, device) -> dict[str, float]:
+    """Forecast errors as sums so WAPE aggregates across clients; exact, not noised."""
     held = holdout_forecast(model, data.prepared, device)
     actual, forecasts, planner = held.actual, held.forecasts, held.planner
     history, _ = data.prepared.demand.holdout(data.prepared.holdout_weeks)
     moving = moving_average(history, actual.shape[1])
     inside = (actual >= planner.lower[:, None]) & (actual <= planner.upper[:, None])
-    metrics = {
-        "num-examples": ranking["users"],
-        "uniform-weight": 1.0,  # Flower checks the training weight key in every reply
-        "hr10": ranking["full"]["hr@10"],
-        "ndcg10": ranking["full"]["ndcg@10"],
-        "hr10-sampled": ranking["sampled"]["hr@10"],
-        "ndcg10-sampled": ranking["sampled"]["ndcg@10"],
+    return {
         "demand-actual-sum": float(actual.sum()),
         "demand-abs-error-sum": float(np.abs(actual - forecasts[PRIMARY]).sum()),
         "demand-raw-abs-error-sum": float(np.abs(actual - forecasts["bottom_up"]).sum()),
@@ -136,4 +172,3 @@ def evaluate(msg: Message, context: Context) -> Message:
         "demand-covered-sum": float(inside.sum()),
         "demand-cells-sum": float(np.isfinite(planner.lower).sum() * actual.shape[1]),
     }
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

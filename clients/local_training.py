@@ -1,4 +1,4 @@
-"""One client's training round: DP-SGD with Opacus and a cumulative, enforced budget."""
+"""One client's training round: DP-SGD with Opacus under a fixed mechanism, or plain training."""
 
 from __future__ import annotations
 
@@ -6,19 +6,23 @@ from dataclasses import dataclass, field
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from common.model import BehaviorModel
 from common.runconfig import RunConfig
 from common.sequences import Sequences
 from common.training import loader, train_epoch
-from privacy.accounting import PrivacyState, RoundSpend, plan_mechanism
+from privacy.accounting import Mechanism, Step
+from privacy.randomness import torch_generator
 
 
 @dataclass
 class RoundResult:
     trained: bool
     metrics: dict[str, float] = field(default_factory=dict)
-    spend: RoundSpend | None = None
+    history: list[Step] = field(default_factory=list)  # Opacus' accountant history (DP only)
 
 
 def _proximal_pull(model: BehaviorModel, lr: float, mu: float):
@@ -37,62 +41,65 @@ def _proximal_pull(model: BehaviorModel, lr: float, mu: float):
     return pull
 
 
+def dp_loader(train: Sequences, mech: Mechanism, generator: torch.Generator) -> DataLoader:
+    """One epoch of Poisson sampling: each user joins each step with probability q, for exactly
+    1/q steps (q = 1/k by construction), drawn from `generator` and nothing else."""
+    dataset = TensorDataset(*train.tensors())
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset),
+        sample_rate=mech.sample_rate,
+        generator=generator,
+        steps=round(1 / mech.sample_rate),
+    )
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first],
+    )
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
 def train_private(
     model: BehaviorModel,
     train: Sequences,
     cfg: RunConfig,
-    state: PrivacyState,
-    server_round: int,
+    mech: Mechanism,
     device: torch.device,
     proximal_mu: float = 0.0,
 ) -> RoundResult:
-    """Train one round under DP-SGD unless it would exceed the budget; update `state`.
+    """One round of DP-SGD with the fixed mechanism; `history` is what Opacus accounted.
 
-    The caller must persist `state` before replying: the spend is recorded first.
+    Sampling and noise come from fresh OS-seeded generators, never from the run's seed.
     """
-    if state.budget.delta >= 1 / len(train):
-        raise ValueError(
-            f"delta {state.budget.delta:g} is not below 1/users (1/{len(train)}): "
-            "the guarantee would allow revealing a user"
-        )
-    plain = loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
-    sample_rate = 1 / len(plain)  # what Opacus' DPDataLoader derives from this loader
-    if state.mechanism is None:
-        state.mechanism = plan_mechanism(
-            state.budget,
-            sample_rate,
-            steps_per_round=cfg.local_epochs * len(plain),
-            rounds=cfg.budget_rounds,
-            clip_norm=cfg.clip_norm,
-            accountant=cfg.accountant.value,
-        )
-    mech = state.mechanism
-    if not state.affordable()[0]:
-        return RoundResult(False, spend=state.record(server_round, [], "declined"))
     engine = PrivacyEngine(accountant=mech.accountant)
-    dp_model, dp_opt, dp_loader = engine.make_private(
+    dp_model, dp_opt, dp_loader_ = engine.make_private(
         module=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-        data_loader=plain,
+        data_loader=dp_loader(train, mech, torch_generator()),
         noise_multiplier=mech.noise_multiplier,
         max_grad_norm=mech.clip_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,  # the loader already samples (Poisson, exact steps)
+        noise_generator=torch_generator(device),
     )
+    # Opacus divides the noisy sum by len(dataset) × q: the exact user count. The released
+    # count gives the same scale without making the update's size a function of the exact one.
+    dp_opt.expected_batch_size = max(1, round(mech.noisy_users * mech.sample_rate))
 
     def empty_step() -> None:
-        engine.accountant.step(noise_multiplier=mech.noise_multiplier, sample_rate=sample_rate)
+        engine.accountant.step(noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate)
 
     pull = _proximal_pull(model, cfg.lr, proximal_mu) if proximal_mu > 0 else None
     losses = {}
     try:
         for _ in range(cfg.local_epochs):
             losses = train_epoch(
-                dp_model, dp_loader, dp_opt, device, cfg.model.demand_weight, pull, empty_step
+                dp_model, dp_loader_, dp_opt, device, cfg.model.demand_weight, pull, empty_step
             )
     finally:
         dp_model.remove_hooks()  # the caller's model stays a plain module, reusable next round
-    spend = state.record(server_round, list(engine.accountant.history), "trained")
-    return RoundResult(True, {**losses, "steps": spend.steps}, spend)
+    history = list(engine.accountant.history)
+    return RoundResult(True, {**losses, "steps": sum(s for _, _, s in history)}, history)
 
 
 def train_plain(

@@ -11,9 +11,11 @@ leaves the old ledger or the new one, never half a line.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,6 +188,20 @@ def check_head(path: Path, lines: list[Line], head: tuple[int, str] | None) -> N
             f"here it {found} ({len(lines)} entries); restore the ledger before training again, "
             "or the spent privacy would be forgotten"
         )
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the ledger at `path` (a `.lock` file beside it) until the
+    block ends, across processes: a client reads its ledger, decides, trains and appends under
+    one lock, so two runs on one client can neither lose nor double-spend a round."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def append(path: Path, fields: dict, key: Ed25519PrivateKey, model: type[Chained]) -> Line:

@@ -5,28 +5,21 @@ from __future__ import annotations
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
+from common.messages import UNIFORM, WEIGHT
 from common.runconfig import CentralDP, RunConfig, StrategyName
-
-WEIGHT = "num-examples"
-UNIFORM = "uniform-weight"  # every client's update counts the same (client-level DP needs it)
 
 
 def aggregate_evaluation(replies: list[RecordDict]) -> MetricRecord:
-    """Rates are averaged weighted by users; `*-sum` fields add up, so WAPE is exact:
-    Σ|error| / Σ actual over every client's series."""
+    """Clients send sums (noised under DP), which add up: HR@10 = Σ hits / Σ users, and WAPE
+    = Σ|error| / Σ actual over the series of the clients that share demand sums."""
     records = [next(iter(r.metric_records.values())) for r in replies]
-    total = sum(float(m[WEIGHT]) for m in records) or 1.0
-    out: dict[str, float] = {WEIGHT: total}
-    for key in records[0]:
-        if key == WEIGHT:
-            continue
-        values = [float(m[key]) for m in records]
-        if key.endswith("-sum"):
-            out[key] = sum(values)
-        else:
-            out[key] = (
-                sum(v * float(m[WEIGHT]) for v, m in zip(values, records, strict=True)) / total
-            )
+    out: dict[str, float] = {}
+    for key in {k for m in records for k in m if k.endswith("-sum")}:
+        out[key] = sum(float(m[key]) for m in records if key in m)
+    users = max(out.get("users-sum", 0.0), 1.0)
+    out[WEIGHT] = users
+    out["hr10"] = out.get("hits10-sum", 0.0) / users
+    out["ndcg10"] = out.get("ndcg10-sum", 0.0) / users
     actual = out.get("demand-actual-sum", 0.0)
     if actual > 0:
         out["wape"] = out["demand-abs-error-sum"] / actual

@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.messages import CLIENT, LEDGER_HEADS, REFUSED
 from server import checkpoint
 from server.central_dp import CentralPrivacy
 from server.trail import Trail
@@ -27,34 +28,46 @@ class Triage:
     trained: list[Message]
     declined: list[Message]
     failed: list[Message]
+    refused: list[Message]
 
 
 def triage(replies: list[Message]) -> Triage:
     failed = [m for m in replies if m.has_error()]
     ok = [m for m in replies if not m.has_error()]
-    declined = [m for m in ok if float(m.content["metrics"].get("declined", 0)) > 0]
-    trained = [m for m in ok if m not in declined]
-    return Triage(trained, declined, failed)
+    refused = [m for m in ok if REFUSED in m.content]
+    answered = [m for m in ok if REFUSED not in m.content]
+    declined = [m for m in answered if float(m.content["metrics"].get("declined", 0)) > 0]
+    trained = [m for m in answered if m not in declined]
+    return Triage(trained, declined, failed, refused)
+
+
+def _name(m: Message) -> str:
+    return str(m.content[CLIENT]["name"]) if CLIENT in m.content else str(m.metadata.src_node_id)
 
 
 def client_rows(server_round: int, t: Triage) -> list[dict]:
     rows = []
     for status, messages in (("trained", t.trained), ("declined", t.declined)):
         for m in messages:
-            name = (
-                str(m.content["client"]["name"])
-                if "client" in m.content
-                else str(m.metadata.src_node_id)
-            )
             rows.append(
                 {
                     "round": server_round,
-                    "client": name,
+                    "client": _name(m),
                     "node": m.metadata.src_node_id,
                     "status": status,
                     **{k: float(v) for k, v in m.content["metrics"].items()},
                 }
             )
+    for m in t.refused:
+        rows.append(
+            {
+                "round": server_round,
+                "client": _name(m),
+                "node": m.metadata.src_node_id,
+                "status": "refused",
+                "error": str(m.content[REFUSED]["reason"]),
+            }
+        )
     for m in t.failed:
         rows.append(
             {
@@ -88,7 +101,7 @@ def run_rounds(
         replies = list(
             grid.send_and_receive(
                 strategy.configure_train(
-                    rnd, arrays, ConfigRecord(shared | {"ledger-heads": trail.heads_json()}), grid
+                    rnd, arrays, ConfigRecord(shared | {LEDGER_HEADS: trail.heads_json()}), grid
                 )
             )
         )
@@ -109,14 +122,18 @@ def run_rounds(
                 rnd,
                 m.error.reason,
             )
+        for m in t.refused:
+            log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED]["reason"])
         if len(t.trained) < min_clients:
             reason = (
                 f"round {rnd}: only {len(t.trained)} client(s) trained "
-                f"({len(t.declined)} declined, {len(t.failed)} failed); "
+                f"({len(t.declined)} declined, {len(t.refused)} refused, {len(t.failed)} failed); "
                 f"min-clients is {min_clients}, so the run stops here"
             )
             log(WARNING, reason)
-            trail.record(rnd, t.trained, t.declined, False, central and central.summary())
+            trail.record(
+                rnd, t.trained, t.declined, t.refused, False, central and central.summary()
+            )
             record["stopped"] = reason
             history.append(record)
             on_round(record)
@@ -129,18 +146,28 @@ def run_rounds(
         else:
             log(WARNING, "round %s: no aggregate (the model is unchanged)", rnd)
         trail.record(
-            rnd, t.trained, t.declined, new_arrays is not None, central and central.summary()
-        )
-        evaluation = strategy.aggregate_evaluate(
             rnd,
+            t.trained,
+            t.declined,
+            t.refused,
+            new_arrays is not None,
+            central and central.summary(),
+        )
+        answers = triage(
             list(
                 grid.send_and_receive(
                     strategy.configure_evaluate(rnd, arrays, ConfigRecord(shared), grid)
                 )
-            ),
+            )
         )
+        for m in answers.refused:
+            log(
+                WARNING, "%s refused evaluation %s: %s", _name(m), rnd, m.content[REFUSED]["reason"]
+            )
+        evaluation = strategy.aggregate_evaluate(rnd, answers.trained) if answers.trained else None
         record["train"] = dict(train_metrics or {})
         record["evaluate"] = dict(evaluation or {})
+        record["evaluate_refused"] = [_name(m) for m in answers.refused]
         if central:
             record["central_dp"] = central.summary()
         history.append(record)

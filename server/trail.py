@@ -9,11 +9,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
 
+from common.messages import CLIENT
 from privacy.ledger import SERVER_LEDGER, Aggregation, append, entries
 
 
 def _entry(message: Message, status: str) -> dict:
-    client = message.content.get("client", {})
+    client = message.content.get(CLIENT, {})
     return {
         "client": str(client.get("name", message.metadata.src_node_id)),
         "status": status,
@@ -49,12 +50,14 @@ class Trail:
         server_round: int,
         used: list[Message],
         declined: list[Message],
+        refused: list[Message],
         aggregated: bool,
         central_dp: dict[str, float | str] | None = None,
     ) -> None:
         """Append the round's record; `used` lists updates that went into the aggregate."""
         clients = [_entry(m, "used" if aggregated else "not-aggregated") for m in used]
         clients += [_entry(m, "declined") for m in declined]
+        clients += [_entry(m, "refused") for m in refused]  # nothing released, no ledger entry
         fields = {
             "run_id": self.run_id,
             "server_round": server_round,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.runconfig import RunConfig
+from privacy.policy import POLICY_FILE, PrivacyPolicy
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "local"
@@ -137,6 +138,7 @@ def simulate(
             f"another local Flower SuperLink is running (pid {other[0]}); stop it first"
         )
     write_flower_home(home)
+    simulated_policy(cfg).write(out / "clients" / POLICY_FILE)
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -176,6 +178,19 @@ def simulate(
     ok = summary_path.exists() and summary_path.stat().st_mtime >= started
     summary = json.loads(summary_path.read_text()) if ok else {}
     return SimulationResult(ok, summary, log_path)
+
+
+def simulated_policy(cfg: RunConfig) -> PrivacyPolicy:
+    """What the simulated clients allow: whoever runs a simulation owns every client, so their
+    policy is the run's settings. They share demand error sums (not covered by ε, and the
+    report says so) because an engineer trying models needs the federated WAPE."""
+    return PrivacyPolicy(
+        require_dp=cfg.dp,
+        epsilon=cfg.epsilon,
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+        share_demand_evaluation=True,
+    )
 
 
 def _rounds(out: Path) -> list[dict]:

@@ -11,10 +11,11 @@ from privacy.accounting import (
     Mechanism,
     PrivacyState,
     plan_mechanism,
+    release_steps,
     replay,
     spend_fields,
 )
-from privacy.ledger import CLIENT_LEDGER, Spend, append
+from privacy.ledger import CLIENT_LEDGER, Release, Spend, append
 from privacy.signing import create_pair
 from privacy.verify import verify_paths
 
@@ -64,12 +65,19 @@ def test_replay_is_prvs_upper_bound_not_its_estimate(prv):
 
 
 def ledger(folder: Path, mechanism: Mechanism, tamper: float = 0.0) -> Path:
-    """A signed two-round ledger; `tamper` is added to the second entry's epsilon before signing."""
+    """A signed two-round ledger, the user count released with the first round, planned like
+    `mechanism`; `tamper` is added to the second entry's epsilon before signing."""
     key = create_pair(folder / "keys" / "north.key")
-    state = PrivacyState(client="north", budget=BUDGET, mechanism=mechanism)
+    count = Release(what="user-count", noise_multiplier=10.0, sensitivity=1.0)
+    planned = plan_mechanism(
+        BUDGET, Q, STEPS, ROUNDS, 1.0, mechanism.accountant, spent=release_steps([count])
+    )
+    state = PrivacyState(client="north", budget=BUDGET, mechanism=planned)
     path = folder / CLIENT_LEDGER
     for rnd in range(1, ROUNDS + 1):
-        fields = spend_fields(state, state.record(rnd, state.round_steps(), "trained"), 7)
+        releases = [count] if rnd == 1 else []
+        spend = state.record(rnd, state.round_steps(), "trained", releases)
+        fields = spend_fields(state, spend, 7)
         fields["epsilon_after"] += tamper if rnd == ROUNDS else 0.0
         append(path, fields, key, Spend)
     return path

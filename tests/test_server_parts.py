@@ -12,14 +12,16 @@ from server.aggregation import aggregate_evaluation, make_strategy
 from server.central_dp import wrap
 
 
-def test_evaluation_aggregates_rates_by_users_and_wape_by_sums():
+def test_evaluation_adds_up_sums_hit_rate_and_wape():
     replies = [
         RecordDict(
             {
                 "metrics": MetricRecord(
                     {
                         "num-examples": 10,
-                        "hr10": 0.5,
+                        "users-sum": 10.0,
+                        "hits10-sum": 5.0,
+                        "ndcg10-sum": 2.0,
                         "demand-actual-sum": 100.0,
                         "demand-abs-error-sum": 10.0,
                         "demand-raw-abs-error-sum": 50.0,
@@ -33,7 +35,9 @@ def test_evaluation_aggregates_rates_by_users_and_wape_by_sums():
                 "metrics": MetricRecord(
                     {
                         "num-examples": 30,
-                        "hr10": 0.1,
+                        "users-sum": 30.0,
+                        "hits10-sum": 3.0,
+                        "ndcg10-sum": 1.0,
                         "demand-actual-sum": 300.0,
                         "demand-abs-error-sum": 90.0,
                         "demand-raw-abs-error-sum": 30.0,
@@ -46,6 +50,7 @@ def test_evaluation_aggregates_rates_by_users_and_wape_by_sums():
     out = aggregate_evaluation(replies)
     assert out["num-examples"] == 40
     assert out["hr10"] == pytest.approx((10 * 0.5 + 30 * 0.1) / 40)
+    assert out["ndcg10"] == pytest.approx(3 / 40)
     assert out["wape"] == pytest.approx(100 / 400)
     assert out["wape-moving-average"] == pytest.approx(80 / 400)
 

@@ -1,0 +1,197 @@
+"""A client's privacy account: the one door through which a client spends privacy.
+
+It answers the server's request with the client's own policy, holds the ledger's lock while a
+round runs, fixes the mechanism at the first training round (from a noisy user count it
+releases then), and writes every release to the signed ledger before anything leaves the client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.runconfig import RunConfig
+from privacy.accounting import (
+    Budget,
+    Mechanism,
+    PrivacyState,
+    RoundSpend,
+    Step,
+    plan_mechanism,
+    release_steps,
+    restore,
+    spend_fields,
+)
+from privacy.ledger import (
+    CLIENT_LEDGER,
+    Line,
+    Release,
+    Spend,
+    append,
+    check_head,
+    locked,
+    parse,
+    read_lines,
+)
+from privacy.policy import PrivacyPolicy, Refused
+from privacy.randomness import gaussian_release
+from privacy.signing import load_or_create
+
+# An evaluation releases (users, hits@10, NDCG@10) summed over users: each user adds at most 1
+# to each, so one user added or removed moves the vector by at most √3 in L2.
+EVAL_VALUES = 3
+EVAL_L2 = math.sqrt(EVAL_VALUES)
+
+
+def mechanism_shape(noisy_users: int, request: RunConfig) -> tuple[float, int]:
+    """(sample rate, steps per round) for a request, from the released count alone.
+
+    q = 1/k exactly, k steps per epoch: Opacus accounts 1/len(loader), and a loader of k
+    steps makes that the same float as q (1/int(1/q) is not, for 70 of k = 2…1000).
+    """
+    per_epoch = max(1, round(noisy_users / request.batch_size))
+    return 1 / per_epoch, per_epoch * request.local_epochs
+
+
+@dataclass
+class PrivacyAccount:
+    client: str
+    ledger: Path
+    key_path: Path
+    policy: PrivacyPolicy
+    request: RunConfig
+    state: PrivacyState
+    cap: float
+    run_id: str
+    pending: list[Release]
+
+    @classmethod
+    @contextmanager
+    def open(
+        cls,
+        client: str,
+        state_dir: Path,
+        key_path: Path,
+        policy: PrivacyPolicy,
+        request: RunConfig,
+        head: tuple[int, str] | None,
+        run_id: int | str,
+    ) -> Iterator[PrivacyAccount]:
+        """The account, locked for the block; `Refused` if the request asks for more than
+        the client allows, `LedgerError` if the ledger lacks what the server saw (`head`)."""
+        path = state_dir / CLIENT_LEDGER
+        with locked(path):
+            lines = read_lines(path) if path.exists() else []
+            check_head(path, lines, head)
+            spends = [parse(path, line, Spend) for line in lines]
+            fixed = (
+                Budget(epsilon=spends[0].budget_epsilon, delta=spends[0].delta) if spends else None
+            )
+            budget, cap = policy.answer(request, fixed)
+            state = restore(client, budget, spends)
+            yield cls(client, path, key_path, policy, request, state, cap, str(run_id), [])
+
+    def mechanism(self, users: int) -> Mechanism:
+        """The DP-SGD mechanism: the ledger's, or planned now around a fresh noisy count of
+        `users` (released with the first training entry). `Refused` if this request's batch
+        size or schedule would change the one the ledger fixed, or breaks the policy's limits."""
+        if self.state.mechanism is None:
+            self.state.mechanism = self._plan(users)
+        mech = self.state.mechanism
+        q, steps = mechanism_shape(mech.noisy_users, self.request)
+        asked = (q, steps, self.request.clip_norm, self.request.budget_rounds)
+        fixed = (mech.sample_rate, mech.steps_per_round, mech.clip_norm, mech.planned_rounds)
+        if asked != fixed:
+            raise Refused(
+                "the request (batch size, local epochs, clip norm, planned rounds) would change "
+                "the mechanism this client's ledger fixed: sample rate, steps per round, clip "
+                f"norm, planned rounds {fixed}; asked {asked}"
+            )
+        return mech
+
+    def _plan(self, users: int) -> Mechanism:
+        count = Release(what="user-count", noise_multiplier=self.policy.count_noise, sensitivity=1)
+        noisy = max(1, round(float(gaussian_release(np.array(users), self.policy.count_noise))))
+        if self.state.budget.delta >= 1 / noisy:
+            raise Refused(
+                f"δ = {self.state.budget.delta:g} is not below 1/users (~1/{noisy}): the "
+                "guarantee would allow revealing a user"
+            )
+        q, steps = mechanism_shape(noisy, self.request)
+        mech = plan_mechanism(
+            self.state.budget,
+            q,
+            steps,
+            self.request.budget_rounds,
+            self.request.clip_norm,
+            self.policy.accountant.value,
+            noisy_users=noisy,
+            spent=[*self.state.history, *release_steps([count])],
+            per_round=release_steps([self._evaluation_release()]),
+        )
+        if (
+            q > self.policy.max_sample_rate
+            or mech.noise_multiplier < self.policy.min_noise_multiplier
+        ):
+            raise Refused(
+                f"the plan (sample rate {q:.4g}, noise multiplier {mech.noise_multiplier:.4g}) "
+                f"breaks this client's limits (sample rate ≤ {self.policy.max_sample_rate:g}, "
+                f"noise multiplier ≥ {self.policy.min_noise_multiplier:g})"
+            )
+        self.pending = [count]
+        return mech
+
+    def _evaluation_release(self) -> Release:
+        return Release(
+            what="evaluation", noise_multiplier=self.policy.evaluation_noise, sensitivity=EVAL_L2
+        )
+
+    def can_train(self) -> bool:
+        extra = [*release_steps(self.pending), *self.state.round_steps()]
+        return self.state.affordable(extra, self.cap)[0]
+
+    def decline(self, server_round: int) -> Line:
+        """Record a round declined for want of budget (it releases nothing, costs nothing)."""
+        return self._write(self.state.record(server_round, [], "declined"))
+
+    def trained(self, server_round: int, history: list[Step]) -> Line:
+        """Record a finished round from what Opacus' accountant saw; only then may its update
+        (and the user count, at the first round) leave. Raises if the mechanism that ran is not
+        the fixed one or the budget no longer holds: then nothing is written or sent."""
+        mech = self.state.mechanism
+        assert mech is not None
+        merged = {(sigma, q) for sigma, q, _ in history}
+        steps = sum(s for _, _, s in history)
+        if merged != {(mech.noise_multiplier, mech.sample_rate)} or steps != mech.steps_per_round:
+            raise RuntimeError(
+                f"Opacus ran {history}, not the fixed mechanism (σ {mech.noise_multiplier}, "
+                f"q {mech.sample_rate}, {mech.steps_per_round} steps); nothing is sent"
+            )
+        sgd = [(mech.noise_multiplier, mech.sample_rate, steps)]
+        ok, after = self.state.affordable([*sgd, *release_steps(self.pending)], self.cap)
+        if not ok:
+            raise RuntimeError(f"the round would reach ε = {after:.4f}, past the limit; withheld")
+        return self._write(self.state.record(server_round, sgd, "trained", self.pending))
+
+    def evaluation(self, server_round: int, sums: np.ndarray) -> np.ndarray:
+        """`sums` (per-user contributions each in [0, 1]) released with Gaussian noise and
+        recorded; `Refused` before the first training round or past the budget."""
+        if self.state.mechanism is None:
+            raise Refused("this client has not trained yet: no mechanism, no evaluation")
+        release = self._evaluation_release()
+        if len(sums) != EVAL_VALUES:
+            raise ValueError(f"an evaluation releases {EVAL_VALUES} sums, got {len(sums)}")
+        if not self.state.affordable(release_steps([release]), self.cap)[0]:
+            raise Refused("an evaluation would pass this client's privacy budget")
+        noisy = gaussian_release(sums, release.noise_multiplier * release.sensitivity)
+        self._write(self.state.record(server_round, [], "evaluated", [release]))
+        return noisy
+
+    def _write(self, spend: RoundSpend) -> Line:
+        fields = spend_fields(self.state, spend, self.run_id)
+        return append(self.ledger, fields, load_or_create(self.key_path), Spend)

@@ -1,0 +1,231 @@
+"""The client's guarantee holds against the server: its own policy, OS randomness, only
+accounted releases, ledgers that record what Opacus ran, one round at a time per ledger.
+
+The ClientApp's train/evaluate functions run in-process on tiny data, as Flower would call them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import PrivacyEngine
+
+from clients import client_app
+from clients.local_training import dp_loader
+from common.dataset import catalog_shape
+from common.model import BehaviorModel
+from common.runconfig import RunConfig
+from privacy.account import mechanism_shape
+from privacy.accounting import Budget, Mechanism, PrivacyState, plan_mechanism, spend_fields
+from privacy.ledger import CLIENT_LEDGER, Spend, append, entries, locked
+from privacy.policy import POLICY_FILE, PrivacyPolicy
+from privacy.randomness import torch_generator
+from privacy.signing import create_pair
+from privacy.verify import verify_paths
+from server.platform import platform_for
+from simulations.simulate import simulated_policy
+
+NODE = {"partition-id": 0, "num-partitions": 3}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+@pytest.fixture
+def run(tmp_path, tiny_events):
+    """A simulated client's world: data, the server's platform files, the clients' policy."""
+    data = tmp_path / "tiny.parquet"
+    tiny_events.to_parquet(data)
+    cfg = RunConfig(
+        data=str(data), out=str(tmp_path / "out"), hidden=16, layers=1, heads=2, max_len=12,
+        batch_size=16, delta=1e-3, epsilon=6.0,
+    )  # fmt: skip
+    platform = platform_for(cfg, Path(cfg.out))
+    simulated_policy(cfg.model_copy(update={"epsilon": 8.0})).write(
+        Path(cfg.out) / "clients" / POLICY_FILE
+    )
+    model = BehaviorModel(cfg.model, catalog_shape(platform.catalog))
+    shared = {"catalog": str(platform.catalog_path), "demand-start": platform.demand_start}
+
+    def call(kind: str, rnd: int, **request) -> Message:
+        config = ConfigRecord(shared | {"server-round": rnd})
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+        msg = Message(content=content, dst_node_id=1, message_type=kind)
+        asked = cfg.model_copy(update=request).to_flower()
+        context = Context(
+            run_id=7, node_id=1, node_config=NODE, state=RecordDict(), run_config=asked
+        )
+        return getattr(client_app, kind)(msg, context)
+
+    return call, Path(cfg.out) / "clients"
+
+
+def _ledger(clients: Path) -> list[Spend]:
+    found = list(clients.glob(f"*/{CLIENT_LEDGER}"))
+    return entries(found[0], Spend) if found else []
+
+
+def test_a_server_cannot_switch_dp_off_or_raise_the_budget(run):
+    call, clients = run
+    for request in ({"dp": False}, {"epsilon": 9.0}, {"delta": 1e-2}):
+        reply = call("train", 1, **request)
+        assert set(reply.content) == {"refused", "client"}  # no update, no metrics
+        assert "allows at most" in reply.content["refused"]["reason"] or "requires DP" in str(
+            reply.content["refused"]["reason"]
+        )
+    assert set(call("evaluate", 1, dp=False).content) == {"refused", "client"}
+    assert _ledger(clients) == []
+
+
+def test_first_entry_fixes_budget_and_mechanism_and_releases_only_accounted_values(run):
+    call, clients = run
+    reply = call("train", 1)  # asks ε = 6, below the client's 8: the ledger fixes 6
+    spends = _ledger(clients)
+    assert [s.status for s in spends] == ["trained"] and spends[0].budget_epsilon == 6.0
+    assert [r.what for r in spends[0].releases] == ["user-count"]
+    metrics = dict(reply.content["metrics"])
+    # the FedAvg weight is the released noisy count, never the exact one; no losses leave
+    assert metrics["num-examples"] == spends[0].noisy_users
+    assert not {k for k in metrics if "loss" in k}
+    assert metrics["sample-rate"] == spends[0].sample_rate == 1 / round(1 / spends[0].sample_rate)
+    for request in ({"epsilon": 8.0}, {"batch_size": 4}, {"local_epochs": 2}):
+        assert "refused" in call("train", 2, **request).content  # 8 ≤ policy, but > fixed 6
+    evaluated = call("evaluate", 1)
+    values = dict(evaluated.content["metrics"])
+    assert {"users-sum", "hits10-sum", "ndcg10-sum"} <= set(values)
+    spends = _ledger(clients)
+    assert [s.status for s in spends] == ["trained", "evaluated"]
+    assert spends[1].epsilon_after > spends[1].epsilon_before
+    assert [r.what for r in spends[1].releases] == ["evaluation"]
+    assert all(r.ok for r in verify_paths([p for p in clients.glob(f"*/{CLIENT_LEDGER}")]))
+
+
+def test_demand_sums_leave_only_where_the_policy_shares_them(run):
+    call, clients = run
+    policy = PrivacyPolicy.model_validate_json((clients / POLICY_FILE).read_text())
+    assert policy.share_demand_evaluation  # the simulation's engineer shares them
+    policy.model_copy(update={"share_demand_evaluation": False}).write(clients / POLICY_FILE)
+    call("train", 1)
+    assert not {k for k in call("evaluate", 1).content["metrics"] if k.startswith("demand")}
+
+
+def test_policy_comes_from_node_config_first_and_errors_name_the_key(tmp_path):
+    fallback = tmp_path / POLICY_FILE
+    PrivacyPolicy(epsilon=3.0).write(fallback)
+    assert PrivacyPolicy.from_node_config({"privacy-epsilon": 2.0}, fallback).epsilon == 2.0
+    assert PrivacyPolicy.from_node_config({"data-path": "x"}, fallback).epsilon == 3.0
+    assert PrivacyPolicy.from_node_config({}, None) == PrivacyPolicy()
+    with pytest.raises(ValueError, match="privacy-delta"):
+        PrivacyPolicy.from_node_config({"privacy-delta": 2.0}, None)
+
+
+class _Rows:
+    """The part of `Sequences` a DP loader reads: its tensors."""
+
+    def __init__(self, users: int) -> None:
+        self.users = users
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (torch.arange(self.users, dtype=torch.float32)[:, None],)
+
+
+def _mechanism(q: float, steps: int, users: int = 100) -> Mechanism:
+    return Mechanism(
+        noise_multiplier=1.0,
+        sample_rate=q,
+        steps_per_round=steps,
+        clip_norm=1.0,
+        accountant="rdp",
+        planned_rounds=1,
+        noisy_users=users,
+    )
+
+
+def test_sampling_is_unpredictable_even_with_the_same_seed():
+    mech = _mechanism(0.1, 10)
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the public run seed reaches the global generator; must not matter
+        loader = dp_loader(_Rows(500), mech, torch_generator())
+        batches.append([tuple(b[0][:, 0].int().tolist()) for b in loader])
+    assert batches[0] != batches[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(users=st.integers(1, 200_000), batch=st.integers(1, 1024), epochs=st.integers(1, 4))
+def test_the_planned_sample_rate_is_the_one_opacus_accounts(users, batch, epochs):
+    request = RunConfig(batch_size=batch, local_epochs=epochs)
+    q, steps = mechanism_shape(users, request)
+    per_epoch = steps // epochs
+    assert steps == per_epoch * epochs and round(1 / q) == per_epoch
+    assert 1 / per_epoch == q  # what Opacus derives from a loader of `per_epoch` batches
+
+
+@pytest.mark.parametrize("per_epoch", [1, 2, 93, 99])
+def test_honest_ledgers_of_real_opacus_rounds_verify(tmp_path, per_epoch):
+    """Two rounds through Opacus for batch counts where 1/int(1/q) ≠ q used to break ledgers."""
+    users = 3 * per_epoch
+    q, steps = mechanism_shape(users, RunConfig(batch_size=3))
+    budget = Budget(epsilon=50.0, delta=1e-5)
+    state = PrivacyState(client="north", budget=budget)
+    state.mechanism = plan_mechanism(budget, q, steps, 2, 1.0, "rdp", noisy_users=users)
+    key = create_pair(tmp_path / "keys" / "north.key")
+    path = tmp_path / CLIENT_LEDGER
+    for rnd in (1, 2):
+        model = torch.nn.Linear(1, 1)
+        engine = PrivacyEngine(accountant="rdp")
+        dp_model, opt, loader = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=dp_loader(_Rows(users), state.mechanism, torch_generator()),
+            noise_multiplier=state.mechanism.noise_multiplier,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+        )
+        for (x,) in loader:
+            if len(x):
+                opt.zero_grad()
+                dp_model(x).sum().backward()
+                opt.step()
+            else:
+                engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=q)
+        history = list(engine.accountant.history)
+        assert history == [(state.mechanism.noise_multiplier, q, steps)]
+        append(path, spend_fields(state, state.record(rnd, history, "trained"), 1), key, Spend)
+    report = verify_paths([path], tmp_path / "keys")[0]
+    assert report.ok, report.first_problem()
+
+
+def test_two_rounds_on_one_ledger_take_turns(tmp_path):
+    path = tmp_path / CLIENT_LEDGER
+    order: list[str] = []
+    holding = threading.Event()
+
+    def first() -> None:
+        with locked(path):
+            holding.set()
+            time.sleep(0.3)
+            order.append("first")
+
+    def second() -> None:
+        holding.wait()
+        with locked(path):
+            order.append("second")
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order == ["first", "second"]
