@@ -44,8 +44,10 @@ ASSUMPTIONS = [
     "The catalogue and the demand-bin calendar are platform data, public to all clients.",
 ]
 AUDIT_CAVEAT = (
-    "A membership-inference audit is evidence, not a proof: a weak attack failing shows only that "
-    "this attack failed. The guarantee is the ε above."
+    "A membership-inference audit is evidence, not a proof: an attack failing shows only that "
+    "this attack failed, and LiRA's few short-trained reference models make it weaker than the "
+    "attacks in the literature. A TPR at a false-positive rate f means little with fewer than "
+    "1/f non-members. The guarantee is the ε above, from the clients' own ledgers."
 )
 
 
@@ -229,21 +231,42 @@ def _audit_section(audit: dict | None) -> str:
             "<p>No membership-inference audit for this run (see <code>fedshop privacy audit"
             "</code>).</p>"
         )
+    if "attacks" not in audit:
+        return "<p>audit.json predates LiRA; rerun <code>fedshop privacy audit</code>.</p>"
+    names = {"loss": "loss threshold", "lira": "offline LiRA"}
     rows = [
         [
             html.escape(a["run"]),
             html.escape(str(a["epsilon"])),
-            _num(a["auc"], 3),
-            _num(a["tpr_at_fpr"]["0.01"], 3),
-            _num(a["tpr_at_fpr"]["0.001"], 3),
+            html.escape(names.get(attack, attack)),
+            _num(roc["auc"], 3),
+            _num(roc["tpr_at_fpr"]["0.01"], 3),
+            _num(roc["tpr_at_fpr"]["0.001"], 3),
             f"{a['members']:,} / {a['non_members']:,}",
         ]
         for a in audit["runs"]
+        for attack, roc in a["attacks"].items()
     ]
     table = _table(
-        ["run", "ε", "attack AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR", "members / non-members"], rows
+        [
+            "run",
+            "ε (ledger)",
+            "attack",
+            "AUC",
+            "TPR @ 1% FPR",
+            "TPR @ 0.1% FPR",
+            "members / non-members",
+        ],
+        rows,
     )
-    return f"<p>{html.escape(audit['attack'])}</p>{table}<p>{html.escape(AUDIT_CAVEAT)}</p>"
+    described = "".join(
+        f"<li><b>{html.escape(names.get(k, k))}</b>: {html.escape(v)}</li>"
+        for k, v in audit["attacks"].items()
+    )
+    return (
+        f"<ul>{described}</ul><p>{html.escape(audit['scope'])}</p>{table}"
+        f"<p>{html.escape(AUDIT_CAVEAT)}</p>"
+    )
 
 
 def _central_section(central: dict | None) -> str:

@@ -17,6 +17,7 @@ from common.training import loader, train_epoch
 from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
 from privacy.audit import audit, lira_scores, out_losses, roc_summary, user_losses
 from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Aggregation, Spend, append
+from privacy.report import _audit_section
 from server.export import export
 from server.platform import platform_for
 
@@ -115,7 +116,8 @@ def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_event
     _ledger(out / "clients" / used, used, [0.7, 1.3], "trained")
     _ledger(out / "clients" / declined, declined, [5.0], "declined")
 
-    run = audit([out])["runs"][0]
+    result = audit([out])
+    run = result["runs"][0]
 
     own = select(tiny_events, plan(tiny_events, 3)[0])["user_id"].astype(str)
     everyone = prepare(tiny_events, top_category_chars=None, history_len=cfg.model.history)
@@ -127,3 +129,5 @@ def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_event
     for attack in run["attacks"].values():
         assert 0 <= attack["auc"] <= 1 and set(attack["tpr_at_fpr"]) == {"0.01", "0.001"}
     assert json.loads((out / "audit.json").read_text())["runs"][0]["epsilon"] == 1.3
+    shown = _audit_section(result)
+    assert shown.count("<td>loss threshold</td>") == shown.count("<td>offline LiRA</td>") == 1
