@@ -149,37 +149,51 @@ def audit(
             "non-private one, both trained with --audit-holdout."
         ),
     ],
+    references: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="Reference models for LiRA (even: pairs on complementary halves of the "
+            "users); more = a stronger, slower attack.",
+        ),
+    ] = 2,
 ) -> None:
-    """Membership-inference audit: attack AUC and TPR at low FPR for each run's final model.
+    """Membership-inference audit: loss-threshold and offline LiRA attacks on each run's model.
 
-    Evidence, not a proof. Writes audit.json into every run folder; `privacy report` shows it.
+    Members are users of the clients whose updates the server used; non-members the users those
+    clients held out. Reports AUC and TPR at low FPR per attack, with the ε from the clients'
+    ledgers. Evidence, not a proof. Writes audit.json into every run folder; `privacy report`
+    shows it.
     """
     from privacy.audit import audit as run_audit
 
     try:
-        with console.status("attacking the exported models"):
-            result = run_audit(runs)
+        with console.status(f"training {references} reference models, attacking each run"):
+            result = run_audit(runs, references)
     except ValueError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     table = Table(
         "run",
-        "ε",
-        "attack AUC",
+        "ε (ledger)",
+        "attack",
+        "AUC",
         "TPR @ 1% FPR",
         "TPR @ 0.1% FPR",
         "members / non-members",
-        title="membership inference (loss threshold)",
+        title="membership inference",
     )
     for r in result["runs"]:
-        table.add_row(
-            r["run"],
-            str(r["epsilon"]),
-            f"{r['auc']:.3f}",
-            f"{r['tpr_at_fpr']['0.01']:.3f}",
-            f"{r['tpr_at_fpr']['0.001']:.3f}",
-            f"{r['members']:,} / {r['non_members']:,}",
-        )
+        for name, roc in r["attacks"].items():
+            table.add_row(
+                r["run"],
+                str(r["epsilon"]),
+                name,
+                f"{roc['auc']:.3f}",
+                f"{roc['tpr_at_fpr']['0.01']:.3f}",
+                f"{roc['tpr_at_fpr']['0.001']:.3f}",
+                f"{r['members']:,} / {r['non_members']:,}",
+            )
     console.print(table)
     console.print(
         "AUC 0.5 = the attack cannot tell members from non-members. Evidence, not a "
