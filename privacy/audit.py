@@ -213,6 +213,11 @@ def audit_run(run_dir: Path, references: int = REFERENCES) -> dict:
     users = client_users(events, run_dir, clients)
     seqs = prepared.train.subset(np.flatnonzero(np.isin(prepared.train.users.astype(str), users)))
     outsider = audit_non_members(seqs.users, cfg.audit_holdout)
+    if outsider.all() or not outsider.any():
+        raise ValueError(
+            f"{run_dir}: {int((~outsider).sum())} member(s) and {int(outsider.sum())} "
+            "non-member(s); an attack needs both"
+        )
     target = user_losses(exported.model, seqs)
     reference = train_reference(cfg, catalog_shape(exported.catalog))
     lira = lira_scores(target, out_losses(seqs, reference, references, cfg.seed))
