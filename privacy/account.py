@@ -99,18 +99,20 @@ class PrivacyAccount:
     def mechanism(self, users: int) -> Mechanism:
         """The DP-SGD mechanism: the ledger's, or planned now around a fresh noisy count of
         `users` (released with the first training entry). `Refused` if this request's batch
-        size or schedule would change the one the ledger fixed, or breaks the policy's limits."""
+        size or schedule would change the one the ledger fixed, or breaks the policy's limits.
+        More rounds than planned change nothing: the fixed mechanism runs until the budget
+        declines them."""
         if self.state.mechanism is None:
             self.state.mechanism = self._plan(users)
         mech = self.state.mechanism
         q, steps = mechanism_shape(mech.noisy_users, self.request)
-        asked = (q, steps, self.request.clip_norm, self.request.budget_rounds)
-        fixed = (mech.sample_rate, mech.steps_per_round, mech.clip_norm, mech.planned_rounds)
+        asked = (q, steps, self.request.clip_norm)
+        fixed = (mech.sample_rate, mech.steps_per_round, mech.clip_norm)
         if asked != fixed:
             raise Refused(
-                "the request (batch size, local epochs, clip norm, planned rounds) would change "
-                "the mechanism this client's ledger fixed: sample rate, steps per round, clip "
-                f"norm, planned rounds {fixed}; asked {asked}"
+                "the request (batch size, local epochs, clip norm) would change the mechanism "
+                f"this client's ledger fixed (sample rate, steps per round, clip norm {fixed}; "
+                f"asked {asked})"
             )
         return mech
 

@@ -110,15 +110,17 @@ def wait_for_clients(grid: Grid, least: int, timeout_s: float = 300.0) -> int:
 
 
 def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
-    """Per client: the latest epsilon it reported, its mechanism and its declined rounds."""
+    """Per client: the latest epsilon it reported, its mechanism and the rounds it declined
+    (budget), refused (the request asked for more than its policy allows) or failed."""
     clients: dict[str, dict] = {}
     for record in history:
         for row in record["clients"]:
-            entry = clients.setdefault(row["client"], {"declined_rounds": [], "failed_rounds": []})
-            if row["status"] == "declined":
-                entry["declined_rounds"].append(record["round"])
-            if row["status"] == "failed":
-                entry["failed_rounds"].append(record["round"])
+            entry = clients.setdefault(
+                row["client"], {"declined_rounds": [], "refused_rounds": [], "failed_rounds": []}
+            )
+            if row["status"] in ("declined", "refused", "failed"):
+                entry[f"{row['status']}_rounds"].append(record["round"])
+            if row["status"] in ("refused", "failed"):
                 continue
             for key in (
                 "epsilon",
@@ -132,7 +134,7 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
                     entry[key] = row[key]
     return {
         "dp": cfg.dp,
-        "unit": "user (one example per user per client)",
+        "unit": "user (one example per user per client); neighbours: add or remove one user",
         "accountant": cfg.accountant.value,
         "clients": clients,
     }

@@ -386,8 +386,8 @@ def simulate_cmd(
             last = history[-1]
             done = sum(1 for r in last["clients"] if r["status"] == "trained")
             eps = max((r.get("epsilon", 0.0) for r in last["clients"]), default=0.0)
-            loss = last.get("train", {}).get("loss", float("nan"))
-            status = f"round {last['round']}: {done}/{len(parts)} trained, loss {loss:.3f}"
+            hr = last.get("evaluate", {}).get("hr10", float("nan"))
+            status = f"round {last['round']}: {done}/{len(parts)} trained, HR@10 {hr:.3f}"
             if dp:
                 status += f", max ε {eps:.2f}"
             progress.update(

@@ -68,7 +68,8 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
         for i, name in enumerate(names):
             node_config = (
                 f'data-path="{tmp_path / name}.parquet" state-dir="{tmp_path / ("state-" + name)}" '
-                f'catalog="{tmp_path / "catalog.json"}" signing-key="{keys / name}.key"'
+                f'catalog="{tmp_path / "catalog.json"}" signing-key="{keys / name}.key" '
+                "privacy-delta=0.001"  # the client's own policy; the server can only ask
             )
             procs.append(
                 _start(
@@ -112,9 +113,12 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
     ledgers = [tmp_path / f"state-{name}" / CLIENT_LEDGER for name in names]  # beside its data
     for name, ledger in zip(names, ledgers, strict=True):
         spends = entries(ledger, Spend)
-        assert [s.server_round for s in spends] == [1, 2]
+        assert [(s.server_round, s.status) for s in spends] == [
+            (r, status) for r in (1, 2) for status in ("trained", "evaluated")
+        ]
         last = rows[(rows["client"] == name) & (rows["round"] == 2)]["epsilon"].item()
-        assert spends[-1].epsilon_after == pytest.approx(last)
+        assert spends[-2].epsilon_after == pytest.approx(last)
+        assert spends[0].delta == 0.001
     # Compliance checks them against the public keys it was given, not the ones beside them.
     reports = verify_paths([*ledgers, out / SERVER_LEDGER], keys)
     assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
