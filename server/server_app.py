@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.dataset import catalog_shape
 from common.model import BehaviorModel
 from common.runconfig import CentralDP, RunConfig, StrategyName
+from privacy.accounting import NEIGHBOURING
 from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, private_keys
 from server import central_dp, checkpoint, report
 from server.aggregation import make_strategy
@@ -134,7 +135,7 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
                     entry[key] = row[key]
     return {
         "dp": cfg.dp,
-        "unit": "user (one example per user per client); neighbours: add or remove one user",
+        "unit": f"user (one example per user per client); neighbours: {NEIGHBOURING}",
         "accountant": cfg.accountant.value,
         "clients": clients,
     }
