@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_text
 from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER
-from privacy.verify import LedgerReport, verify_paths
+from privacy.verify import LedgerReport, Verdict, verify_paths
 
 GUARANTEE = """\
 Each client trained with DP-SGD (Opacus: Poisson sampling of users, per-user gradient clipping,
@@ -145,15 +145,21 @@ def client_summary(r: LedgerReport) -> dict:
 def build(
     run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None
 ) -> tuple[dict, list[LedgerReport]]:
-    """The report's facts (JSON-ready) and the verification behind them."""
-    paths = ledgers or find_ledgers(run_dir)
-    reports = verify_paths(paths, keys)
+    """The report's facts (JSON-ready) and the verification behind them.
+
+    `ledgers` add to those found in the run folder (never replace them: the server's record
+    there is what every client ledger is matched against); a file given twice counts once.
+    """
+    reports = verify_paths([*find_ledgers(run_dir), *(ledgers or [])], keys)
+    verdict = Verdict.of(reports)
     card_path = run_dir / "model_card.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     audit_path = run_dir / "audit.json"
     return {
         "run_dir": str(run_dir),
-        "verified": all(r.ok for r in reports),
+        "verified": verdict.ok,
+        "keys_pinned": verdict.pinned,
+        "verdict": asdict(verdict),
         "keys": str(keys) if keys else None,
         "ledgers": [
             {
@@ -295,11 +301,10 @@ figure{margin:0} svg{max-width:100%;height:auto}
 def render(report: dict, reports: list[LedgerReport]) -> str:
     clients = [r for r in reports if r.kind == "client" and r.spends]
     by_name = {r.signer: r for r in clients}
-    verdict = (
-        '<span class="ok">all ledgers verified</span>'
-        if report["verified"]
-        else '<span class="bad">verification FAILED</span>'
-    )
+    v = report["verdict"]
+    detail = f": {html.escape(v['problem'])}" if v["problem"] else ""
+    verdict = f'<span class="{"ok" if v["ok"] else "bad"}">{html.escape(v["headline"])}</span>'
+    verdict = f"<b>{verdict}</b>{detail}"
     ledgers = _table(
         ["ledger", "kind", "signer", "result", "notes"],
         [
@@ -339,15 +344,19 @@ def render(report: dict, reports: list[LedgerReport]) -> str:
 <body>
 <h1>Privacy report</h1>
 <div class="summary">
-<p><b>{verdict}</b>. {len(report["clients"])} client(s); the largest user-level ε spent by any
+<p>{verdict}. {len(report["clients"])} client(s); the largest user-level ε spent by any
 client is <b>{worst:.4f}</b>.</p>
 <p>{GUARANTEE}</p>
 <p>It rests on these assumptions and does not cover:</p><ul>{assumptions}</ul>
 <p>How to read the numbers: ε is reported by the accountant each client used (PRV's upper
 bound unless it says otherwise); RDP, PRV and PLD bounds of the same mechanism are recomputed
 here from the ledger alone. A verified ledger is intact (hash chain and Ed25519
-signatures), its arithmetic holds, and every ε agrees with an independent recomputation
-within 1 %.</p>
+signatures), its arithmetic holds, its budget, δ and mechanism never change, every ε agrees
+with an independent recomputation within 1 %, and every reply in the server's record cites an
+entry of the right kind, round and run in it. "Verified against pinned keys" means every
+signature was checked with a public key from the folder given with <code>--keys</code>;
+"internally consistent, keys not pinned" means the keys came from beside the ledgers, which
+shows nothing changed after signing but not who signed.</p>
 </div>
 <h2>Clients</h2>{overview}{plot}
 <h2>Client-level DP (server side)</h2>{_central_section(report["central_dp"])}

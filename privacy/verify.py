@@ -2,25 +2,31 @@
 
 For every ledger: the hash chain, the sequence, each signature against a trusted key, and the
 arithmetic (each round starts where the last ended, declined rounds spend nothing, nothing passes
-the budget). Every epsilon is then recomputed from the recorded mechanism with the accountant the
-client used (must agree within 1 %) and with Opacus RDP and PRV and Google's dp-accounting PLD.
-All three are rigorous upper bounds (PRV: Opacus' estimate plus its error bound; PLD:
-dp-accounting's pessimistic discretisation), so a reported epsilon is certified when it is at
-least the smallest of them (less a 0.002 rounding slack); one further below claims less privacy
-loss than any sound accounting of the mechanism. Being above RDP's looser bound is never
-required. The server's aggregation record is matched against the client ledgers it names, which
-is how a client ledger with its newest entries cut off is caught.
+the budget), and that the budget, δ and mechanism the first entry fixed never change. Every epsilon
+is then recomputed from the recorded mechanism with the accountant the client used (must agree
+within 1 %) and with Opacus RDP and PRV and Google's dp-accounting PLD. All three are rigorous
+upper bounds (PRV: Opacus' estimate plus its error bound; PLD: dp-accounting's pessimistic
+discretisation), so a reported epsilon is certified when it is at least the smallest of them (less
+a 0.002 rounding slack); one further below claims less privacy loss than any sound accounting of
+the mechanism. Being above RDP's looser bound is never required. The server's aggregation record is
+matched against the client ledgers it names: every reply it recorded must cite an entry of the
+right status, round and run in a ledger that was given, which is also how a client ledger with its
+newest entries cut off is caught.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dp_accounting
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 from privacy.accounting import replay
 from privacy.ledger import (
@@ -30,11 +36,19 @@ from privacy.ledger import (
     LedgerError,
     Line,
     Spend,
+    UsedEntry,
     check_chain,
     parse,
     read_lines,
 )
-from privacy.signing import KeyFileError, fingerprint, load_keyring, load_public
+from privacy.signing import (
+    CLIENT_PUBLIC_KEY,
+    SERVER_PUBLIC_KEY,
+    KeyFileError,
+    fingerprint,
+    load_keyring,
+    load_public,
+)
 
 TOLERANCE = 0.01  # relative agreement required between reported and recomputed epsilon
 # How far (in ε, absolute) a reported epsilon may sit below the tightest recomputed upper bound.
@@ -43,7 +57,30 @@ TOLERANCE = 0.01  # relative agreement required between reported and recomputed 
 # below its estimate) or any figure further down passed off as epsilon, at every ε.
 CERTIFY_SLACK = 2e-3
 ACCOUNTANTS = ("rdp", "prv", "pld")
-SIBLING_KEYS = {"spend": "signing.pub", "aggregation": "keys/server.pub"}
+SIBLING_KEYS = {"spend": CLIENT_PUBLIC_KEY, "aggregation": SERVER_PUBLIC_KEY}
+PINNED = "pinned"  # a ledger's key source when its signatures were checked with a pinned key
+# Fixed by a client's first entry and repeated by every later one: a change would raise the
+# budget or alter the mechanism the accounting was planned for.
+FIXED_FIELDS = (
+    "budget_epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "clip_norm",
+    "accountant",
+    "steps_per_round",
+    "planned_rounds",
+    "noisy_users",
+)
+# The client ledger entry each reply status in the server's record must cite; "refused" cites
+# none (nothing was released, so the client wrote no entry) and is recorded with seq -1.
+CITES = {"used": "trained", "not-aggregated": "trained", "declined": "declined"}
+REFUSED = "refused"
+NOT_PINNED = (
+    "signatures were checked with the public keys stored beside the ledgers, which shows that "
+    "nothing changed after signing but not who signed; pass --keys with the public keys "
+    "registered before training to pin them"
+)
 
 
 @dataclass
@@ -79,18 +116,36 @@ class LedgerReport:
         return f"{self.path}{where}{seq}: {f.problem}"
 
 
-class _Pld:
-    """dp-accounting's PLD accountant, composed one round at a time."""
+@functools.lru_cache(maxsize=64)
+def _pld_block(sigma: float, q: float, steps: int) -> pld_lib.PrivacyLossDistribution:
+    """`steps` releases of one Gaussian mechanism (Poisson-subsampled when q < 1), built as
+    dp-accounting's `PLDAccountant` builds them (pessimistic, add/remove one, its default
+    discretisation). Cached: every trained entry of a ledger repeats the same round, and
+    building its PLD is most of what PLD costs."""
+    if q == 1:
+        return pld_lib.from_gaussian_mechanism(sigma / math.sqrt(steps))
+    return pld_lib.from_gaussian_mechanism(sigma, sampling_prob=q).self_compose(steps)
 
-    def __init__(self) -> None:
-        self.accountant = pld_privacy_accountant.PLDAccountant()
 
-    def compose(self, history: list[tuple[float, float, int]], delta: float) -> float:
-        for sigma, q, steps in history:
-            gaussian = dp_accounting.GaussianDpEvent(sigma)
-            event = gaussian if q == 1 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
-            self.accountant.compose(event, steps)
-        return float(self.accountant.get_epsilon(delta))
+@contextmanager
+def _rdp_memoised() -> Iterator[None]:
+    """Memoise Opacus' RDP of one subsampled Gaussian at one order while verifying.
+
+    Opacus' PRV accountant bounds its domain with the RDP of every mechanism in the history at
+    every call, and so does the RDP replay; along a ledger that is the same DP-SGD mechanism
+    again and again, and it was most of the verification time. The function is pure, so the
+    values are the same; the lock keeps concurrent verifications from restoring it out of turn.
+    """
+    with _RDP_LOCK:
+        original = rdp_analysis._compute_rdp
+        rdp_analysis._compute_rdp = functools.cache(original)
+        try:
+            yield
+        finally:
+            rdp_analysis._compute_rdp = original
+
+
+_RDP_LOCK = threading.Lock()
 
 
 def _finite(value: float) -> float | None:
@@ -100,18 +155,21 @@ def _finite(value: float) -> float | None:
 def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
     """Per entry, epsilon after it under each accountant, from the recorded mechanisms only."""
     history: list[tuple[float, float, int]] = []
-    pld = _Pld()
+    pld = pld_lib.identity()
     out: list[dict[str, float | None]] = []
     last: dict[str, float | None] = dict.fromkeys(ACCOUNTANTS, 0.0)
-    for s in spends:
-        if added := s.history():
-            history.extend(added)
-            last = {
-                "rdp": _finite(replay(history, s.delta, "rdp")),
-                "prv": _finite(replay(history, s.delta, "prv")),
-                "pld": _finite(pld.compose(added, s.delta)),
-            }
-        out.append(dict(last))
+    with _rdp_memoised():
+        for s in spends:
+            if added := s.history():
+                history.extend(added)
+                for step in added:
+                    pld = pld.compose(_pld_block(*step))
+                last = {
+                    "rdp": _finite(replay(history, s.delta, "rdp")),
+                    "prv": _finite(replay(history, s.delta, "prv")),
+                    "pld": _finite(pld.get_epsilon_for_delta(s.delta)),
+                }
+            out.append(dict(last))
     return out
 
 
@@ -153,8 +211,69 @@ def _problems(s: Spend, first: Spend, before: float, eps: dict[str, float | None
     return problems
 
 
+def _fixed(lines: list[Line], spends: list[Spend]) -> list[Finding]:
+    """The first entry's budget, δ and mechanism hold along the ledger; each kind of Gaussian
+    release keeps one noise multiplier and sensitivity; the user count is released exactly
+    once, with the first trained round (it sets the sample rate and leaves with that update)."""
+    findings = []
+    first = spends[0]
+    trained = next((i for i, s in enumerate(spends) if s.status == "trained"), None)
+    kinds: dict[str, tuple[float, float, int]] = {}  # release kind -> (σ, sensitivity, line)
+    for index, (line, s) in enumerate(zip(lines, spends, strict=True)):
+        for name in FIXED_FIELDS:
+            value, fixed = getattr(s, name), getattr(first, name)
+            if value != fixed:
+                findings.append(
+                    Finding(
+                        line.number,
+                        s.seq,
+                        f"{name} changed to {value!r} from {fixed!r}, which the first entry "
+                        f"(line {lines[0].number}) fixed: budget, δ and mechanism never change",
+                    )
+                )
+        for r in s.releases:
+            sigma, sensitivity, where = kinds.setdefault(
+                r.what, (r.noise_multiplier, r.sensitivity, line.number)
+            )
+            if (r.noise_multiplier, r.sensitivity) != (sigma, sensitivity):
+                findings.append(
+                    Finding(
+                        line.number,
+                        s.seq,
+                        f"{r.what} release with noise multiplier {r.noise_multiplier:g} and "
+                        f"sensitivity {r.sensitivity:g}; line {where} released it with "
+                        f"{sigma:g} and {sensitivity:g}: one kind of release keeps one mechanism",
+                    )
+                )
+        counts = sum(r.what == "user-count" for r in s.releases)
+        if counts and index != trained:
+            findings.append(
+                Finding(
+                    line.number,
+                    s.seq,
+                    "a user-count release outside the first trained entry"
+                    + ("" if trained is None else f" (line {lines[trained].number})")
+                    + ": the count is released once, with the first training round",
+                )
+            )
+        elif counts > 1:
+            findings.append(
+                Finding(line.number, s.seq, f"the user count is released {counts} times")
+            )
+        elif index == trained and not counts:
+            findings.append(
+                Finding(
+                    line.number,
+                    s.seq,
+                    f"the first trained entry releases no user count, yet its sample rate "
+                    f"derives from one ({s.noisy_users} users): that release is unaccounted",
+                )
+            )
+    return findings
+
+
 def _arithmetic(lines: list[Line], spends: list[Spend]) -> tuple[list[EntryCheck], list[Finding]]:
-    checks, findings = [], []
+    checks, findings = [], _fixed(lines, spends)
     before = 0.0
     for line, s, eps in zip(lines, spends, _recompute(spends), strict=True):
         checks.append(EntryCheck(s.seq, s.server_round, s.status, s.epsilon_after, eps))
@@ -168,7 +287,7 @@ def _trusted(
 ) -> tuple[Ed25519PublicKey | None, str]:
     if keyring is not None:
         key = keyring.get(signer)
-        return key, "pinned" if key else f"no trusted key named {signer!r}"
+        return key, PINNED if key else f"no trusted key named {signer!r}"
     sibling = path.parent / SIBLING_KEYS[kind]
     try:
         return load_public(sibling), f"{sibling} (not pinned: pass --keys to pin trusted keys)"
@@ -212,42 +331,128 @@ def verify_ledger(path: Path, keyring: dict[str, Ed25519PublicKey] | None) -> Le
     return report
 
 
+def _cited(
+    used: UsedEntry, record: Aggregation, line_no: int, ledger: LedgerReport
+) -> tuple[LedgerReport | None, int, str] | None:
+    """What is wrong with the client entry a reply in the server's record (at `line_no`)
+    cites, if anything: the client ledger to blame and its line — or None, the record's line —
+    and the reason. Called for replies that must cite an entry."""
+    where = f"entry {used.seq} that the server's round {record.server_round} used"
+    if used.seq >= len(ledger.hashes):
+        return (
+            ledger,
+            len(ledger.hashes) + 1,
+            f"{where} is missing: the ledger was cut short or entries were removed",
+        )
+    if ledger.hashes[used.seq] != used.hash:
+        return (
+            ledger,
+            used.seq + 1,
+            f"{where} differs from what the server received (server record line {line_no})",
+        )
+    if not ledger.spends:  # unreadable entries: their findings are already on the ledger
+        return None
+    spend = ledger.spends[used.seq]
+    cited = (
+        f"round {record.server_round}: {used.client}'s {used.status!r} reply cites "
+        f"{ledger.path}, line {used.seq + 1}"
+    )
+    if spend.status != CITES[used.status]:
+        return None, 0, f"{cited}, a {spend.status!r} entry, not a {CITES[used.status]!r} one"
+    if spend.server_round != record.server_round:
+        return None, 0, f"{cited}, an entry of round {spend.server_round}, not this round"
+    if spend.run_id != record.run_id:
+        return None, 0, f"{cited}, an entry of run {spend.run_id!r}, not {record.run_id!r}"
+    return None
+
+
+def _check_record(
+    record: Aggregation,
+    line_no: int,
+    clients: dict[str, LedgerReport],
+    missing: set[str],
+) -> list[Finding]:
+    """Findings on the server record's line `line_no` (client ledgers get their own); a client
+    whose ledger is missing is reported once, at its first reply (`missing` remembers it)."""
+    findings = []
+    for used in record.clients:
+        who = f"round {record.server_round}: {used.client}'s {used.status!r} reply"
+        problem = None
+        if used.status == REFUSED:
+            if used.seq >= 0:
+                problem = f"{who} cites ledger entry {used.seq}; a refusal writes none"
+        elif used.status not in CITES:
+            problem = f"{who}: unknown status"
+        elif used.seq < 0:
+            problem = (
+                f"{who} cites no ledger entry: a release the client did not record is not "
+                "covered by its privacy accounting"
+            )
+        elif used.client not in clients:
+            if used.client not in missing:
+                missing.add(used.client)
+                problem = (
+                    f"{who}: no readable ledger of {used.client!r} was given, so what it spent "
+                    "cannot be checked"
+                )
+        elif cited := _cited(used, record, line_no, clients[used.client]):
+            blame, line, reason = cited
+            if blame is None:
+                problem = reason
+            else:
+                blame.findings.append(Finding(line, used.seq, reason))
+        if problem:
+            findings.append(Finding(line_no, record.seq, problem))
+    return findings
+
+
 def cross_check(reports: list[LedgerReport]) -> None:
-    """Every client entry the server's record names must be in that client's ledger."""
+    """Match the server's record against the client ledgers it names.
+
+    Every reply must cite an entry of the client's ledger, which must be given: a training
+    update must cite a trained entry, a decline a declined one, both of the record's round and
+    run, with the hash the server received. Only a refusal (nothing released) cites none.
+    """
     clients = {r.signer: r for r in reports if r.kind == "client"}
     for server in (r for r in reports if r.kind == "server"):
+        missing: set[str] = set()
         for line_no, record in enumerate(server.records, start=1):
-            for used in record.clients:
-                if used.seq < 0:
-                    continue
-                ledger = clients.get(used.client)
-                if ledger is None:
-                    note = f"{used.client}: ledger not given, its round entries are unchecked"
-                    if note not in server.notes:
-                        server.notes.append(note)
-                    continue
-                where = f"entry {used.seq} that the server's round {record.server_round} used"
-                if used.seq >= len(ledger.hashes):
-                    ledger.findings.append(
-                        Finding(
-                            len(ledger.hashes) + 1,
-                            used.seq,
-                            f"{where} is missing: the ledger was cut short or entries were removed",
-                        )
-                    )
-                elif ledger.hashes[used.seq] != used.hash:
-                    ledger.findings.append(
-                        Finding(
-                            used.seq + 1,
-                            used.seq,
-                            f"{where} differs from what the server "
-                            f"received (server record line {line_no})",
-                        )
-                    )
+            server.findings.extend(_check_record(record, line_no, clients, missing))
+
+
+def unique(paths: list[Path]) -> list[Path]:
+    """`paths` in order, each file once (by resolved path): a ledger given twice is one ledger."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        seen.setdefault(p.resolve(), p)
+    return list(seen.values())
 
 
 def verify_paths(paths: list[Path], keys: Path | None = None) -> list[LedgerReport]:
     keyring = load_keyring(keys) if keys is not None else None
-    reports = [verify_ledger(p, keyring) for p in paths]
+    reports = [verify_ledger(p, keyring) for p in unique(paths)]
     cross_check(reports)
     return reports
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    pinned: bool  # every signature was checked with a key from the trusted folder (--keys)
+    headline: str
+    problem: str | None  # the first failure, or why the result is weaker than pinned
+
+    @classmethod
+    def of(cls, reports: list[LedgerReport]) -> Verdict:
+        """The one-line result: zero ledgers is a failure, never "all verified"; a pass says
+        whether the keys were pinned or only read from beside the ledgers."""
+        if not reports:
+            return cls(False, False, "verification FAILED", "no ledgers were given or found")
+        pinned = all(r.key_source == PINNED for r in reports)
+        bad = [r for r in reports if not r.ok]
+        if bad:
+            return cls(False, pinned, "verification FAILED", bad[0].first_problem())
+        n = f"all {len(reports)} ledger{'s' if len(reports) > 1 else ''}"
+        if pinned:
+            return cls(True, True, f"{n} verified against pinned keys", None)
+        return cls(True, False, f"{n} internally consistent, keys not pinned", NOT_PINNED)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from privacy.verify import Verdict
 
 console = Console()
 err = Console(stderr=True)
@@ -68,18 +71,19 @@ def verify(
         list[Path],
         typer.Argument(
             help="Ledger files: clients' privacy_ledger.jsonl and the "
-            "server's aggregation_ledger.jsonl."
+            "server's aggregation_ledger.jsonl (with it, every client it names)."
         ),
     ],
     keys: KeysOpt = None,
 ) -> None:
     """Check chains, signatures and arithmetic; recompute every ε with RDP, PRV and PLD.
 
-    Exits 1 naming the first bad entry when anything was altered, removed, reordered or
-    miscomputed, 0 when every ledger holds.
+    Exits 1 naming the first bad entry when anything was altered, removed, reordered,
+    miscomputed, changed mid-ledger or missing (a client the server's record names without its
+    ledger), 0 when every ledger holds; the last line says whether the keys were pinned.
     """
     from privacy.signing import KeyFileError
-    from privacy.verify import verify_paths
+    from privacy.verify import Verdict, verify_paths
 
     try:
         reports = verify_paths(ledgers, keys)
@@ -111,10 +115,18 @@ def verify(
         console.print(f"{r.path} ({r.kind}, key: {r.key_source}): {verdict}")
         for note in r.notes:
             console.print(f"  note: {note}")
-    bad = [r for r in reports if not r.ok]
-    if bad:
-        err.print(f"[bold red]first bad entry:[/] {bad[0].first_problem()}")
-        raise typer.Exit(1)
+    _say(Verdict.of(reports))
+
+
+def _say(verdict: Verdict) -> None:
+    """The headline; exit 1 unless everything verified."""
+    if verdict.ok:
+        console.print(f"[green]{verdict.headline}[/]" + ("" if verdict.pinned else ":"))
+        if verdict.problem:
+            console.print(f"  {verdict.problem}")
+        return
+    err.print(f"[bold red]{verdict.headline}:[/] {verdict.problem}")
+    raise typer.Exit(1)
 
 
 @privacy_app.command("report")
@@ -124,20 +136,24 @@ def report(
         list[Path] | None,
         typer.Option(
             "--ledger",
-            help="Ledger files to use instead of those found in RUN_DIR "
-            "(deployment: collected from the clients).",
+            help="More ledger files, checked with those found in RUN_DIR "
+            "(deployment: collected from the clients); a file given twice counts once.",
         ),
     ] = None,
     keys: KeysOpt = None,
 ) -> None:
     """Write privacy_report.html (self-contained) and privacy_report.json into RUN_DIR."""
     from privacy import report as privacy_report
+    from privacy.signing import KeyFileError
+    from privacy.verify import Verdict
 
-    result = privacy_report.write(run_dir, ledger, keys)
-    state = "[green]all ledgers verified[/]" if result["verified"] else "[bold red]FAILED[/]"
-    console.print(f"{state}; report: {run_dir / 'privacy_report.html'}")
-    if not result["verified"]:
-        raise typer.Exit(1)
+    try:
+        result = privacy_report.write(run_dir, ledger, keys)
+    except KeyFileError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"report: {run_dir / 'privacy_report.html'}")
+    _say(Verdict(**result["verdict"]))
 
 
 @privacy_app.command("audit")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
+from privacy.accounting import Budget, PrivacyState, plan_mechanism, release_steps, spend_fields
 from privacy.ledger import (
     CLIENT_LEDGER,
     SERVER_LEDGER,
     Aggregation,
+    Release,
     Spend,
     append,
     entries,
@@ -17,18 +18,25 @@ from privacy.ledger import (
 from privacy.signing import create_pair
 
 BUDGET = Budget(epsilon=3.0, delta=1e-5)
+COUNT = Release(what="user-count", noise_multiplier=5.0, sensitivity=1.0)
 
 
 def write_client(folder: Path, keys: Path, name: str = "north", rounds: int = 3) -> Path:
-    """A real ledger: planned for 2 rounds, so round 3 is declined."""
+    """A real ledger: planned for 2 rounds, so round 3 is declined; the first round also
+    releases the user count, as a client does."""
     key = create_pair(keys / f"{name}.key", overwrite=True)
     state = PrivacyState(client=name, budget=BUDGET)
-    state.mechanism = plan_mechanism(BUDGET, 0.05, 20, rounds=2, clip_norm=1.0)
+    state.mechanism = plan_mechanism(
+        BUDGET, 0.05, 20, rounds=2, clip_norm=1.0, noisy_users=400, spent=release_steps([COUNT])
+    )
     path = folder / name / CLIENT_LEDGER
     for rnd in range(1, rounds + 1):
         ok, _ = state.affordable()
         spend = state.record(
-            rnd, state.round_steps() if ok else [], "trained" if ok else "declined"
+            rnd,
+            state.round_steps() if ok else [],
+            "trained" if ok else "declined",
+            [COUNT] if rnd == 1 else [],
         )
         append(path, spend_fields(state, spend, run_id=7), key, Spend)
     return path

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ledger_factory import BUDGET, write_client, write_server
+from ledger_factory import BUDGET, COUNT, write_client, write_server
 
 from privacy.accounting import (
     Mechanism,
@@ -151,7 +151,8 @@ def test_miscomputed_but_signed_entry_is_named(tmp_path):
     state.mechanism = plan_mechanism(BUDGET, 0.05, 20, rounds=2, clip_norm=1.0)
     path = tmp_path / CLIENT_LEDGER
     for rnd in (1, 2):
-        fields = spend_fields(state, state.record(rnd, state.round_steps(), "trained"), 7)
+        count = [COUNT] if rnd == 1 else []
+        fields = spend_fields(state, state.record(rnd, state.round_steps(), "trained", count), 7)
         if rnd == 2:
             fields["epsilon_after"] *= 0.9  # a client that under-states its spend, then signs it
         append(path, fields, key, Spend)
@@ -207,8 +208,12 @@ def test_cli_keys_and_verify_exit_codes(run, tmp_path):
     assert again.exit_code == 2 and "refusing to replace" in again.output
 
     _, keys, client, server = run
-    good = runner.invoke(app, ["privacy", "verify", str(client), str(server), "--keys", str(keys)])
+    south = client.parent.parent / "south" / CLIENT_LEDGER
+    good = runner.invoke(
+        app, ["privacy", "verify", str(client), str(south), str(server), "--keys", str(keys)]
+    )
     assert good.exit_code == 0, good.output
+    assert "verified against pinned keys" in " ".join(good.output.split())
     rewrite(client, lambda lines: [lines[1], lines[0], lines[2]])
     bad = runner.invoke(app, ["privacy", "verify", str(client), "--keys", str(keys)])
     assert bad.exit_code == 1 and "line 1 (entry 1)" in bad.output

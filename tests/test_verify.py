@@ -1,0 +1,317 @@
+"""The verifier's holes, closed: what the server's record cites must exist and match, nothing
+fixed by a ledger's first entry may change, and the verdict says how far it can be trusted."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from ledger_factory import write_client, write_server
+from typer.testing import CliRunner
+
+from privacy import report
+from privacy.ledger import (
+    CLIENT_LEDGER,
+    SERVER_LEDGER,
+    Aggregation,
+    Chained,
+    Spend,
+    append,
+    read_lines,
+)
+from privacy.signing import SERVER_PUBLIC_KEY, load_private
+from privacy.verify import Verdict, verify_paths
+from simulations.cli import app
+
+Bodies = list[dict]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as a simulation leaves it (public keys beside the ledgers), written once:
+    planning with PRV takes seconds."""
+    folder = tmp_path_factory.mktemp("run")
+    keys = folder.parent / f"{folder.name}-keys"
+    ledgers = [write_client(folder / "clients", keys, name) for name in ("north", "south")]
+    write_server(folder, keys, ledgers)
+    for name in ("north", "south"):
+        shutil.copy(keys / f"{name}.pub", folder / "clients" / name / "signing.pub")
+    (folder / SERVER_PUBLIC_KEY).parent.mkdir()
+    shutil.copy(keys / "server.pub", folder / SERVER_PUBLIC_KEY)
+    shutil.copytree(keys, folder / "trusted")  # stands for the keys compliance registered
+    return folder
+
+
+@pytest.fixture
+def run(pristine: Path, tmp_path: Path) -> Path:
+    shutil.copytree(pristine, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def ledger(run: Path, name: str) -> Path:
+    return run / "clients" / name / CLIENT_LEDGER
+
+
+def resign(path: Path, key: Path, model: type[Chained], edit: Callable[[Bodies], Bodies]) -> None:
+    """Rewrite a ledger from edited entry bodies, chained and signed with its real key: what a
+    dishonest party holding that key could produce."""
+    bodies = edit([line.body for line in read_lines(path)])
+    path.unlink()
+    for body in bodies:
+        fields = {k: v for k, v in body.items() if k not in ("seq", "prev", "key", "time")}
+        append(path, fields, load_private(key), model)
+
+
+def edit_server(run: Path, edit: Callable[[Bodies], Bodies]) -> None:
+    resign(run / SERVER_LEDGER, run / "trusted" / "server.key", Aggregation, edit)
+
+
+def edit_client(run: Path, name: str, edit: Callable[[Bodies], Bodies]) -> None:
+    resign(ledger(run, name), run / "trusted" / f"{name}.key", Spend, edit)
+
+
+def problems(run: Path, *names: str) -> list[str]:
+    """Every finding, as `file, line N (entry S): reason`, of the server record and `names`."""
+    paths = [run / SERVER_LEDGER, *(ledger(run, n) for n in names)]
+    out = []
+    for r in verify_paths(paths, run / "trusted"):
+        for f in sorted(r.findings, key=lambda f: f.line):
+            out.append(f"{Path(r.path).name}, line {f.line} (entry {f.seq}): {f.problem}")
+    return out
+
+
+def said(result: Result) -> str:
+    """A command's output as one line: rich wraps it to the terminal's width."""
+    return " ".join(result.output.split())
+
+
+def test_an_intact_run_verifies_against_pinned_keys(run: Path) -> None:
+    assert problems(run, "north", "south") == []
+    verdict = Verdict.of(verify_paths(report.find_ledgers(run), run / "trusted"))
+    assert verdict.ok and verdict.pinned
+    assert verdict.headline == "all 3 ledgers verified against pinned keys"
+
+
+def test_a_client_the_server_names_without_its_ledger_fails(run: Path) -> None:
+    found = problems(run, "north")
+    assert found == [
+        "aggregation_ledger.jsonl, line 1 (entry 0): round 1: south's 'used' reply: no readable "
+        "ledger of 'south' was given, so what it spent cannot be checked"
+    ]
+    ledger(run, "south").write_text("{broken\n")  # unreadable counts as not given
+    assert any("no readable ledger of 'south'" in p for p in problems(run, "north", "south"))
+
+
+def test_zero_ledgers_is_a_failure_not_all_verified(tmp_path: Path) -> None:
+    verdict = Verdict.of([])
+    assert not verdict.ok and verdict.problem == "no ledgers were given or found"
+    built, _ = report.build(tmp_path)
+    assert not built["verified"] and built["verdict"]["headline"] == "verification FAILED"
+    result = CliRunner().invoke(app, ["privacy", "report", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no ledgers were given or found" in said(result)
+    assert "verified" not in said(result).replace("verification FAILED", "")
+    html = (tmp_path / "privacy_report.html").read_text()
+    assert "all ledgers verified" not in html and "no ledgers were given or found" in html
+
+
+@pytest.mark.parametrize("status", ["used", "not-aggregated", "declined"])
+def test_a_reply_without_a_ledger_entry_fails(run: Path, status: str) -> None:
+    def edit(bodies: Bodies) -> Bodies:
+        bodies[1]["clients"][0] |= {"status": status, "seq": -1, "hash": ""}
+        return bodies
+
+    edit_server(run, edit)
+    assert problems(run, "north", "south") == [
+        f"aggregation_ledger.jsonl, line 2 (entry 1): round 2: north's {status!r} reply cites "
+        "no ledger entry: a release the client did not record is not covered by its privacy "
+        "accounting"
+    ]
+
+
+def test_only_a_refusal_cites_no_entry(run: Path) -> None:
+    def refused(bodies: Bodies) -> Bodies:
+        # round 3: north refused the request (nothing released, no entry); south declined
+        bodies[2]["clients"][0] |= {"status": "refused", "seq": -1, "hash": ""}
+        return bodies
+
+    edit_server(run, refused)
+    assert problems(run, "north", "south") == []
+
+    def cites(bodies: Bodies) -> Bodies:
+        bodies[2]["clients"][0]["seq"] = 2
+        return bodies
+
+    edit_server(run, cites)
+    found = problems(run, "north", "south")
+    assert found == [
+        "aggregation_ledger.jsonl, line 3 (entry 2): round 3: north's 'refused' reply cites "
+        "ledger entry 2; a refusal writes none"
+    ]
+
+
+def recite(run: Path) -> Callable[[Bodies], Bodies]:
+    """Make the server's record cite north's entries by their current hashes."""
+    hashes = [line.hash for line in read_lines(ledger(run, "north"))]
+
+    def edit(bodies: Bodies) -> Bodies:
+        for body in bodies:
+            for c in body["clients"]:
+                if c["client"] == "north":
+                    c["hash"] = hashes[c["seq"]]
+        return bodies
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "record, seq, status, reason",
+    [
+        # round 3's decline passed off as an update the server used
+        (
+            2,
+            2,
+            "used",
+            "north's 'used' reply cites {p}, line 3, a 'declined' entry, not a 'trained' one",
+        ),
+        # round 2's update cited again as if it were round 3's
+        (
+            2,
+            1,
+            "not-aggregated",
+            "north's 'not-aggregated' reply cites {p}, line 2, an entry of round 2, not this round",
+        ),
+        # a trained round passed off as a decline
+        (
+            1,
+            1,
+            "declined",
+            "north's 'declined' reply cites {p}, line 2, a 'trained' entry, not a 'declined' one",
+        ),
+    ],
+)
+def test_a_reply_must_cite_an_entry_of_its_kind_and_round(
+    run: Path, record: int, seq: int, status: str, reason: str
+) -> None:
+    def cite(bodies: Bodies) -> Bodies:
+        bodies[record]["clients"][0] |= {"seq": seq, "status": status}
+        return recite(run)(bodies)
+
+    edit_server(run, cite)
+    found = problems(run, "north", "south")
+    assert found == [
+        f"aggregation_ledger.jsonl, line {record + 1} (entry {record}): round {record + 1}: "
+        + reason.format(p=ledger(run, "north"))
+    ]
+
+
+def test_a_reply_must_cite_an_entry_of_its_run(run: Path) -> None:
+    def other_run(bodies: Bodies) -> Bodies:
+        for body in bodies:
+            body["run_id"] = "8"
+        return bodies
+
+    edit_client(run, "north", other_run)
+    # the server now cites north's entries by their new hashes, but they belong to run 8
+    edit_server(run, recite(run))
+    found = problems(run, "north", "south")
+    assert len(found) == 3, found
+    assert found[0].startswith("aggregation_ledger.jsonl, line 1 (entry 0): round 1: north's")
+    assert found[0].endswith("line 1, an entry of run '8', not '7'")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("budget_epsilon", 30.0),
+        ("delta", 1e-3),
+        ("noise_multiplier", 2.5),
+        ("sample_rate", 0.1),
+        ("clip_norm", 5.0),
+        ("accountant", "rdp"),
+        ("steps_per_round", 5),
+        ("planned_rounds", 9),
+        ("noisy_users", 4000),
+    ],
+)
+def test_the_first_entry_fixes_budget_delta_and_mechanism(
+    run: Path, field: str, value: object
+) -> None:
+    def change(bodies: Bodies) -> Bodies:
+        bodies[2][field] = value  # the declined round 3 "raised" it
+        return bodies
+
+    edit_client(run, "north", change)
+    found = [f.problem for f in verify_paths([ledger(run, "north")])[0].findings if f.line == 3]
+    assert any(p.startswith(f"{field} changed to {value!r}") for p in found), found
+    assert all("line 3" not in p for p in found)  # named by the finding's line, not the text
+
+
+def test_a_release_kind_keeps_its_mechanism_and_the_count_is_released_once(run: Path) -> None:
+    def edit(bodies: Bodies) -> Bodies:
+        count = bodies[0]["releases"][0]
+        bodies[1]["releases"] = [count | {"noise_multiplier": 50.0}]  # again, other σ
+        return bodies
+
+    edit_client(run, "north", edit)
+    found = [(f.line, f.problem) for f in verify_paths([ledger(run, "north")])[0].findings]
+    assert (
+        2,
+        "user-count release with noise multiplier 50 and sensitivity 1; line 1 released it "
+        "with 5 and 1: one kind of release keeps one mechanism",
+    ) in found
+    assert (
+        2,
+        "a user-count release outside the first trained entry (line 1): the count is "
+        "released once, with the first training round",
+    ) in found
+
+    def no_count(bodies: Bodies) -> Bodies:
+        return [b | {"releases": []} for b in bodies]
+
+    edit_client(run, "north", no_count)
+    found = [f.problem for f in verify_paths([ledger(run, "north")])[0].findings if f.line == 1]
+    assert any(p.startswith("the first trained entry releases no user count") for p in found)
+
+
+def test_extra_ledgers_add_to_those_found_once_each(run: Path, tmp_path_factory) -> None:
+    """Deployment: client ledgers collected elsewhere are checked with the run's own record."""
+    elsewhere = tmp_path_factory.mktemp("collected")
+    south = elsewhere / CLIENT_LEDGER
+    shutil.move(ledger(run, "south"), south)
+    shutil.copy(run / "trusted" / "south.pub", elsewhere / "signing.pub")
+    alone = CliRunner().invoke(app, ["privacy", "report", str(run)])
+    assert alone.exit_code == 1 and "no readable ledger of 'south'" in said(alone)
+    north = ledger(run, "north")
+    same = north.parent / ".." / "north" / CLIENT_LEDGER  # the found one, spelt otherwise
+    extra = [str(south), "--ledger", str(north), "--ledger", str(same)]
+    added = CliRunner().invoke(app, ["privacy", "report", str(run), "--ledger", *extra])
+    assert added.exit_code == 0, added.output
+    data = report.build(run, [south, north])[0]
+    assert [x["signer"] for x in data["ledgers"]] == ["server", "north", "south"]
+
+
+def test_the_headline_says_whether_keys_were_pinned(run: Path) -> None:
+    runner = CliRunner()
+    paths = [str(p) for p in report.find_ledgers(run)]
+    pinned = runner.invoke(app, ["privacy", "verify", *paths, "--keys", str(run / "trusted")])
+    assert pinned.exit_code == 0, pinned.output
+    assert "all 3 ledgers verified against pinned keys" in said(pinned)
+    sibling = runner.invoke(app, ["privacy", "verify", *paths])
+    assert sibling.exit_code == 0, sibling.output
+    assert "all 3 ledgers internally consistent, keys not pinned" in said(sibling)
+    assert "verified against pinned keys" not in said(sibling)
+
+    written = report.write(run)
+    assert written["verified"] and not written["keys_pinned"]
+    html = (run / "privacy_report.html").read_text()
+    assert "internally consistent, keys not pinned" in html
+    written = report.write(run, keys=run / "trusted")
+    assert written["keys_pinned"]
+    assert "all 3 ledgers verified against pinned keys" in (run / "privacy_report.html").read_text()
+
+    server_only = runner.invoke(app, ["privacy", "verify", str(run / SERVER_LEDGER)])
+    assert server_only.exit_code == 1 and "no readable ledger of 'north'" in said(server_only)
