@@ -73,7 +73,7 @@ class RunConfig(BaseModel):
     seed: int = 0
     catalog: str = Field("", description="Shared catalog file; empty = <out>/catalog.json")
     out: str = "runs/simulation"
-    server_key: str = Field("", description="Server signing key; empty = <out>/keys/server.key")
+    server_key: str = Field("", description="Server signing key; empty = <out>.keys/server.key")
     resume: bool = True
     device: str = "auto"
     hidden: int = Field(64, ge=8)

@@ -158,7 +158,12 @@ class PrivacyAccount:
         return self.state.affordable(extra, self.cap)[0]
 
     def decline(self, server_round: int) -> Line:
-        """Record a round declined for want of budget (it releases nothing, costs nothing)."""
+        """Record a round declined for want of budget (it releases nothing, costs nothing).
+
+        A mechanism planned in this very round is not fixed by a declined entry: its noisy
+        count would then be in the ledger without its release being accounted."""
+        if self.pending:
+            raise Refused("the first round does not fit the ε this request allows")
         return self._write(self.state.record(server_round, [], "declined"))
 
     def trained(self, server_round: int, history: list[Step]) -> Line:

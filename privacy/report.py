@@ -20,27 +20,47 @@ from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_text
 from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER
+from privacy.randomness import RANDOMNESS
 from privacy.verify import LedgerReport, Verdict, verify_paths
 
 GUARANTEE = """\
-Each client trained with DP-SGD (Opacus: Poisson sampling of users, per-user gradient clipping,
-Gaussian noise). One training example is one user's bounded behaviour sequence, so the guarantee
-is <b>user-level and per client</b>: whatever the shared model and every update a client sent
-reveal, they would have been about as likely (within a factor e<sup>ε</sup>, plus probability δ)
-had any one of that client's users never been in its data. ε accumulates over rounds and
-restarts; a client declines any round that would take it past its budget.
+Everything a client sent is <b>user-level (ε, δ)-DP for that client's users</b> (neighbouring
+data sets: one user added or removed), composed by one accountant over every release, round and
+restart: the model updates (DP-SGD with Opacus: Poisson sampling of users, per-user gradient
+clipping, Gaussian noise), the user count it released once with Gaussian noise (it sets the
+sample rate and is the FedAvg weight) and, per evaluation, its (users, hits@10, NDCG@10) sums
+with Gaussian noise. Whatever these reveal would have been about as likely (within a factor
+e<sup>ε</sup>, plus probability δ) had any one of the client's users never been in its data.
+The client's own policy sets the budget, δ and whether DP is required; its ledger's first entry
+fixes them. A server asking for more, or for no DP, is refused and receives nothing; a round or
+an evaluation that would pass the budget is declined.
 """
+THREATS = [
+    "The server is honest-but-curious: it follows the protocol and reads everything it "
+    "receives, and it may ask for anything. What a client releases is decided by the client's "
+    "policy and ledger, never by the request, so the guarantee holds against whoever runs it.",
+    "Readers of the model (anyone it is shared with) are curious: they see the final model, "
+    "which is post-processing of the clients' DP releases.",
+    "A client may be malicious: it can send any update and hurt the shared model, but it "
+    "learns no more about other clients' users than the shared model, which is DP for them.",
+]
 ASSUMPTIONS = [
-    "Each user appears in one client's data once; a person with accounts at several clients, "
-    "or several accounts, is protected per account and per client, and those ε's add up.",
-    "The client's code ran as published and drew its noise from a good random source (Opacus "
-    "without secure mode uses PyTorch's generator, fine against the model's readers, not "
-    "against someone who can predict that generator).",
-    "Hyper-parameters were chosen without looking at the private data; tuning on it spends "
-    "privacy that is not in this ledger.",
-    "Only the model updates are covered. Evaluation metrics sent to the server (hit rates, "
-    "demand error sums for the model, the robust level and the moving average, and how many "
-    "held-out weeks fell inside the forecast interval) are aggregates released without noise.",
+    "Deployment cannot see whether one person shops at two clients (two regions or merchants): "
+    "such a person is protected by each client separately and those ε's add up; within one "
+    "client, several accounts of one person are several users. (Only the simulation's "
+    "partitioning puts each user in exactly one client.)",
+    RANDOMNESS,
+    "The client's code ran as published, and hyper-parameters were chosen without looking at "
+    "the private data; tuning on it spends privacy that is not in this ledger.",
+    "Not covered by ε: demand error sums (the model's, the robust level's and the moving "
+    "average's absolute errors, actual units, and how many held-out weeks fell inside the "
+    "forecast interval), sent without noise only by clients whose policy shares them "
+    "(simulations do); one user's purchases move them by up to that user's units.",
+    "Not covered by ε: clients whose policy allows running without DP send exact updates and "
+    "counts, and keep no ledger; they appear with ε = ∞.",
+    "Not covered by ε: when a client answers, declines or refuses is visible to the server; "
+    "declining depends only on the ledger, never on the data. The ledger (shown to compliance, "
+    "never sent to the server) reveals the released noisy count through the sample rate.",
     "The catalogue and the demand-bin calendar are platform data, public to all clients.",
 ]
 AUDIT_CAVEAT = (
@@ -337,6 +357,7 @@ def render(report: dict, reports: list[LedgerReport]) -> str:
     worst = max((c["spent_epsilon"] for c in report["clients"]), default=0.0)
     plot = f"<figure>{_overview_plot(clients)}</figure>" if clients else ""
     assumptions = "".join(f"<li>{html.escape(a)}</li>" for a in ASSUMPTIONS)
+    threats = "".join(f"<li>{html.escape(t)}</li>" for t in THREATS)
     sections = "".join(_client_section(c, by_name[c["client"]]) for c in report["clients"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -347,6 +368,7 @@ def render(report: dict, reports: list[LedgerReport]) -> str:
 <p>{verdict}. {len(report["clients"])} client(s); the largest user-level ε spent by any
 client is <b>{worst:.4f}</b>.</p>
 <p>{GUARANTEE}</p>
+<p>Against whom:</p><ul>{threats}</ul>
 <p>It rests on these assumptions and does not cover:</p><ul>{assumptions}</ul>
 <p>How to read the numbers: ε is reported by the accountant each client used (PRV's upper
 bound unless it says otherwise); RDP, PRV and PLD bounds of the same mechanism are recomputed

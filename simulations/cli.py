@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -452,11 +453,10 @@ def _print_simulation(summary: dict, out: Path) -> None:
         from privacy import report as privacy_report
 
         with console.status("verifying the privacy ledgers (RDP, PRV, PLD)"):
-            verified = privacy_report.write(out)["verified"]
-        state = (
-            "[green]ledgers verified[/]" if verified else "[bold red]ledgers FAILED to verify[/]"
-        )
-        console.print(f"privacy report: {out / 'privacy_report.html'} ({state})")
+            written = privacy_report.write(out)
+        colour = "green" if written["verified"] else "bold red"
+        headline = escape(written["verdict"]["headline"])
+        console.print(f"privacy report: {out / 'privacy_report.html'} ([{colour}]{headline}[/])")
     if central := privacy.get("central_dp"):
         console.print(
             f"client-level DP on the server ({central['wrapper']}): ε = "

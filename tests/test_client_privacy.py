@@ -24,8 +24,15 @@ from common.dataset import catalog_shape
 from common.model import BehaviorModel
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
-from privacy.accounting import Budget, Mechanism, PrivacyState, plan_mechanism, spend_fields
-from privacy.ledger import CLIENT_LEDGER, Spend, append, entries, locked
+from privacy.accounting import (
+    Budget,
+    Mechanism,
+    PrivacyState,
+    plan_mechanism,
+    release_steps,
+    spend_fields,
+)
+from privacy.ledger import CLIENT_LEDGER, Release, Spend, append, entries, locked
 from privacy.policy import POLICY_FILE, PrivacyPolicy
 from privacy.randomness import torch_generator
 from privacy.signing import create_pair
@@ -179,7 +186,10 @@ def test_honest_ledgers_of_real_opacus_rounds_verify(tmp_path, per_epoch):
     q, steps = mechanism_shape(users, RunConfig(batch_size=3))
     budget = Budget(epsilon=50.0, delta=1e-5)
     state = PrivacyState(client="north", budget=budget)
-    state.mechanism = plan_mechanism(budget, q, steps, 2, 1.0, "rdp", noisy_users=users)
+    count = Release(what="user-count", noise_multiplier=10.0, sensitivity=1.0)
+    state.mechanism = plan_mechanism(
+        budget, q, steps, 2, 1.0, "rdp", noisy_users=users, spent=release_steps([count])
+    )
     key = create_pair(tmp_path / "keys" / "north.key")
     path = tmp_path / CLIENT_LEDGER
     for rnd in (1, 2):
@@ -202,7 +212,8 @@ def test_honest_ledgers_of_real_opacus_rounds_verify(tmp_path, per_epoch):
                 engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=q)
         history = list(engine.accountant.history)
         assert history == [(state.mechanism.noise_multiplier, q, steps)]
-        append(path, spend_fields(state, state.record(rnd, history, "trained"), 1), key, Spend)
+        spend = state.record(rnd, history, "trained", [count] if rnd == 1 else [])
+        append(path, spend_fields(state, spend, 1), key, Spend)
     report = verify_paths([path], tmp_path / "keys")[0]
     assert report.ok, report.first_problem()
 
