@@ -15,11 +15,11 @@ import time
 import torch
 from opacus import PrivacyEngine
 
-from common.dataset import prepare
-from common.formats import load_events
-from common.model import BehaviorModel, ModelConfig
-from common.synth import generate
-from common.training import evaluate_ranking, loader, pick_device, train_epoch
+from common.data.formats import load_events
+from common.data.synth import generate
+from common.learning.dataset import prepare
+from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.training import evaluate_ranking, loader, pick_device, train_epoch
 
 DEFAULT = ModelConfig()
 VARIANTS: dict[str, dict] = {

@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from common.dataset import prepare
-from common.demand import holdout_forecast
-from common.forecasting import baseline_scores, score
-from common.formats import load_events
-from common.inference import load_exported
+from common.data.formats import load_events
+from common.learning.dataset import prepare
+from common.learning.demand import holdout_forecast
+from common.learning.forecasting import baseline_scores, score
+from common.learning.inference import load_exported
 
 run, data, fmt = sys.argv[1:4]
 exp = load_exported(run)

@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from common.dataset import Prepared, prepare
-from common.formats import load_events
-from common.model import BehaviorModel, ModelConfig
+from common.data.formats import load_events
+from common.data.synth import SynthConfig, generate
+from common.learning.dataset import Prepared, prepare
+from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.training import loader, pick_device, train_epoch
 from common.runconfig import RunConfig
-from common.synth import SynthConfig, generate
-from common.training import loader, pick_device, train_epoch
 
 # Ta-Feng's shape as prepared (tests/test_real_data.py): 817,741 rows over 4 months, 29,197 users
 # with 3 or more events (28 each on average), 23,557 catalog items, 2,012 subclasses under 26

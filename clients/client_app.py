@@ -12,12 +12,12 @@ from flwr.clientapp import ClientApp
 
 from clients.local_data import ClientData, load_client_data
 from clients.local_training import train_plain, train_private
-from common.demand import PRIMARY, holdout_forecast
-from common.forecasting import moving_average
+from common.learning.demand import PRIMARY, holdout_forecast
+from common.learning.forecasting import moving_average
+from common.learning.model import BehaviorModel
+from common.learning.training import evaluate_ranking, pick_device
 from common.messages import CLIENT, LEDGER_HEADS, REFUSED, UNIFORM, WEIGHT
-from common.model import BehaviorModel
 from common.runconfig import RunConfig
-from common.training import evaluate_ranking, pick_device
 from privacy.account import PrivacyAccount
 from privacy.ledger import Line
 from privacy.policy import POLICY_FILE, PrivacyPolicy, Refused

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from common.catalog import Catalog
-from common.dataset import Prepared, prepare
-from common.formats import load_events
-from common.partition import audit_non_members, plan, select
+from common.data.catalog import Catalog
+from common.data.formats import load_events
+from common.data.partition import audit_non_members, plan, select
+from common.data.sources import run_events
+from common.learning.dataset import Prepared, prepare
 from common.runconfig import RunConfig
-from common.sources import run_events
 from privacy.signing import CLIENT_PUBLIC_KEY, client_key, load_or_create
 
 

@@ -10,10 +10,10 @@ from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from common.model import BehaviorModel
+from common.data.sequences import Sequences
+from common.learning.model import BehaviorModel
+from common.learning.training import loader, train_epoch
 from common.runconfig import RunConfig
-from common.sequences import Sequences
-from common.training import loader, train_epoch
 from privacy.accounting import Mechanism, Step
 from privacy.randomness import torch_generator
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.model import ModelConfig
-from common.synth import SynthConfig
+from common.data.synth import SynthConfig
+from common.learning.model import ModelConfig
 
 
 class StrategyName(StrEnum):

@@ -5,7 +5,7 @@ ledger, status "used"); non-members are the users those same clients held out of
 config `audit-holdout`), drawn by the same stable hash. Taking both from the same clients keeps
 the two groups from one population: held-out users of clients that never trained would differ
 by region, and a model fitted to some regions tells its regions' users apart from others'
-without any membership signal. Users map to clients with `common.partition.plan`/`select`, as
+without any membership signal. Users map to clients with `common.data.partition.plan`/`select`, as
 the simulated clients pick their own users, so the audit needs the run's data and a simulation.
 
 Two attacks, each scored by its ROC (AUC and the true-positive rate at low false-positive rates):
@@ -37,14 +37,14 @@ import torch
 from scipy.stats import rankdata
 
 from common.atomic import write_json
-from common.dataset import catalog_shape, prepare
-from common.inference import load_exported
-from common.model import BehaviorModel, CatalogShape, per_user_loss
-from common.partition import audit_non_members, plan, select
+from common.data.partition import audit_non_members, plan, select
+from common.data.sequences import Batch, Sequences
+from common.data.sources import run_events
+from common.learning.dataset import catalog_shape, prepare
+from common.learning.inference import load_exported
+from common.learning.model import BehaviorModel, CatalogShape, per_user_loss
+from common.learning.training import loader, pick_device, train_epoch
 from common.runconfig import RunConfig
-from common.sequences import Batch, Sequences
-from common.sources import run_events
-from common.training import loader, pick_device, train_epoch
 from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Aggregation, Spend, entries
 
 ATTACKS = {

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 from safetensors.numpy import save_file
 
 from common.atomic import write_json, write_with
-from common.model import CatalogShape, ModelConfig
+from common.learning.model import CatalogShape, ModelConfig
 
 MODEL_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"

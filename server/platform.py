@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.catalog import Catalog
-from common.events import EventType
+from common.data.catalog import Catalog
+from common.data.events import EventType
+from common.data.sequences import leave_last_out
+from common.data.sources import run_events
 from common.runconfig import RunConfig
-from common.sequences import leave_last_out
-from common.sources import run_events
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.dataset import catalog_shape
-from common.model import BehaviorModel
+from common.learning.dataset import catalog_shape
+from common.learning.model import BehaviorModel
 from common.runconfig import CentralDP, RunConfig, StrategyName
 from privacy.accounting import NEIGHBOURING
 from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, private_keys

@@ -1,1 +1,2 @@
-"""Local runs: the command line, the centralized baseline and (later) federated simulation."""
+"""What an engineer runs locally: the `fedshop` command line, the federated simulation through
+Flower's runtime, centralized and local-only training to compare against."""

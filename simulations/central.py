@@ -12,12 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
-from common.dataset import Prepared
-from common.demand import PRIMARY, holdout_forecast
-from common.forecasting import baseline_scores, score
-from common.model import BehaviorModel, ModelConfig
-from common.popularity import popularity_results
-from common.training import (
+from common.learning.dataset import Prepared
+from common.learning.demand import PRIMARY, holdout_forecast
+from common.learning.forecasting import baseline_scores, score
+from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.popularity import popularity_results
+from common.learning.training import (
     TrainConfig,
     evaluate_ranking,
     loader,

@@ -14,10 +14,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.events import DataError
-from common.formats import FORMATS, write_events, write_quarantine
+from common.data.events import DataError
+from common.data.formats import FORMATS, write_events, write_quarantine
+from common.data.synth import SynthConfig, generate
 from common.runconfig import RunConfig
-from common.synth import SynthConfig, generate
 from simulations.privacy_cli import keys, privacy_app
 
 app = typer.Typer(
@@ -61,7 +61,7 @@ def fail(message: str) -> typer.Exit:
 
 
 def _source(data, fmt, spec, maps, synth=None):
-    from common.sources import read_source
+    from common.data.sources import read_source
 
     try:
         return read_source(data, fmt, spec, maps, synth)
@@ -190,9 +190,9 @@ def train_central_cmd(
     skip_baselines: Annotated[bool, typer.Option(help="Do not compute the baselines.")] = False,
 ) -> None:
     """Train the BERT behavior model centrally, without privacy; compare it with the baselines."""
-    from common.dataset import prepare
-    from common.model import ModelConfig
-    from common.training import TrainConfig
+    from common.learning.dataset import prepare
+    from common.learning.model import ModelConfig
+    from common.learning.training import TrainConfig
     from simulations.central import CentralConfig, baselines, save_run, train_central
 
     try:
@@ -249,7 +249,7 @@ def baselines_cmd(
     out: OutOpt = Path("runs/baselines"),
 ) -> None:
     """Popularity and forecasting baselines under the evaluation protocol."""
-    from common.dataset import prepare
+    from common.learning.dataset import prepare
     from simulations.central import baselines, save_run
 
     src = _source(data, fmt, spec, maps)
@@ -330,8 +330,8 @@ def simulate_cmd(
     """Simulate the federation on this machine (Flower simulation engine) with per-client DP."""
     import shutil
 
-    from common.partition import plan
-    from common.sources import run_events
+    from common.data.partition import plan
+    from common.data.sources import run_events
     from simulations.simulate import simulate
 
     out = out.resolve()
@@ -480,7 +480,7 @@ EventsOpt = Annotated[
 
 
 def _exported(model: Path):
-    from common.inference import load_exported
+    from common.learning.inference import load_exported
 
     try:
         return load_exported(model)
@@ -501,7 +501,7 @@ def recommend_cmd(
     limit: Annotated[int, typer.Option(help="Users shown when no --user is given.")] = 5,
 ) -> None:
     """Top-k next items (with categories) for users, from their most recent events."""
-    from common.inference import recommend
+    from common.learning.inference import recommend
 
     exp = _exported(model)
     frame = _source(events, fmt, None, None).events
@@ -532,8 +532,8 @@ def forecast_cmd(
     and the moving average."""
     import pandas as pd
 
-    from common.demand import forecast_next_week
-    from common.forecasting import QUANTILES
+    from common.learning.demand import forecast_next_week
+    from common.learning.forecasting import QUANTILES
 
     exp = _exported(model)
     frame = _source(events, fmt, None, None).events
@@ -581,7 +581,7 @@ def monitor_cmd(
 ) -> None:
     """Region × category weeks whose actual fell outside the forecast interval, forecast from
     the data before each week; one PNG per flagged series."""
-    from common.monitor import monitor, plot_alerts
+    from common.learning.monitor import monitor, plot_alerts
 
     exp = _exported(model)
     frame = _source(events, fmt, None, None).events
@@ -627,8 +627,8 @@ def train_local_cmd(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Each region trains alone on its own users (no federation, no DP): the floor to beat."""
-    from common.model import ModelConfig
-    from common.training import TrainConfig
+    from common.learning.model import ModelConfig
+    from common.learning.training import TrainConfig
     from simulations.central import CentralConfig
     from simulations.local_only import train_local_only
 

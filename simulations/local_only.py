@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
-from common.dataset import prepare
-from common.demand import PRIMARY, forecast_holdout
-from common.forecasting import score
-from common.partition import plan, select
-from common.sequences import leave_last_out
-from common.training import pick_device
+from common.data.catalog import Catalog
+from common.data.partition import plan, select
+from common.data.sequences import leave_last_out
+from common.learning.dataset import prepare
+from common.learning.demand import PRIMARY, forecast_holdout
+from common.learning.forecasting import score
+from common.learning.training import pick_device
 from simulations.central import CentralConfig, train_central
 
 

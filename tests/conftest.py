@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.synth import SynthConfig, generate
+from common.data.synth import SynthConfig, generate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TAFENG = SHARED / "ta-feng" / "ta_feng.csv.zip"

@@ -9,11 +9,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord
 
-from common.dataset import catalog_shape, prepare
-from common.model import BehaviorModel
-from common.partition import audit_non_members, plan, select
+from common.data.partition import audit_non_members, plan, select
+from common.learning.dataset import catalog_shape, prepare
+from common.learning.model import BehaviorModel
+from common.learning.training import loader, train_epoch
 from common.runconfig import RunConfig
-from common.training import loader, train_epoch
 from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
 from privacy.audit import audit, lira_scores, out_losses, roc_summary, user_losses
 from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Aggregation, Spend, append

@@ -2,18 +2,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.catalog import Catalog
-from common.events import sort_events
-from common.forecasting import DemandSeries, baseline_scores, robust_level
-from common.metrics import full_ranks, hit_ndcg
-from common.popularity import (
+from common.data.catalog import Catalog
+from common.data.events import sort_events
+from common.data.sequences import encode, history_sequences
+from common.learning.forecasting import DemandSeries, baseline_scores, robust_level
+from common.learning.metrics import full_ranks, hit_ndcg
+from common.learning.popularity import (
     REPEAT_GRID,
     RepeatWeights,
     choose_repeat_weights,
     item_counts,
     repeat_scores,
 )
-from common.sequences import encode, history_sequences
 
 # Twelve popular items, bought four times each by other users: plain popularity ranks
 # the repeat items 10th or lower.

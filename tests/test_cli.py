@@ -91,9 +91,9 @@ def test_recommend_and_forecast_from_an_exported_model(tmp_path, tiny_events):
     import torch
     from safetensors.torch import save_file
 
-    from common.catalog import Catalog
-    from common.dataset import catalog_shape
-    from common.model import BehaviorModel, ModelConfig
+    from common.data.catalog import Catalog
+    from common.learning.dataset import catalog_shape
+    from common.learning.model import BehaviorModel, ModelConfig
 
     catalog = Catalog.build(tiny_events)
     catalog.save(tmp_path / "catalog.json")

@@ -20,8 +20,8 @@ from opacus import PrivacyEngine
 
 from clients import client_app
 from clients.local_training import dp_loader
-from common.dataset import catalog_shape
-from common.model import BehaviorModel
+from common.learning.dataset import catalog_shape
+from common.learning.model import BehaviorModel
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
 from privacy.accounting import (

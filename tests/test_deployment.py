@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.catalog import Catalog
-from common.partition import plan, select
-from common.sequences import leave_last_out
+from common.data.catalog import Catalog
+from common.data.partition import plan, select
+from common.data.sequences import leave_last_out
 from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Spend, entries
 from privacy.verify import verify_paths
 from simulations.simulate import APP_DIR, stop_tree

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from common.catalog import Catalog
-from common.dataset import catalog_shape
-from common.events import EventType
-from common.forecasting import (
+from common.data.catalog import Catalog
+from common.data.events import EventType
+from common.learning.dataset import catalog_shape
+from common.learning.forecasting import (
     LEVEL_WINDOWS,
     RATIO_BOUNDS,
     choose_window,
@@ -19,9 +19,9 @@ from common.forecasting import (
     robust_level,
     weekly_demand,
 )
-from common.inference import load_exported
-from common.model import BehaviorModel, ModelConfig
-from common.monitor import monitor, plot_alerts
+from common.learning.inference import load_exported
+from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.monitor import monitor, plot_alerts
 from simulations.cli import app
 
 TINY_MODEL = ModelConfig(hidden=16, layers=1, heads=2, intermediate=32, max_len=12)
@@ -82,7 +82,7 @@ def test_coverage_counts_weeks_inside_the_bounds():
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     """A small synthetic event log and a tiny untrained exported model for it."""
-    from common.synth import SynthConfig, generate
+    from common.data.synth import SynthConfig, generate
 
     events = generate(
         SynthConfig(events=6_000, users=200, items=150, regions=3, top_categories=4, days=56)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.events import DataError
-from common.formats import DatasetSpec, load_events, write_quarantine
-from common.sources import spec_from_maps
+from common.data.events import DataError
+from common.data.formats import DatasetSpec, load_events, write_quarantine
+from common.data.sources import spec_from_maps
 
 
 def test_canonical_csv_accepts_good_rows_and_quarantines_bad_ones_with_reasons(canonical_csv):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.forecasting import moving_average, seasonal_naive, weekly_demand
-from common.metrics import full_ranks, hit_ndcg, mae, sampled_ranks, wape
+from common.learning.forecasting import moving_average, seasonal_naive, weekly_demand
+from common.learning.metrics import full_ranks, hit_ndcg, mae, sampled_ranks, wape
 
 
 def test_full_rank_counts_strictly_higher_scores_and_misses():

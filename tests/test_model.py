@@ -4,10 +4,10 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
-from common.dataset import prepare
-from common.model import BehaviorModel, ModelConfig, per_user_loss
-from common.sequences import IGNORE, Batch
-from common.training import evaluate_ranking, loader, predict_demand, train_epoch
+from common.data.sequences import IGNORE, Batch
+from common.learning.dataset import prepare
+from common.learning.model import BehaviorModel, ModelConfig, per_user_loss
+from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 
 # Two windows of 6 events: long histories span windows, so every path of the model is exercised.
 TINY_MODEL = ModelConfig(

@@ -2,10 +2,10 @@
 
 import pytest
 
-from common.dataset import prepare
-from common.forecasting import baseline_scores, weekly_demand
-from common.formats import load_events
-from common.popularity import popularity_results
+from common.data.formats import load_events
+from common.learning.dataset import prepare
+from common.learning.forecasting import baseline_scores, weekly_demand
+from common.learning.popularity import popularity_results
 from tests.conftest import RETAIL, TAFENG
 
 pytestmark = pytest.mark.slow

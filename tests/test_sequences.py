@@ -1,10 +1,16 @@
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
-from common.dataset import prepare
-from common.events import ROW
-from common.sequences import IGNORE, encode, history_sequences, leave_last_out, training_sequences
+from common.data.catalog import Catalog
+from common.data.events import ROW
+from common.data.sequences import (
+    IGNORE,
+    encode,
+    history_sequences,
+    leave_last_out,
+    training_sequences,
+)
+from common.learning.dataset import prepare
 
 DAY = 86_400
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from common.events import CANONICAL, EventType
-from common.synth import SynthConfig, generate
+from common.data.events import CANONICAL, EventType
+from common.data.synth import SynthConfig, generate
 from tests.conftest import TINY
 
 

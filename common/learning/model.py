@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from common.packed import PackedEmbedding, PackedLinear, pack, set_users
-from common.sequences import GAP_BUCKETS, IGNORE, Batch
+from common.data.sequences import GAP_BUCKETS, IGNORE, Batch
+from common.learning.packed import PackedEmbedding, PackedLinear, pack, set_users
 
 RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year or more
 # Tied parameters under their second name: stored once (safetensors refuses shared tensors,

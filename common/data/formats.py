@@ -18,7 +18,15 @@ import pyarrow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.atomic import write_with
-from common.events import CANONICAL, REQUIRED, ROW, DataError, EventType, standardize, summarize
+from common.data.events import (
+    CANONICAL,
+    REQUIRED,
+    ROW,
+    DataError,
+    EventType,
+    standardize,
+    summarize,
+)
 
 
 class ColumnMap(BaseModel):

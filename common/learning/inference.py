@@ -10,12 +10,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from common.catalog import Catalog
-from common.dataset import catalog_shape
-from common.events import sort_events
-from common.model import BehaviorModel, ModelConfig
-from common.sequences import encode, history_sequences
-from common.training import per_batch
+from common.data.catalog import Catalog
+from common.data.events import sort_events
+from common.data.sequences import encode, history_sequences
+from common.learning.dataset import catalog_shape
+from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.training import per_batch
 
 CARD = "model_card.json"
 

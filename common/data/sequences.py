@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.catalog import Catalog
-from common.events import EventType, sort_events
+from common.data.catalog import Catalog
+from common.data.events import EventType, sort_events
 
 SPLITS = ("train", "valid", "test")
 GAP_BUCKETS = 24  # 0 pad, 1 first event, 2.. log2 minutes since the previous event

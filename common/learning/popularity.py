@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.catalog import Catalog
-from common.dataset import Prepared
-from common.metrics import hit_ndcg
-from common.sequences import Sequences
-from common.training import rank_metrics
+from common.data.catalog import Catalog
+from common.data.sequences import Sequences
+from common.learning.dataset import Prepared
+from common.learning.metrics import hit_ndcg
+from common.learning.training import rank_metrics
 
 TIE_BREAK = 1e-6  # global popularity orders the items a region or a user scores equally
 BATCH = 1024

@@ -10,9 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.metrics import FULL_RANKING, SAMPLED_RANKING, full_ranks, hit_ndcg, sampled_ranks
-from common.model import BehaviorModel, per_user_loss
-from common.sequences import Batch, Sequences
+from common.data.sequences import Batch, Sequences
+from common.learning.metrics import (
+    FULL_RANKING,
+    SAMPLED_RANKING,
+    full_ranks,
+    hit_ndcg,
+    sampled_ranks,
+)
+from common.learning.model import BehaviorModel, per_user_loss
 
 EVAL_BATCH = 512
 

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.catalog import Catalog
-from common.forecasting import DemandSeries, weekly_demand
-from common.model import CatalogShape
-from common.sequences import (
+from common.data.catalog import Catalog
+from common.data.sequences import (
     Sequences,
     encode,
     history_sequences,
     leave_last_out,
     training_sequences,
 )
+from common.learning.forecasting import DemandSeries, weekly_demand
+from common.learning.model import CatalogShape
 
 DAY_S = 86_400
 

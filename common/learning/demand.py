@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.dataset import Prepared
-from common.forecasting import (
+from common.learning.dataset import Prepared
+from common.learning.forecasting import (
     QUANTILES,
     WEEK,
     DemandSeries,
@@ -28,9 +28,9 @@ from common.forecasting import (
     planner_forecast,
     weekly_demand,
 )
-from common.inference import Exported, user_histories
-from common.model import BehaviorModel
-from common.training import predict_demand
+from common.learning.inference import Exported, user_histories
+from common.learning.model import BehaviorModel
+from common.learning.training import predict_demand
 
 PRIMARY = "corrected"  # the model's forecast: robust level × the model's ratio
 CALIBRATION_WEEKS = 4  # model sums at this many weekly cuts before the cutoff

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from common.atomic import write_with
-from common.demand import calibration_cuts, forecast_week, model_sums
-from common.forecasting import MIN_INTERVAL_WEEKS, DemandSeries, Forecast, weekly_demand
-from common.inference import Exported
+from common.learning.demand import calibration_cuts, forecast_week, model_sums
+from common.learning.forecasting import MIN_INTERVAL_WEEKS, DemandSeries, Forecast, weekly_demand
+from common.learning.inference import Exported
 
 # Wider than the planning interval: an alert should be rare when nothing changed
 # (about 1 in 20 series-weeks if the backtest errors are representative).

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.events import ROW, EventType
+from common.data.events import ROW, EventType
 
 EVENT_TYPES = np.array([EventType.VIEW.value, EventType.CART.value, EventType.PURCHASE.value])
 HOUR_WEIGHTS = np.array(

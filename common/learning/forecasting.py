@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.catalog import top_category
-from common.events import EventType
-from common.metrics import mae, wape
+from common.data.catalog import top_category
+from common.data.events import EventType
+from common.learning.metrics import mae, wape
 
 WEEK = pd.Timedelta(days=7)
 
