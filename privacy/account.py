@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.run_files import CLIENT_LEDGER
 from common.runconfig import RunConfig
 from privacy.accounting import (
     Budget,
@@ -27,17 +28,7 @@ from privacy.accounting import (
     restore,
     spend_fields,
 )
-from privacy.ledger import (
-    CLIENT_LEDGER,
-    Line,
-    Release,
-    Spend,
-    append,
-    check_head,
-    locked,
-    parse,
-    read_lines,
-)
+from privacy.ledger import Line, Release, Spend, append, check_head, locked, parse, read_lines
 from privacy.policy import PrivacyPolicy, Refused
 from privacy.randomness import gaussian_release
 from privacy.signing import load_or_create

@@ -44,8 +44,9 @@ from common.learning.dataset import catalog_shape, prepare
 from common.learning.inference import load_exported
 from common.learning.model import BehaviorModel, CatalogShape, per_user_loss
 from common.learning.training import loader, pick_device, train_epoch
+from common.run_files import AUDIT, CLIENT_LEDGER, ROUNDS, SERVER_LEDGER
 from common.runconfig import RunConfig
-from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Aggregation, Spend, entries
+from privacy.ledger import Aggregation, Spend, entries
 
 ATTACKS = {
     "loss": (
@@ -162,7 +163,7 @@ def client_users(events: pd.DataFrame, run_dir: Path, clients: set[str]) -> np.n
     Every sampled client answers each round (trained, declined or failed), so the longest
     round in `rounds.json` gives the number of partitions.
     """
-    path = run_dir / "rounds.json"
+    path = run_dir / ROUNDS
     if not path.exists():
         raise ValueError(f"{path}: missing; the audit counts the run's clients from it")
     history = json.loads(path.read_text(encoding="utf-8"))
@@ -245,5 +246,5 @@ def audit(run_dirs: list[Path], references: int = REFERENCES) -> dict:
         "runs": [audit_run(d, references) for d in run_dirs],
     }
     for d in run_dirs:
-        write_json(d / "audit.json", result)
+        write_json(d / AUDIT, result)
     return result

@@ -28,8 +28,6 @@ from common.atomic import write_with
 from privacy.signing import fingerprint, verifies
 
 GENESIS = "0" * 64
-CLIENT_LEDGER = "privacy_ledger.jsonl"
-SERVER_LEDGER = "aggregation_ledger.jsonl"
 
 
 class Chained(BaseModel):

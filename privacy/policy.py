@@ -2,9 +2,9 @@
 
 The server's run config only *asks* (`dp`, `epsilon`, `delta`, the schedule). What a client
 allows comes from its own configuration: in deployment the SuperNode's `node_config`
-(`privacy-epsilon=4.0 privacy-require-dp=true …`), in simulation the policy file the simulation
-writes beside the clients' state (`POLICY_FILE`). The server may ask for less, never for more;
-the client's ledger then fixes the budget at its first entry.
+(`privacy-epsilon=4.0 privacy-require-dp=true …`), in simulation the policy file the
+simulation writes beside the clients' state (`common.run_files.POLICY`). The server may ask for
+less, never for more; the client's ledger then fixes the budget at its first entry.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from common.atomic import write_json
 from common.runconfig import AccountantName, RunConfig
 from privacy.accounting import Budget
 
-POLICY_FILE = "privacy_policy.json"
 NODE_PREFIX = "privacy-"
 
 

@@ -19,7 +19,14 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_text
-from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER
+from common.run_files import (
+    AUDIT,
+    CARD,
+    CLIENT_LEDGER,
+    PRIVACY_REPORT_HTML,
+    PRIVACY_REPORT_JSON,
+    SERVER_LEDGER,
+)
 from privacy.randomness import RANDOMNESS
 from privacy.verify import LedgerReport, Verdict, verify_paths
 
@@ -172,9 +179,9 @@ def build(
     """
     reports = verify_paths([*find_ledgers(run_dir), *(ledgers or [])], keys)
     verdict = Verdict.of(reports)
-    card_path = run_dir / "model_card.json"
+    card_path = run_dir / CARD
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    audit_path = run_dir / "audit.json"
+    audit_path = run_dir / AUDIT
     return {
         "run_dir": str(run_dir),
         "verified": verdict.ok,
@@ -392,6 +399,6 @@ shows nothing changed after signing but not who signed.</p>
 def write(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:
     """Verify, then write `privacy_report.html` and `privacy_report.json` into the run folder."""
     report, reports = build(run_dir, ledgers, keys)
-    write_text(run_dir / "privacy_report.html", render(report, reports))
-    write_json(run_dir / "privacy_report.json", report)
+    write_text(run_dir / PRIVACY_REPORT_HTML, render(report, reports))
+    write_json(run_dir / PRIVACY_REPORT_JSON, report)
     return report

@@ -13,8 +13,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from common.atomic import write_with
+from common.run_files import CHECKPOINT
 
-FILE = "checkpoint.safetensors"
 # Server-optimizer state of Flower's FedOpt family (FedAdam, FedYogi, ...); FedAvg has none.
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t")
 
@@ -39,11 +39,11 @@ def save(out: Path, ckpt: Checkpoint) -> Path:
         "history": json.dumps(ckpt.history),
         "central-accountant": json.dumps(ckpt.central_accountant),
     }
-    return write_with(out / FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    return write_with(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def load(out: Path) -> Checkpoint | None:
-    path = out / FILE
+    path = out / CHECKPOINT
     if not path.exists():
         return None
     try:

@@ -10,9 +10,7 @@ from safetensors.numpy import save_file
 
 from common.atomic import write_json, write_with
 from common.learning.model import CatalogShape, ModelConfig
-
-MODEL_FILE = "model.safetensors"
-CARD_FILE = "model_card.json"
+from common.run_files import CARD, CATALOG, MODEL
 
 
 def export(
@@ -23,17 +21,17 @@ def export(
     card: dict,
 ) -> Path:
     tensors = {k: v.numpy() for k, v in arrays.items()}
-    write_with(out / MODEL_FILE, lambda p: save_file(tensors, str(p)))
+    write_with(out / MODEL, lambda p: save_file(tensors, str(p)))
     write_json(
-        out / CARD_FILE,
+        out / CARD,
         {
             "model": "fedshop BERT behavior model",
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "config": model_cfg.model_dump(),
             "catalog_shape": shape.model_dump(),
-            "weights": MODEL_FILE,
-            "catalog": "catalog.json",
+            "weights": MODEL,
+            "catalog": CATALOG,
             **card,
         },
     )
-    return out / MODEL_FILE
+    return out / MODEL

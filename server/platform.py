@@ -14,6 +14,7 @@ from common.data.catalog import Catalog
 from common.data.events import EventType
 from common.data.sequences import leave_last_out
 from common.data.sources import run_events
+from common.run_files import CATALOG
 from common.runconfig import RunConfig
 
 
@@ -33,7 +34,7 @@ def platform_for(cfg: RunConfig, out: Path) -> Platform:
     events, top_chars = run_events(cfg.data, cfg.format, cfg.synth.model_dump_json())
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
-    path = catalog.save(out / "catalog.json")
+    path = catalog.save(out / CATALOG)
     bought = events[events["event_type"] == EventType.PURCHASE.value]
     start = cfg.demand_start or str(bought["timestamp"].min().normalize().date())
     summary = {

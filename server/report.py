@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_with
+from common.run_files import CLIENTS_CSV, METRICS_CSV, ROUNDS
 
 
 def client_table(history: list[dict]) -> pd.DataFrame:
@@ -32,10 +33,10 @@ def metric_table(history: list[dict]) -> pd.DataFrame:
 
 
 def write_tables(out: Path, history: list[dict]) -> None:
-    write_json(out / "rounds.json", history)
+    write_json(out / ROUNDS, history)
     metrics, clients = metric_table(history), client_table(history)
-    write_with(out / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
-    write_with(out / "clients.csv", lambda p: clients.to_csv(p, index=False))
+    write_with(out / METRICS_CSV, lambda p: metrics.to_csv(p, index=False))
+    write_with(out / CLIENTS_CSV, lambda p: clients.to_csv(p, index=False))
 
 
 def plot(out: Path, history: list[dict]) -> list[Path]:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
+from common.run_files import CATALOG, CHECKPOINT
 from common.runconfig import CentralDP, RunConfig, StrategyName
 from privacy.accounting import NEIGHBOURING
 from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, private_keys
@@ -33,8 +34,8 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     platform = platform_for(cfg, out)
-    if platform.catalog_path.resolve() != (out / "catalog.json").resolve():
-        shutil.copyfile(platform.catalog_path, out / "catalog.json")
+    if platform.catalog_path.resolve() != (out / CATALOG).resolve():
+        shutil.copyfile(platform.catalog_path, out / CATALOG)
     shape = catalog_shape(platform.catalog)
     strategy = make_strategy(cfg)
     saved = checkpoint.load(out) if cfg.resume else None
@@ -44,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
         central = central_dp.wrap(strategy, cfg, clients, saved and saved.central_accountant)
         strategy = central.strategy
     if saved:
-        log(INFO, "resuming from %s after round %s", out / checkpoint.FILE, saved.server_round)
+        log(INFO, "resuming from %s after round %s", out / CHECKPOINT, saved.server_round)
         arrays, first, history = saved.arrays, saved.server_round + 1, saved.history
         checkpoint.restore_strategy(strategy, saved.strategy_state)
     else:

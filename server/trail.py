@@ -10,7 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
 
 from common.messages import CLIENT
-from privacy.ledger import SERVER_LEDGER, Aggregation, append, entries
+from common.run_files import SERVER_LEDGER
+from privacy.ledger import Aggregation, append, entries
 
 
 def _entry(message: Message, status: str) -> dict:

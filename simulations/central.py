@@ -24,6 +24,7 @@ from common.learning.training import (
     pick_device,
     train_epoch,
 )
+from common.run_files import CATALOG, MODEL, RESULTS
 
 
 class CentralConfig(BaseModel):
@@ -92,8 +93,8 @@ def baselines(prepared: Prepared) -> dict:
 
 def save_run(out: Path, model: BehaviorModel | None, prepared: Prepared, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    prepared.catalog.save(out / "catalog.json")
+    prepared.catalog.save(out / CATALOG)
     if model is not None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        write_with(out / "model.safetensors", lambda p: save_file(state, str(p)))
-    write_json(out / "results.json", results)
+        write_with(out / MODEL, lambda p: save_file(state, str(p)))
+    write_json(out / RESULTS, results)

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.run_files import CARD, FLOWER_LOG, POLICY, ROUNDS
 from common.runconfig import RunConfig
-from privacy.policy import POLICY_FILE, PrivacyPolicy
+from privacy.policy import PrivacyPolicy
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "local"
@@ -138,7 +139,7 @@ def simulate(
             f"another local Flower SuperLink is running (pid {other[0]}); stop it first"
         )
     write_flower_home(home)
-    simulated_policy(cfg).write(out / "clients" / POLICY_FILE)
+    simulated_policy(cfg).write(out / "clients" / POLICY)
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -146,7 +147,7 @@ def simulate(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    log_path = out / "flower.log"
+    log_path = out / FLOWER_LOG
     started = time.time()
     command = [
         str(Path(sys.executable).parent / "flwr"),
@@ -173,7 +174,7 @@ def simulate(
         stop_local_superlink(home)
     if on_poll:
         on_poll(_rounds(out))
-    summary_path = out / "model_card.json"
+    summary_path = out / CARD
     # `flwr run` can exit 0 although the run failed: judge by what the ServerApp wrote.
     ok = summary_path.exists() and summary_path.stat().st_mtime >= started
     summary = json.loads(summary_path.read_text()) if ok else {}
@@ -195,6 +196,6 @@ def simulated_policy(cfg: RunConfig) -> PrivacyPolicy:
 
 def _rounds(out: Path) -> list[dict]:
     try:
-        return json.loads((out / "rounds.json").read_text())
+        return json.loads((out / ROUNDS).read_text())
     except (OSError, ValueError):
         return []

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from privacy.accounting import Budget, PrivacyState, plan_mechanism, release_steps, spend_fields
-from privacy.ledger import (
-    CLIENT_LEDGER,
-    SERVER_LEDGER,
-    Aggregation,
-    Release,
-    Spend,
-    append,
-    entries,
-    read_lines,
-)
+from privacy.ledger import Aggregation, Release, Spend, append, entries, read_lines
 from privacy.signing import create_pair
 
 BUDGET = Budget(epsilon=3.0, delta=1e-5)

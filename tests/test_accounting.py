@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.run_files import CLIENT_LEDGER
 from privacy.accounting import (
     Budget,
     Mechanism,
@@ -15,7 +16,7 @@ from privacy.accounting import (
     replay,
     spend_fields,
 )
-from privacy.ledger import CLIENT_LEDGER, Release, Spend, append
+from privacy.ledger import Release, Spend, append
 from privacy.signing import create_pair
 from privacy.verify import verify_paths
 

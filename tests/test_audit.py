@@ -13,10 +13,11 @@ from common.data.partition import audit_non_members, plan, select
 from common.learning.dataset import catalog_shape, prepare
 from common.learning.model import BehaviorModel
 from common.learning.training import loader, train_epoch
+from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
 from privacy.audit import audit, lira_scores, out_losses, roc_summary, user_losses
-from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Aggregation, Spend, append
+from privacy.ledger import Aggregation, Spend, append
 from privacy.report import _audit_section
 from server.export import export
 from server.platform import platform_for

@@ -22,6 +22,7 @@ from clients import client_app
 from clients.local_training import dp_loader
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
+from common.run_files import CLIENT_LEDGER, POLICY
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
 from privacy.accounting import (
@@ -32,8 +33,8 @@ from privacy.accounting import (
     release_steps,
     spend_fields,
 )
-from privacy.ledger import CLIENT_LEDGER, Release, Spend, append, entries, locked
-from privacy.policy import POLICY_FILE, PrivacyPolicy
+from privacy.ledger import Release, Spend, append, entries, locked
+from privacy.policy import PrivacyPolicy
 from privacy.randomness import torch_generator
 from privacy.signing import create_pair
 from privacy.verify import verify_paths
@@ -60,7 +61,7 @@ def run(tmp_path, tiny_events):
     )  # fmt: skip
     platform = platform_for(cfg, Path(cfg.out))
     simulated_policy(cfg.model_copy(update={"epsilon": 8.0})).write(
-        Path(cfg.out) / "clients" / POLICY_FILE
+        Path(cfg.out) / "clients" / POLICY
     )
     model = BehaviorModel(cfg.model, catalog_shape(platform.catalog))
     shared = {"catalog": str(platform.catalog_path), "demand-start": platform.demand_start}
@@ -120,15 +121,15 @@ def test_first_entry_fixes_budget_and_mechanism_and_releases_only_accounted_valu
 
 def test_demand_sums_leave_only_where_the_policy_shares_them(run):
     call, clients = run
-    policy = PrivacyPolicy.model_validate_json((clients / POLICY_FILE).read_text())
+    policy = PrivacyPolicy.model_validate_json((clients / POLICY).read_text())
     assert policy.share_demand_evaluation  # the simulation's engineer shares them
-    policy.model_copy(update={"share_demand_evaluation": False}).write(clients / POLICY_FILE)
+    policy.model_copy(update={"share_demand_evaluation": False}).write(clients / POLICY)
     call("train", 1)
     assert not {k for k in call("evaluate", 1).content["metrics"] if k.startswith("demand")}
 
 
 def test_policy_comes_from_node_config_first_and_errors_name_the_key(tmp_path):
-    fallback = tmp_path / POLICY_FILE
+    fallback = tmp_path / POLICY
     PrivacyPolicy(epsilon=3.0).write(fallback)
     assert PrivacyPolicy.from_node_config({"privacy-epsilon": 2.0}, fallback).epsilon == 2.0
     assert PrivacyPolicy.from_node_config({"data-path": "x"}, fallback).epsilon == 3.0

@@ -13,7 +13,8 @@ import pytest
 from common.data.catalog import Catalog
 from common.data.partition import plan, select
 from common.data.sequences import leave_last_out
-from privacy.ledger import CLIENT_LEDGER, SERVER_LEDGER, Spend, entries
+from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
+from privacy.ledger import Spend, entries
 from privacy.verify import verify_paths
 from simulations.simulate import APP_DIR, stop_tree
 

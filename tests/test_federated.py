@@ -5,11 +5,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.run_files import CLIENT_LEDGER
 from common.runconfig import RunConfig
 from privacy import report as privacy_report
 from privacy.accounting import Budget, restore
 from privacy.audit import audit
-from privacy.ledger import CLIENT_LEDGER, Spend, entries
+from privacy.ledger import Spend, entries
 from privacy.report import find_ledgers
 from privacy.verify import verify_paths
 from server import checkpoint

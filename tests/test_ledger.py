@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from ledger_factory import BUDGET, COUNT, write_client, write_server
 
+from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from privacy.accounting import (
     Mechanism,
     PrivacyState,
@@ -19,8 +20,6 @@ from privacy.accounting import (
     spend_fields,
 )
 from privacy.ledger import (
-    CLIENT_LEDGER,
-    SERVER_LEDGER,
     Aggregation,
     LedgerError,
     Release,

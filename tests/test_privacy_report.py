@@ -9,8 +9,8 @@ import shutil
 import pytest
 from ledger_factory import write_client, write_server
 
+from common.run_files import CLIENT_LEDGER
 from privacy import report
-from privacy.ledger import CLIENT_LEDGER
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",

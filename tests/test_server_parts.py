@@ -5,6 +5,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import GaussianPrivacyEvent
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.run_files import CHECKPOINT
 from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism
 from server import checkpoint, report
@@ -66,7 +67,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     assert loaded.central_accountant == accountant
     assert torch.equal(loaded.arrays.to_torch_state_dict()["w"], torch.arange(6.0).reshape(2, 3))
     assert np.array_equal(loaded.strategy_state["m_t"]["w"], state["m_t"]["w"])
-    (tmp_path / checkpoint.FILE).write_bytes(b"truncated")
+    (tmp_path / CHECKPOINT).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="checkpoint is corrupt"):
         checkpoint.load(tmp_path)
     assert checkpoint.load(tmp_path / "empty") is None

@@ -12,16 +12,9 @@ from click.testing import Result
 from ledger_factory import write_client, write_server
 from typer.testing import CliRunner
 
+from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from privacy import report
-from privacy.ledger import (
-    CLIENT_LEDGER,
-    SERVER_LEDGER,
-    Aggregation,
-    Chained,
-    Spend,
-    append,
-    read_lines,
-)
+from privacy.ledger import Aggregation, Chained, Spend, append, read_lines
 from privacy.signing import SERVER_PUBLIC_KEY, load_private
 from privacy.verify import Verdict, verify_paths
 from simulations.cli import app

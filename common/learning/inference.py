@@ -16,8 +16,7 @@ from common.data.sequences import encode, history_sequences
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import per_batch
-
-CARD = "model_card.json"
+from common.run_files import CARD, CATALOG, MODEL
 
 
 @dataclass
@@ -33,9 +32,9 @@ def load_exported(path: str | Path) -> Exported:
     folder = folder.parent if folder.is_file() else folder
     try:
         card = json.loads((folder / CARD).read_text(encoding="utf-8"))
-        catalog = Catalog.load(folder / card.get("catalog", "catalog.json"))
+        catalog = Catalog.load(folder / card.get("catalog", CATALOG))
         model = BehaviorModel(ModelConfig(**card["config"]), catalog_shape(catalog))
-        model.load_state_dict(load_file(str(folder / card.get("weights", "model.safetensors"))))
+        model.load_state_dict(load_file(str(folder / card.get("weights", MODEL))))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{folder}: not a usable exported model ({exc})") from exc
     return Exported(model.eval(), catalog, card)

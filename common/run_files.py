@@ -1,0 +1,21 @@
+"""The names of the files a run leaves behind, in one place: the server and the clients write
+them; the command line, the compliance report, the audit and inference read them."""
+
+MODEL = "model.safetensors"  # the shared model's weights
+CARD = "model_card.json"  # what the model is, how it was trained, its metrics and privacy
+CATALOG = "catalog.json"  # the platform's item catalogue the model's vocabulary comes from
+CHECKPOINT = "checkpoint.safetensors"  # the server's state after the last finished round
+ROUNDS = "rounds.json"  # per round: every client's reply and the aggregated metrics
+METRICS_CSV = "metrics.csv"
+CLIENTS_CSV = "clients.csv"
+PLOTS = "plots"  # folder of PNG plots
+RESULTS = "results.json"  # centralized / local-only training results
+FLOWER_LOG = "flower.log"
+FLOWER_HOME = ".flwr"  # the run's own Flower home (connection config, local SuperLink state)
+CLIENTS = "clients"  # simulated clients' state folders, one per client name
+POLICY = "privacy_policy.json"  # simulated clients' privacy policy, in CLIENTS
+CLIENT_LEDGER = "privacy_ledger.jsonl"  # beside a client's data (its state folder)
+SERVER_LEDGER = "aggregation_ledger.jsonl"
+PRIVACY_REPORT_HTML = "privacy_report.html"
+PRIVACY_REPORT_JSON = "privacy_report.json"
+AUDIT = "audit.json"
