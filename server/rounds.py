@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import Strategy
 
 from common.messages import CLIENT, LEDGER_HEADS, REFUSED
 from server import checkpoint
+from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
-from server.trail import Trail
 
 
 @dataclass
@@ -81,103 +81,107 @@ def client_rows(server_round: int, t: Triage) -> list[dict]:
     return rows
 
 
-def run_rounds(
-    grid: Grid,
-    strategy: Strategy,
-    arrays: ArrayRecord,
-    first_round: int,
-    last_round: int,
-    min_clients: int,
-    shared: dict[str, str],
-    out: Path,
-    history: list[dict],
-    on_round: Callable[[dict], None],
-    trail: Trail,
-    central: CentralPrivacy | None = None,
-) -> tuple[ArrayRecord, str]:
-    """Run rounds `first_round..last_round`; returns the final arrays and why the loop ended."""
-    for rnd in range(first_round, last_round + 1):
-        log(INFO, "[ROUND %s/%s]", rnd, last_round)
-        replies = list(
-            grid.send_and_receive(
-                strategy.configure_train(
-                    rnd, arrays, ConfigRecord(shared | {LEDGER_HEADS: trail.heads_json()}), grid
-                )
-            )
-        )
-        t = triage(replies)
-        record = {"round": rnd, "clients": client_rows(rnd, t)}
-        for m in t.declined:
-            log(
-                WARNING,
-                "node %s declined round %s: privacy budget exhausted",
-                m.metadata.src_node_id,
-                rnd,
-            )
-        for m in t.failed:
-            log(
-                WARNING,
-                "node %s failed in round %s: %s",
-                m.metadata.src_node_id,
-                rnd,
-                m.error.reason,
-            )
-        for m in t.refused:
-            log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED]["reason"])
-        if len(t.trained) < min_clients:
-            reason = (
-                f"round {rnd}: only {len(t.trained)} client(s) trained "
-                f"({len(t.declined)} declined, {len(t.refused)} refused, {len(t.failed)} failed); "
-                f"min-clients is {min_clients}, so the run stops here"
-            )
-            log(WARNING, reason)
-            trail.record(
-                rnd, t.trained, t.declined, t.refused, False, central and central.summary()
-            )
-            record["stopped"] = reason
-            history.append(record)
-            on_round(record)
-            return arrays, reason
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, t.trained)
-        if new_arrays is not None:
-            arrays = new_arrays
-            if central:
-                central.released()
-        else:
-            log(WARNING, "round %s: no aggregate (the model is unchanged)", rnd)
-        trail.record(
-            rnd,
-            t.trained,
-            t.declined,
-            t.refused,
-            new_arrays is not None,
-            central and central.summary(),
-        )
-        answers = triage(
-            list(
+@dataclass
+class RoundLoop:
+    """What the round loop works with for the whole run; `run` drives it from a start point
+    (fresh or a checkpoint's)."""
+
+    grid: Grid
+    strategy: Strategy
+    shared: dict[str, str | float]  # config every client gets each round (catalog, …)
+    out: Path  # the run folder: a checkpoint is saved there after every round
+    ledger: AggregationLedger
+    min_clients: int  # fewer trained replies than this stop the run
+    last_round: int
+    history: list[dict]  # one record per round run so far; the loop appends to it
+    on_round: Callable[[list[dict]], None]  # after each round's record joins `history`
+    central: CentralPrivacy | None = None
+
+    def run(self, arrays: ArrayRecord, first_round: int) -> tuple[ArrayRecord, str]:
+        """Run rounds `first_round..last_round`; returns the final arrays and why it ended."""
+        grid, strategy, central = self.grid, self.strategy, self.central
+        for rnd in range(first_round, self.last_round + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, self.last_round)
+            heads = {LEDGER_HEADS: self.ledger.heads_json()}
+            replies = list(
                 grid.send_and_receive(
-                    strategy.configure_evaluate(rnd, arrays, ConfigRecord(shared), grid)
+                    strategy.configure_train(rnd, arrays, ConfigRecord(self.shared | heads), grid)
                 )
             )
-        )
-        for m in answers.refused:
-            log(
-                WARNING, "%s refused evaluation %s: %s", _name(m), rnd, m.content[REFUSED]["reason"]
+            t = triage(replies)
+            record = {"round": rnd, "clients": client_rows(rnd, t)}
+            for m in t.declined:
+                log(
+                    WARNING,
+                    "node %s declined round %s: privacy budget exhausted",
+                    m.metadata.src_node_id,
+                    rnd,
+                )
+            for m in t.failed:
+                log(
+                    WARNING,
+                    "node %s failed in round %s: %s",
+                    m.metadata.src_node_id,
+                    rnd,
+                    m.error.reason,
+                )
+            for m in t.refused:
+                log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED]["reason"])
+            if len(t.trained) < self.min_clients:
+                reason = (
+                    f"round {rnd}: only {len(t.trained)} client(s) trained ({len(t.declined)} "
+                    f"declined, {len(t.refused)} refused, {len(t.failed)} failed); "
+                    f"min-clients is {self.min_clients}, so the run stops here"
+                )
+                log(WARNING, reason)
+                self.ledger.record(
+                    rnd, t.trained, t.declined, t.refused, False, central and central.summary()
+                )
+                record["stopped"] = reason
+                self.history.append(record)
+                self.on_round(self.history)
+                return arrays, reason
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, t.trained)
+            if new_arrays is not None:
+                arrays = new_arrays
+                if central:
+                    central.released()
+            else:
+                log(WARNING, "round %s: no aggregate (the model is unchanged)", rnd)
+            self.ledger.record(
+                rnd,
+                t.trained,
+                t.declined,
+                t.refused,
+                new_arrays is not None,
+                central and central.summary(),
             )
-        evaluation = strategy.aggregate_evaluate(rnd, answers.trained) if answers.trained else None
-        record["train"] = dict(train_metrics or {})
-        record["evaluate"] = dict(evaluation or {})
-        record["evaluate_refused"] = [_name(m) for m in answers.refused]
-        if central:
-            record["central_dp"] = central.summary()
-        history.append(record)
-        saved = checkpoint.Checkpoint(
-            rnd,
-            arrays,
-            checkpoint.strategy_state(strategy),
-            history,
-            central.accountant.state_dict() if central else None,
-        )
-        checkpoint.save(out, saved)
-        on_round(record)
-    return arrays, "completed"
+            answers = triage(
+                list(
+                    grid.send_and_receive(
+                        strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid)
+                    )
+                )
+            )
+            for m in answers.refused:
+                reason = m.content[REFUSED]["reason"]
+                log(WARNING, "%s refused evaluation %s: %s", _name(m), rnd, reason)
+            evaluation = (
+                strategy.aggregate_evaluate(rnd, answers.trained) if answers.trained else None
+            )
+            record["train"] = dict(train_metrics or {})
+            record["evaluate"] = dict(evaluation or {})
+            record["evaluate_refused"] = [_name(m) for m in answers.refused]
+            if central:
+                record["central_dp"] = central.summary()
+            self.history.append(record)
+            saved = checkpoint.Checkpoint(
+                rnd,
+                arrays,
+                checkpoint.strategy_state(strategy),
+                self.history,
+                central.accountant.state_dict() if central else None,
+            )
+            checkpoint.save(self.out, saved)
+            self.on_round(self.history)
+        return arrays, "completed"

@@ -18,12 +18,12 @@ from common.run_files import CATALOG, CHECKPOINT
 from common.runconfig import CentralDP, RunConfig, StrategyName
 from privacy.accounting import NEIGHBOURING
 from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, private_keys
-from server import central_dp, checkpoint, report
+from server import central_dp, checkpoint, run_tables
 from server.aggregation import make_strategy
+from server.aggregation_ledger import AggregationLedger
 from server.export import export
 from server.platform import platform_for
-from server.rounds import run_rounds
-from server.trail import Trail
+from server.rounds import RoundLoop
 
 app = ServerApp()
 
@@ -65,27 +65,21 @@ def main(grid: Grid, context: Context) -> None:
         Path(cfg.server_key) if cfg.server_key else private_keys(out) / "server.key",
         publish=out / SERVER_PUBLIC_KEY,
     )
-    trail = Trail(out, key, str(context.run_id), cfg.strategy.value)
-
-    def on_round(_: dict) -> None:
-        report.write_tables(out, history)
-
-    arrays, outcome = run_rounds(
-        grid,
-        strategy,
-        arrays,
-        first,
-        cfg.num_server_rounds,
-        cfg.min_clients,
-        shared,
-        out,
-        history,
-        on_round,
-        trail,
-        central,
+    loop = RoundLoop(
+        grid=grid,
+        strategy=strategy,
+        shared=shared,
+        out=out,
+        ledger=AggregationLedger(out, key, str(context.run_id), cfg.strategy.value),
+        min_clients=cfg.min_clients,
+        last_round=cfg.num_server_rounds,
+        history=history,
+        on_round=lambda done: run_tables.write_tables(out, done),
+        central=central,
     )
-    report.write_tables(out, history)
-    report.plot(out, history)
+    arrays, outcome = loop.run(arrays, first)
+    run_tables.write_tables(out, history)
+    run_tables.plot(out, history)
     finished = [r for r in history if "evaluate" in r]
     card = {
         "outcome": outcome,

@@ -224,14 +224,15 @@ def test_cli_keys_and_verify_exit_codes(run, tmp_path):
 
 def test_a_ledger_behind_the_servers_record_is_refused(run):
     folder, keys, client, _ = run
-    from server.trail import Trail
+    from server.aggregation_ledger import AggregationLedger
 
-    trail = Trail(folder, create_pair(keys / "other.key"), "7", "fedavg")  # reloads the record
+    # reloads the server's record
+    server = AggregationLedger(folder, create_pair(keys / "other.key"), "7", "fedavg")
     lines = read_lines(client)
-    assert trail.heads["north"] == (2, lines[2].hash)
-    check_head(client, lines, trail.heads["north"])  # intact: fine
+    assert server.heads["north"] == (2, lines[2].hash)
+    check_head(client, lines, server.heads["north"])  # intact: fine
     with pytest.raises(LedgerError, match=r"entry 2 .* is missing"):
-        check_head(client, lines[:2], trail.heads["north"])  # restored from an old backup
+        check_head(client, lines[:2], server.heads["north"])  # restored from an old backup
     with pytest.raises(LedgerError, match="differs"):
         check_head(client, lines, (1, lines[2].hash))
 

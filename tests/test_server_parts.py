@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.run_files import CHECKPOINT
 from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism
-from server import checkpoint, report
+from server import checkpoint, run_tables
 from server.aggregation import aggregate_evaluation, make_strategy
 from server.central_dp import wrap
 
@@ -89,7 +89,7 @@ def test_budget_is_planned_by_opacus_and_enforced():
     assert spent[2].epsilon_after == spent[1].epsilon_after and spent[2].steps == 0
 
 
-def test_report_without_dp_writes_metric_plot_only(tmp_path):
+def test_run_tables_without_dp_plot_metrics_only(tmp_path):
     history = [
         {
             "round": 1,
@@ -98,8 +98,8 @@ def test_report_without_dp_writes_metric_plot_only(tmp_path):
             "evaluate": {"hr10": 0.1, "ndcg10": 0.05, "wape": 0.3},
         }
     ]
-    report.write_tables(tmp_path, history)
-    paths = report.plot(tmp_path, history)
+    run_tables.write_tables(tmp_path, history)
+    paths = run_tables.plot(tmp_path, history)
     assert [p.name for p in paths] == ["metrics.png"]
 
 

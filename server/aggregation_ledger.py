@@ -1,4 +1,4 @@
-"""The server's signed aggregation record: per round, which client ledger entries it used."""
+"""The server's signed aggregation ledger: per round, which client ledger entries it used."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def _entry(message: Message, status: str) -> dict:
 
 
 @dataclass
-class Trail:
+class AggregationLedger:
+    """The run folder's server ledger (`SERVER_LEDGER`), and the newest client entries it names."""
+
     out: Path
     key: Ed25519PrivateKey
     run_id: str

@@ -1,4 +1,5 @@
-"""What a run leaves behind: per-round metrics and privacy spend as JSON/CSV, and PNG plots."""
+"""A run's per-round tables: every round's metrics and each client's reply and privacy spend as
+JSON/CSV, and their PNG plots (the compliance report is `privacy.report`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_with
-from common.run_files import CLIENTS_CSV, METRICS_CSV, ROUNDS
+from common.run_files import CLIENTS_CSV, METRICS_CSV, PLOTS, ROUNDS
 
 
 def client_table(history: list[dict]) -> pd.DataFrame:
@@ -40,7 +41,7 @@ def write_tables(out: Path, history: list[dict]) -> None:
 
 
 def plot(out: Path, history: list[dict]) -> list[Path]:
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / PLOTS).mkdir(parents=True, exist_ok=True)
     paths = []
     metrics = metric_table(history)
     if not metrics.empty:
@@ -60,7 +61,7 @@ def plot(out: Path, history: list[dict]) -> list[Path]:
         axes[1].set(title="Demand WAPE, held-out weeks", xlabel="round")
         axes[1].legend()
         fig.tight_layout()
-        paths.append(_save(fig, out / "plots" / "metrics.png"))
+        paths.append(_save(fig, out / PLOTS / "metrics.png"))
     clients = client_table(history)
     if "epsilon-budget" in clients:  # DP runs only
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -70,7 +71,7 @@ def plot(out: Path, history: list[dict]) -> list[Path]:
         ax.set(title="Privacy spent per client (user-level ε)", xlabel="round", ylabel="ε")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        paths.append(_save(fig, out / "plots" / "epsilon.png"))
+        paths.append(_save(fig, out / PLOTS / "epsilon.png"))
     return paths
 
 
