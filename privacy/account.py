@@ -80,9 +80,7 @@ class PrivacyAccount:
             lines = read_lines(path) if path.exists() else []
             check_head(path, lines, head)
             spends = [parse(path, line, Spend) for line in lines]
-            fixed = (
-                Budget(epsilon=spends[0].budget_epsilon, delta=spends[0].delta) if spends else None
-            )
+            fixed = Budget.of_entry(spends[0]) if spends else None
             budget, cap = policy.answer(request, fixed)
             state = restore(client, budget, spends)
             yield cls(client, path, key_path, policy, request, state, cap, str(run_id), [])

@@ -18,6 +18,7 @@ it is the one Poisson-sampled DP-SGD is analysed under, and counts then have sen
 from __future__ import annotations
 
 import warnings
+from typing import TypeVar
 
 from opacus.accountants import create_accountant
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,7 @@ Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps), Opacu
 DEFAULT_ACCOUNTANT = "prv"
 NEIGHBOURING = "add or remove one user"  # Opacus' relation for Poisson-sampled DP-SGD
 MAX_SIGMA = 1e6
+Part = TypeVar("Part", bound=BaseModel)
 
 
 def _merged(history: list[Step]) -> list[Step]:
@@ -60,6 +62,11 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epsilon: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
+
+    @classmethod
+    def of_entry(cls, spend: Spend) -> Budget:
+        """The budget a ledger entry states (as `budget_epsilon` and `delta`)."""
+        return cls(epsilon=spend.budget_epsilon, delta=spend.delta)
 
 
 class Mechanism(BaseModel):
@@ -209,6 +216,12 @@ def plan_mechanism(
     )
 
 
+def _from_spend(model: type[Part], spend: Spend) -> Part:
+    """The part of a ledger entry that `model` (`Mechanism`, `RoundSpend`) holds: the entry
+    carries their fields under the same names."""
+    return model.model_validate(spend.model_dump(include=set(model.model_fields)))
+
+
 def restore(client: str, budget: Budget, spends: list[Spend]) -> PrivacyState:
     """The state a client's ledger implies: its mechanism, history and rounds, replayed."""
     state = PrivacyState(client=client, budget=budget)
@@ -217,49 +230,21 @@ def restore(client: str, budget: Budget, spends: list[Spend]) -> PrivacyState:
             raise ValueError(
                 f"ledger entry {spend.seq} belongs to {spend.client!r}, not {client!r}"
             )
-        state.mechanism = state.mechanism or Mechanism(
-            noise_multiplier=spend.noise_multiplier,
-            sample_rate=spend.sample_rate,
-            steps_per_round=spend.steps_per_round,
-            clip_norm=spend.clip_norm,
-            accountant=spend.accountant,
-            planned_rounds=spend.planned_rounds,
-            noisy_users=spend.noisy_users,
-        )
+        state.mechanism = state.mechanism or _from_spend(Mechanism, spend)
         state.history.extend(spend.history())
-        state.rounds.append(
-            RoundSpend(
-                server_round=spend.server_round,
-                status=spend.status,
-                steps=spend.steps,
-                releases=spend.releases,
-                epsilon_before=spend.epsilon_before,
-                epsilon_after=spend.epsilon_after,
-            )
-        )
+        state.rounds.append(_from_spend(RoundSpend, spend))
     return state
 
 
 def spend_fields(state: PrivacyState, spend: RoundSpend, run_id: int | str) -> dict:
-    """A ledger entry's content for `spend`, the round `state` just recorded."""
-    m = state.mechanism
-    assert m is not None
+    """A ledger entry's content for `spend`, the round `state` just recorded: the fixed
+    mechanism, the round's spend and the client's budget (named as the entry names them)."""
+    assert state.mechanism is not None
     return {
+        **state.mechanism.model_dump(),
+        **spend.model_dump(),
         "run_id": str(run_id),
-        "server_round": spend.server_round,
         "client": state.client,
-        "status": spend.status,
-        "noise_multiplier": m.noise_multiplier,
-        "clip_norm": m.clip_norm,
-        "sample_rate": m.sample_rate,
-        "steps": spend.steps,
-        "accountant": m.accountant,
-        "epsilon_before": spend.epsilon_before,
-        "epsilon_after": spend.epsilon_after,
         "delta": state.budget.delta,
         "budget_epsilon": state.budget.epsilon,
-        "steps_per_round": m.steps_per_round,
-        "planned_rounds": m.planned_rounds,
-        "noisy_users": m.noisy_users,
-        "releases": [r.model_dump() for r in spend.releases],
     }

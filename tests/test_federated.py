@@ -50,7 +50,7 @@ def _states(out: Path):
     states = {}
     for path in (out / "clients").glob(f"*/{CLIENT_LEDGER}"):
         spends = entries(path, Spend)
-        budget = Budget(epsilon=spends[-1].budget_epsilon, delta=spends[-1].delta)
+        budget = Budget.of_entry(spends[-1])
         states[path.parent.name] = restore(path.parent.name, budget, spends)
     return states
 

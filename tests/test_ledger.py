@@ -12,6 +12,7 @@ from ledger_factory import BUDGET, COUNT, write_client, write_server
 
 from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from privacy.accounting import (
+    Budget,
     Mechanism,
     PrivacyState,
     RoundSpend,
@@ -109,6 +110,26 @@ def test_state_is_rebuilt_from_the_ledger(run):
     assert state.epsilon() == pytest.approx(spends[-1].epsilon_after)
     assert [r.status for r in state.rounds] == ["trained", "trained", "declined"]
     assert not state.affordable()[0]
+
+
+FORMAT = Path(__file__).parent / "data" / "ledger_format"
+
+
+def test_a_ledger_signed_before_still_verifies_and_restores_to_the_same_entries():
+    """A ledger signed by an earlier version (a trained round with the user count, an
+    evaluation, a declined round) verifies against its pinned key, and the state restored from
+    it gives back each entry's content field for field: the entry format has not moved."""
+    path = FORMAT / CLIENT_LEDGER
+    report = verify_paths([path], FORMAT / "keys")[0]
+    assert report.ok, report.first_problem()
+    spends = entries(path, Spend)
+    state = restore("north", Budget.of_entry(spends[0]), spends)
+    chaining = {"seq", "prev", "key", "time", "kind"}  # `append` adds these
+    stored = [
+        {k: v for k, v in line.body.items() if k not in chaining} for line in read_lines(path)
+    ]
+    assert [spend_fields(state, spend, "7") for spend in state.rounds] == stored
+    assert [s["status"] for s in stored] == ["trained", "evaluated", "declined"]
 
 
 def test_altered_entry_is_named(run):
