@@ -66,6 +66,10 @@ class RunConfig(BaseModel):
     )
     data: str = Field("", description="Event log path; empty = embedded synthetic data")
     format: str = "auto"
+    spec: str = Field("", description="Dataset spec (TOML/JSON) that reads data; empty = none")
+    columns: str = Field(
+        "", description="Column map for data, FIELD=COLUMN pairs split by commas; empty = none"
+    )
     synth_events: int = Field(200_000, ge=100)
     synth_users: int = Field(5_000, ge=10)
     synth_items: int = Field(2_000, ge=20)

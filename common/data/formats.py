@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import tomllib
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pyarrow
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.atomic import write_with
 from common.data.events import (
@@ -24,6 +24,7 @@ from common.data.events import (
     ROW,
     DataError,
     EventType,
+    _as_id,
     standardize,
     summarize,
 )
@@ -55,6 +56,20 @@ class DatasetSpec(BaseModel):
     top_category_chars: int | None = Field(
         None, ge=1, description="Top-level category = first N characters of `category`"
     )
+    products: Path | None = Field(
+        None,
+        description="Product table (CSV/Parquet) that mapped columns such as the category come "
+        "from; relative to the spec file",
+    )
+    join: str | None = Field(
+        None, description="Key column (e.g. the SKU) in both the event file and `products`"
+    )
+
+    @model_validator(mode="after")
+    def _products_need_a_key(self) -> DatasetSpec:
+        if (self.products is None) != (self.join is None):
+            raise ValueError("`products` and `join` go together: the table and its key column")
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> DatasetSpec:
@@ -62,9 +77,14 @@ class DatasetSpec(BaseModel):
         try:
             text = path.read_text(encoding="utf-8")
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-            return cls.model_validate(data)
+            spec = cls.model_validate(data)
         except (OSError, ValueError, ValidationError) as exc:
             raise DataError(f"{path}: not a valid dataset spec: {exc}") from exc
+        # A spec travels with its product table, so its path means "next to the spec", not
+        # "next to wherever the command happens to run".
+        if spec.products is not None:
+            spec = spec.model_copy(update={"products": path.parent / spec.products})
+        return spec
 
 
 # A source-specific pass before generic validation: may add derived columns and reject rows.
@@ -92,8 +112,22 @@ def _prepare_online_retail(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series
     reasons[customer.isna() & reasons.isna()] = "no_customer"
     # StockCode has no category; its leading digits group product families (85123A, 85123B, …).
     stem = frame["StockCode"].astype("string").str.extract(r"^(\d{3})", expand=False)
-    frame = frame.assign(product_family=stem.fillna("service"))
+    # The id column is float where it has gaps, so exports write "13085.0" for customer 13085.
+    ids = customer.astype("string").str.replace(r"\.0$", "", regex=True)
+    frame = frame.assign(product_family=stem.fillna("service"), **{"Customer ID": ids})
     return frame, reasons
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One published header of a data set, as differences from the adapter's reference names.
+
+    Only renames are listed: case, spaces and underscores never matter (`CustomerID` is
+    `Customer ID`), see `_header_key`.
+    """
+
+    label: str
+    renames: Mapping[str, str] = field(default_factory=dict)  # reference name → this header's
 
 
 @dataclass(frozen=True)
@@ -101,12 +135,20 @@ class Adapter:
     spec: DatasetSpec
     prepare: Prepare = lambda frame: (frame, _no_reasons(frame))
     signature: tuple[str, ...] = ()
+    variants: tuple[Variant, ...] = ()  # the reference header first
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The source columns this adapter reads, under their reference names."""
+        mapped = (c for c in self.spec.columns.model_dump().values() if c is not None)
+        return tuple(dict.fromkeys((*self.signature, *mapped)))
 
 
 ADAPTERS: dict[str, Adapter] = {
     "canonical": Adapter(
         DatasetSpec(name="canonical", columns=ColumnMap(**{c: c for c in CANONICAL})),
         signature=("user_id", "item_id", "timestamp"),
+        variants=(Variant("canonical columns"),),
     ),
     "tafeng": Adapter(
         DatasetSpec(
@@ -125,6 +167,9 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         _prepare_tafeng,
         ("CUSTOMER_ID", "PRODUCT_ID", "TRANSACTION_DT", "PIN_CODE", "AMOUNT", "SALES_PRICE"),
+        # The merged Kaggle file is the one published with a header; re-exports that lower-case
+        # it (transaction_dt, customer_id, …) match it too.
+        (Variant("Ta-Feng, Kaggle ta_feng_all_months_merged.csv"),),
     ),
     "online-retail": Adapter(
         DatasetSpec(
@@ -142,9 +187,55 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         _prepare_online_retail,
         ("Invoice", "StockCode", "Quantity", "InvoiceDate", "Price", "Customer ID", "Country"),
+        (
+            Variant("UCI Online Retail II"),
+            Variant(
+                "UCI Online Retail, first release",
+                {"Invoice": "InvoiceNo", "Price": "UnitPrice", "Customer ID": "CustomerID"},
+            ),
+        ),
     ),
 }
 FORMATS = ("auto", *ADAPTERS, "custom")
+
+
+def _header_key(name: object) -> str:
+    """`Customer ID`, `CustomerID` and `customer_id` are one column to a header match."""
+    return "".join(ch for ch in str(name).casefold() if ch.isalnum())
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    """An adapter's variant found in a file's header, and how the file's columns are renamed."""
+
+    adapter: str
+    variant: Variant
+    renames: dict[str, str]  # file column → reference name, only where they differ
+
+    def describe(self) -> str:
+        """`online-retail (UCI Online Retail, first release: InvoiceNo/UnitPrice/CustomerID)`."""
+        spelled = "/".join(self.renames)
+        return f"{self.adapter} ({self.variant.label}{': ' + spelled if spelled else ''})"
+
+
+def _match(name: str, columns: pd.Index) -> tuple[HeaderMatch | None, list[str]]:
+    """The first variant whose signature the header holds; else the closest one's missing names."""
+    adapter = ADAPTERS[name]
+    names = [str(c) for c in columns]
+    present = {_header_key(c): c for c in reversed(names)}  # the first spelling wins
+    closest: list[str] = list(adapter.signature)
+    for variant in adapter.variants:
+        found = {}  # file column → reference name
+        for reference in adapter.columns:
+            column = present.get(_header_key(variant.renames.get(reference, reference)))
+            if column is not None:
+                found[column] = reference
+        missing = [variant.renames.get(c, c) for c in adapter.signature if c not in found.values()]
+        if not missing:
+            renames = {c: found[c] for c in names if found.get(c, c) != c}
+            return HeaderMatch(name, variant, renames), []
+        closest = min(closest, missing, key=len)
+    return None, closest
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -157,11 +248,15 @@ def read_table(path: Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         if name.endswith((".csv", ".csv.gz", ".tsv", ".txt", ".zip")):
             sep = "\t" if ".tsv" in name else ","
-            return pd.read_csv(path, dtype=str, sep=sep, keep_default_na=True)
+            try:
+                return pd.read_csv(path, dtype=str, sep=sep)
+            except UnicodeDecodeError:
+                # Older exports, such as the Kaggle CSV of the first UCI Online Retail release,
+                # are Latin-1 (the £ in descriptions); ids, dates and numbers are ASCII either way.
+                return pd.read_csv(path, dtype=str, sep=sep, encoding="latin-1")
     except (
         OSError,
         ValueError,
-        UnicodeDecodeError,
         zipfile.BadZipFile,
         pd.errors.ParserError,
         pd.errors.EmptyDataError,
@@ -171,13 +266,12 @@ def read_table(path: Path) -> pd.DataFrame:
     raise DataError(f"{path}: unknown file type (expected .csv, .csv.gz, .zip or .parquet)")
 
 
-def detect_format(path: Path, columns: pd.Index) -> str:
-    present = set(columns)
-    for name, adapter in ADAPTERS.items():
-        if name != "canonical" and set(adapter.signature) <= present:
-            return name
-    if set(ADAPTERS["canonical"].signature) <= present:
-        return "canonical"
+def detect_format(path: Path, columns: pd.Index) -> HeaderMatch:
+    # Canonical last: a data set's own header may also hold generic names such as user_id.
+    for name in sorted(ADAPTERS, key=lambda n: n == "canonical"):
+        match, _ = _match(name, columns)
+        if match is not None:
+            return match
     raise DataError(
         f"{path}: cannot tell the format from the columns "
         f"({', '.join(map(str, columns))}); pass --format or a column mapping"
@@ -188,11 +282,13 @@ def detect_format(path: Path, columns: pd.Index) -> str:
 class LoadResult:
     path: Path
     format: str
+    reason: str  # which adapter or spec read the file, and why, e.g. "detected tafeng (…)"
     spec: DatasetSpec
     rows_read: int
     events: pd.DataFrame
     rejected: pd.DataFrame
     ignored_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a reader should know, e.g. drops
 
     def summary(self) -> dict[str, object]:
         by_reason = (
@@ -201,46 +297,129 @@ class LoadResult:
         return {
             "file": str(self.path),
             "format": self.format,
+            "format_reason": self.reason,
             "rows_read": self.rows_read,
             "rejected": len(self.rejected),
             "rejected_by_reason": {str(k): int(v) for k, v in dict(by_reason).items()},
             "ignored_columns": self.ignored_columns,
+            "notes": self.notes,
             **summarize(self.events),
         }
 
 
+def _join_products(
+    path: Path,
+    frame: pd.DataFrame,
+    reasons: pd.Series,
+    spec: DatasetSpec,
+    source: Path,
+    key: str,
+) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Take the mapped columns the product table `source` has from it, matched on `key`.
+
+    Returns the joined frame, the event file's columns the table replaced, and notes. Events
+    whose product is missing from the table are marked `unknown_product` in `reasons`.
+    """
+    try:
+        products = read_table(source)
+    except DataError as exc:
+        raise DataError(f"{exc} (the product table of dataset spec {spec.name!r})") from exc
+    for table, where in ((frame, path), (products, source)):
+        if key not in table.columns:
+            have = ", ".join(str(c) for c in table.columns if c != ROW)
+            raise DataError(f"{where}: join column {key!r} not found; the file has: {have}")
+    product_key = _as_id(products[key])
+    if product_key.isna().any():
+        row = int(product_key.isna().to_numpy().argmax()) + 1
+        raise DataError(f"{source}: row {row} has no {key!r}; every product needs its key")
+    repeated = product_key[product_key.duplicated(keep=False)]
+    if len(repeated):
+        first = repeated.iloc[0]
+        rows = ", ".join(str(i + 1) for i in repeated.index[repeated == first])
+        raise DataError(
+            f"{source}: {repeated.nunique()} product key(s) appear more than once in column "
+            f"{key!r}, e.g. {first!r} in rows {rows}; the table needs one row per product"
+        )
+    wanted = {c for c in spec.columns.model_dump().values() if c is not None}
+    taken = [str(c) for c in products.columns if c in wanted and c != key]
+    event_key = _as_id(frame[key])
+    known = event_key.isin(product_key)
+    if event_key.notna().any() and not known.any():
+        # Not one match means the wrong key or differently written keys (e.g. zero-padded), not
+        # a few stale rows: rejecting every event would only hide that.
+        raise DataError(
+            f"{path}: no event's {key!r} is in {source} "
+            f"(e.g. {event_key.dropna().iloc[0]!r} in the events, {product_key.iloc[0]!r} in "
+            "the products); check the join column and how its keys are written"
+        )
+    # Some unmatched events are normal: product tables lag behind sales (discontinued items are
+    # deleted), and one stale SKU should not stop a whole file. They are rejected like any bad
+    # row, so the count is in the summary and each row, with its reason, in the quarantine.
+    unknown = event_key.notna() & ~known
+    notes = []
+    if unknown.any():
+        first = unknown.to_numpy().argmax()
+        notes.append(
+            f"{int(unknown.sum())} event(s) name a product not in {source.name} "
+            f"(e.g. {key} {event_key.iloc[first]!r} in row {frame[ROW].iloc[first]}); "
+            "rejected as unknown_product"
+        )
+        reasons[unknown & reasons.isna()] = "unknown_product"
+    looked_up = products[taken].set_index(product_key).reindex(event_key)
+    replaced = [c for c in taken if c in frame.columns]
+    joined = frame.drop(columns=replaced).assign(**{c: looked_up[c].to_numpy() for c in taken})
+    return joined, replaced, notes
+
+
 def load_events(path: str | Path, fmt: str = "auto", spec: DatasetSpec | None = None) -> LoadResult:
-    """Load an event log into the canonical table; rejected rows come back with their reason."""
+    """Load an event log into the canonical table; rejected rows come back with their reason.
+
+    With a spec, its mapping (and product table) reads the file; otherwise `fmt` names a
+    built-in adapter or `auto` picks one from the header. `LoadResult.reason` says which.
+    """
     path = Path(path)
     raw = read_table(path)
+    notes: list[str] = []
     if spec is not None:
-        fmt, adapter = "custom", Adapter(spec)
+        fmt, adapter, renames = "custom", Adapter(spec), {}
+        reason = f"dataset spec {spec.name!r}"
+        if spec.products is not None:
+            reason += f", product columns from {spec.products.name} joined on {spec.join!r}"
     else:
         if fmt == "custom":
             raise DataError(f"{path}: format 'custom' needs a dataset spec or a column mapping")
-        fmt = detect_format(path, raw.columns) if fmt == "auto" else fmt
-        if fmt not in ADAPTERS:
+        if fmt == "auto":
+            match = detect_format(path, raw.columns)
+            reason = f"detected {match.describe()}"
+        elif fmt in ADAPTERS:
+            match, missing = _match(fmt, raw.columns)
+            if match is None:
+                raise DataError(f"{path}: not a {fmt} file: missing column(s) {', '.join(missing)}")
+            reason = f"as asked: {match.describe()}"
+        else:
             raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-        adapter = ADAPTERS[fmt]
+        fmt, adapter, renames = match.adapter, ADAPTERS[match.adapter], match.renames
     if ROW in raw.columns:  # a canonical export of ours: row numbers restart for this file
         raw = raw.drop(columns=ROW)
     raw.insert(0, ROW, range(1, len(raw) + 1))
-    if fmt != "custom":
-        absent = [c for c in adapter.signature if c not in raw.columns]
-        if absent:
-            raise DataError(f"{path}: not a {fmt} file: missing column(s) {', '.join(absent)}")
-    frame, reasons = adapter.prepare(raw)
+    frame, reasons = adapter.prepare(raw.rename(columns=renames))
     mapping = {k: v for k, v in adapter.spec.columns.model_dump().items() if v is not None}
+    replaced: list[str] = []
+    if adapter.spec.products is not None and adapter.spec.join is not None:
+        frame, replaced, notes = _join_products(
+            path, frame, reasons, adapter.spec, adapter.spec.products, adapter.spec.join
+        )
     if fmt == "canonical":  # optional canonical columns may simply be absent
         mapping = {k: v for k, v in mapping.items() if k in REQUIRED or v in frame.columns}
     unknown = [f"{k}={v!r}" for k, v in mapping.items() if v not in frame.columns]
     if unknown:
+        products = f" or in {adapter.spec.products}" if adapter.spec.products else ""
         raise DataError(
-            f"{path}: mapped column(s) not in the file: {', '.join(unknown)}; "
+            f"{path}: mapped column(s) not in the file{products}: {', '.join(unknown)}; "
             f"the file has: {', '.join(map(str, raw.columns[1:]))}"
         )
-    used = set(mapping.values())
-    ignored = [str(c) for c in raw.columns[1:] if c not in used]
+    used = set(mapping.values()) - set(replaced)
+    ignored = [str(c) for c in raw.columns[1:] if renames.get(c, c) not in used]
     renamed = frame[[ROW, *mapping.values()]].copy()
     renamed.columns = [ROW, *mapping.keys()]
     events, rejected_canonical = standardize(
@@ -257,7 +436,15 @@ def load_events(path: str | Path, fmt: str = "auto", spec: DatasetSpec | None = 
         1, "reason", rejected_canonical.set_index(ROW)["reason"].reindex(rejected[ROW]).to_numpy()
     )
     return LoadResult(
-        path, fmt, adapter.spec, len(raw), events, rejected.reset_index(drop=True), ignored
+        path=path,
+        format=fmt,
+        reason=reason,
+        spec=adapter.spec,
+        rows_read=len(raw),
+        events=events,
+        rejected=rejected.reset_index(drop=True),
+        ignored_columns=ignored,
+        notes=notes,
     )
 
 

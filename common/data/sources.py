@@ -25,15 +25,19 @@ class Source:
 
 
 def spec_from_maps(maps: list[str]) -> DatasetSpec:
-    """`["user_id=Customer", "item_id=SKU", ...]` → a custom dataset spec."""
+    """`["user_id=Customer", "item_id=SKU,timestamp=Date", ...]` → a custom dataset spec.
+
+    An entry may hold several comma-separated pairs, so one string (the run config's `columns`)
+    carries a whole mapping in the syntax `--map` takes.
+    """
     pairs = {}
-    for entry in maps:
+    for entry in (pair for text in maps for pair in text.split(",")):
         field, sep, column = entry.partition("=")
         if not sep or not field.strip() or not column.strip():
             raise DataError(f"--map {entry!r}: expected FIELD=COLUMN, e.g. user_id=customer")
         pairs[field.strip()] = column.strip()
     try:
-        return DatasetSpec(columns=ColumnMap(**pairs))
+        return DatasetSpec(name="column map", columns=ColumnMap(**pairs))
     except ValidationError as exc:
         raise DataError(f"--map: {exc.errors()[0]['loc'][-1]}: {exc.errors()[0]['msg']}") from exc
 
@@ -45,20 +49,37 @@ def read_source(
     maps: list[str] | None = None,
     synth: SynthConfig | None = None,
 ) -> Source:
+    """The events of `data` (read with a spec file, a column map or `fmt`), or synthetic ones.
+
+    The one loader every command uses; `Source.load` says which adapter read the file and why
+    (`LoadResult.reason`), what was rejected and what to note.
+    """
     if data is None:
         cfg = synth or SynthConfig()
         return Source(
             f"synthetic(seed={cfg.seed}, events={cfg.events})", generate(cfg), SYNTH_TOP_CHARS
         )
+    if spec and maps:
+        raise DataError(f"{data}: give a dataset spec or a column map, not both")
     dataset_spec = DatasetSpec.from_file(spec) if spec else spec_from_maps(maps) if maps else None
     result = load_events(data, fmt, dataset_spec)
     return Source(str(data), result.events, result.spec.top_category_chars, result)
 
 
 @lru_cache(maxsize=2)
-def run_events(data: str, fmt: str, synth_json: str) -> tuple[pd.DataFrame, int | None]:
-    """A run's whole event table (cached per process: simulated clients share it)."""
+def run_events(
+    data: str, fmt: str, synth_json: str, spec: str = "", columns: str = ""
+) -> tuple[pd.DataFrame, int | None]:
+    """A run's whole event table (cached per process: simulated clients share it).
+
+    Plain strings, as in the run config (`spec` a file path, `columns` "FIELD=COLUMN,…"; empty =
+    none), so the arguments are the cache key.
+    """
     src = read_source(
-        Path(data) if data else None, fmt, synth=SynthConfig.model_validate_json(synth_json)
+        Path(data) if data else None,
+        fmt,
+        Path(spec) if spec else None,
+        [columns] if columns else None,
+        SynthConfig.model_validate_json(synth_json),
     )
     return src.events, src.top_category_chars
