@@ -42,8 +42,8 @@ def _prepare(
         result = load_events(path, fmt)
         events, top_chars = result.events, result.spec.top_category_chars
     else:
-        data, fmt, synth_json, partition_id, num_partitions = rest
-        everything, top_chars = run_events(data, fmt, synth_json)
+        source, partition_id, num_partitions = rest
+        everything, top_chars = run_events(*source)
         part = plan(everything, num_partitions)[partition_id]
         name, events = part.name, select(everything, part)
     catalog = Catalog.load(catalog_path)
@@ -70,7 +70,8 @@ def load_client_data(
         default_state = Path(path).parent / f"{name}.fedshop"
     else:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        key = ("partition", cfg.data, cfg.format, cfg.synth.model_dump_json(), pid, n)
+        source = (cfg.data, cfg.format, cfg.synth.model_dump_json(), cfg.spec, cfg.columns)
+        key = ("partition", source, pid, n)
         default_state = None
     # A deployed client keeps its own copy of the platform catalog; the server's path is only
     # valid where the server's files are visible (simulation).

@@ -204,7 +204,9 @@ def audit_run(run_dir: Path, references: int = REFERENCES) -> dict:
     clients = used_clients(run_dir)
     if not clients:
         raise ValueError(f"{run_dir}: no client update was ever used, so there are no members")
-    events, top_chars = run_events(cfg.data, cfg.format, cfg.synth.model_dump_json())
+    events, top_chars = run_events(
+        cfg.data, cfg.format, cfg.synth.model_dump_json(), cfg.spec, cfg.columns
+    )
     prepared = prepare(
         events,
         top_category_chars=top_chars,

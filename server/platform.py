@@ -31,7 +31,9 @@ def platform_for(cfg: RunConfig, out: Path) -> Platform:
         path = Path(cfg.catalog)
         catalog = Catalog.load(path)
         return Platform(catalog, path, cfg.demand_start, {"catalog": str(path)})
-    events, top_chars = run_events(cfg.data, cfg.format, cfg.synth.model_dump_json())
+    events, top_chars = run_events(
+        cfg.data, cfg.format, cfg.synth.model_dump_json(), cfg.spec, cfg.columns
+    )
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
     path = catalog.save(out / CATALOG)
