@@ -1,22 +1,13 @@
-"""The compliance report: one self-contained HTML page (plots inline as SVG) and its JSON twin.
-
-Everything on the page comes from the signed ledgers and their independent verification, not
-from what the training run says about itself.
+"""The compliance report: its facts, gathered from the signed ledgers and their independent
+verification (never from what the training run says about itself), written as JSON and as the
+page `privacy.report_page` renders from the same facts.
 """
 
 from __future__ import annotations
 
-import html
-import io
 import json
 from dataclasses import asdict
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_text
 from common.run_files import (
@@ -27,55 +18,9 @@ from common.run_files import (
     PRIVACY_REPORT_JSON,
     SERVER_LEDGER,
 )
-from privacy.randomness import RANDOMNESS
+from privacy.accounting import Mechanism
+from privacy.report_page import render
 from privacy.verify import LedgerReport, Verdict, verify_paths
-
-GUARANTEE = """\
-Everything a client sent is <b>user-level (ε, δ)-DP for that client's users</b> (neighbouring
-data sets: one user added or removed), composed by one accountant over every release, round and
-restart: the model updates (DP-SGD with Opacus: Poisson sampling of users, per-user gradient
-clipping, Gaussian noise), the user count it released once with Gaussian noise (it sets the
-sample rate and is the FedAvg weight) and, per evaluation, its (users, hits@10, NDCG@10) sums
-with Gaussian noise. Whatever these reveal would have been about as likely (within a factor
-e<sup>ε</sup>, plus probability δ) had any one of the client's users never been in its data.
-The client's own policy sets the budget, δ and whether DP is required; its ledger's first entry
-fixes them. A server asking for more, or for no DP, is refused and receives nothing; a round or
-an evaluation that would pass the budget is declined.
-"""
-THREATS = [
-    "The server is honest-but-curious: it follows the protocol and reads everything it "
-    "receives, and it may ask for anything. What a client releases is decided by the client's "
-    "policy and ledger, never by the request, so the guarantee holds against whoever runs it.",
-    "Readers of the model (anyone it is shared with) are curious: they see the final model, "
-    "which is post-processing of the clients' DP releases.",
-    "A client may be malicious: it can send any update and hurt the shared model, but it "
-    "learns no more about other clients' users than the shared model, which is DP for them.",
-]
-ASSUMPTIONS = [
-    "Deployment cannot see whether one person shops at two clients (two regions or merchants): "
-    "such a person is protected by each client separately and those ε's add up; within one "
-    "client, several accounts of one person are several users. (Only the simulation's "
-    "partitioning puts each user in exactly one client.)",
-    RANDOMNESS,
-    "The client's code ran as published, and hyper-parameters were chosen without looking at "
-    "the private data; tuning on it spends privacy that is not in this ledger.",
-    "Not covered by ε: demand error sums (the model's, the robust level's and the moving "
-    "average's absolute errors, actual units, and how many held-out weeks fell inside the "
-    "forecast interval), sent without noise only by clients whose policy shares them "
-    "(simulations do); one user's purchases move them by up to that user's units.",
-    "Not covered by ε: clients whose policy allows running without DP send exact updates and "
-    "counts, and keep no ledger; they appear with ε = ∞.",
-    "Not covered by ε: when a client answers, declines or refuses is visible to the server; "
-    "declining depends only on the ledger, never on the data. The ledger (shown to compliance, "
-    "never sent to the server) reveals the released noisy count through the sample rate.",
-    "The catalogue and the demand-bin calendar are platform data, public to all clients.",
-]
-AUDIT_CAVEAT = (
-    "A membership-inference audit is evidence, not a proof: an attack failing shows only that "
-    "this attack failed, and LiRA's few short-trained reference models make it weaker than the "
-    "attacks in the literature. A TPR at a false-positive rate f means little with fewer than "
-    "1/f non-members. The guarantee is the ε above, from the clients' own ledgers."
-)
 
 
 def find_ledgers(run_dir: Path) -> list[Path]:
@@ -85,54 +30,8 @@ def find_ledgers(run_dir: Path) -> list[Path]:
     return ([server] if server.exists() else []) + found
 
 
-def _svg(fig) -> str:
-    for ax in fig.axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
-
-
-def _client_plot(r: LedgerReport) -> str:
-    rounds = [e.server_round for e in r.entries]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(rounds, [e.reported for e in r.entries], marker="o", label="reported")
-    for name in ("prv", "pld"):
-        values = [e.recomputed.get(name) for e in r.entries]
-        if all(v is not None for v in values):
-            ax.plot(rounds, values, linestyle=":", marker=".", label=f"{name.upper()} (tight)")
-    declined = [e.server_round for e in r.entries if e.status == "declined"]
-    for i, rnd in enumerate(declined):
-        ax.axvline(rnd, color="grey", alpha=0.3, label="declined" if i == 0 else None)
-    ax.axhline(r.spends[0].budget_epsilon, color="red", linestyle="--", label="budget")
-    ax.set(xlabel="round", ylabel="cumulative ε", title=f"{r.signer}: user-level ε")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize="small")
-    return _svg(fig)
-
-
-def _overview_plot(clients: list[LedgerReport]) -> str:
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for r in clients:
-        ax.plot(
-            [e.server_round for e in r.entries],
-            [e.reported for e in r.entries],
-            marker="o",
-            label=r.signer,
-        )
-    budgets = {r.spends[0].budget_epsilon for r in clients}
-    for b in budgets:
-        ax.axhline(b, color="red", linestyle="--", label="budget" if b == max(budgets) else None)
-    ax.set(xlabel="round", ylabel="cumulative ε", title="Privacy spent per client")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize="small", ncol=2)
-    return _svg(fig)
-
-
 def client_summary(r: LedgerReport) -> dict:
+    """One client's budget, spend, mechanism (fixed by its first entry) and rounds, as verified."""
     last = r.spends[-1]
     first = r.spends[0]
     return {
@@ -144,14 +43,7 @@ def client_summary(r: LedgerReport) -> dict:
         "budget": {"epsilon": last.budget_epsilon, "delta": last.delta},
         "spent_epsilon": last.epsilon_after,
         "remaining_epsilon": max(last.budget_epsilon - last.epsilon_after, 0.0),
-        "mechanism": {
-            "noise_multiplier": first.noise_multiplier,
-            "clip_norm": first.clip_norm,
-            "sample_rate": first.sample_rate,
-            "steps_per_round": first.steps_per_round,
-            "planned_rounds": first.planned_rounds,
-            "accountant": first.accountant,
-        },
+        "mechanism": first.model_dump(include=set(Mechanism.model_fields)),
         "declined_rounds": [s.server_round for s in r.spends if s.status == "declined"],
         "rounds": [
             {
@@ -169,10 +61,8 @@ def client_summary(r: LedgerReport) -> dict:
     }
 
 
-def build(
-    run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None
-) -> tuple[dict, list[LedgerReport]]:
-    """The report's facts (JSON-ready) and the verification behind them.
+def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:
+    """The report's facts, JSON-ready: verification, per-client summaries, central DP, audit.
 
     `ledgers` add to those found in the run folder (never replace them: the server's record
     there is what every client ledger is matched against); a file given twice counts once.
@@ -204,201 +94,12 @@ def build(
         "clients": [client_summary(r) for r in reports if r.kind == "client" and r.spends],
         "central_dp": card.get("privacy", {}).get("central_dp"),
         "audit": json.loads(audit_path.read_text()) if audit_path.exists() else None,
-    }, reports
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _num(v: float | None, digits: int = 4) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _client_section(c: dict, r: LedgerReport) -> str:
-    m = c["mechanism"]
-    status = (
-        '<span class="ok">verified</span>'
-        if c["verified"]
-        else f'<span class="bad">FAILED: {html.escape(c["problem"])}</span>'
-    )
-    rounds = _table(
-        ["round", "status", "steps", "ε before", "ε after", "spent", "RDP", "PRV", "PLD"],
-        [
-            [
-                str(x["round"]),
-                html.escape(x["status"]),
-                str(x["steps"]),
-                _num(x["epsilon_before"]),
-                _num(x["epsilon_after"]),
-                _num(x["spent"]),
-                _num(x["recomputed"].get("rdp")),
-                _num(x["recomputed"].get("prv")),
-                _num(x["recomputed"].get("pld")),
-            ]
-            for x in c["rounds"]
-        ],
-    )
-    declined = ", ".join(map(str, c["declined_rounds"])) or "none"
-    return f"""
-<section class="client">
-<h2>{html.escape(c["client"])} — {status}</h2>
-<p>Budget ε = {c["budget"]["epsilon"]:g}, δ = {c["budget"]["delta"]:g}.
-Spent ε = <b>{c["spent_epsilon"]:.4f}</b>, remaining {c["remaining_epsilon"]:.4f}.
-Declined rounds: {declined}.</p>
-<p>Mechanism: DP-SGD, noise multiplier σ = {m["noise_multiplier"]:.4f}, clipping norm
-C = {m["clip_norm"]:g} per user, Poisson sample rate q = {m["sample_rate"]:.5f},
-{m["steps_per_round"]} steps per round, planned for {m["planned_rounds"]} rounds,
-accountant {html.escape(m["accountant"].upper())}. Signing key: {html.escape(c["key"])}.</p>
-<figure>{_client_plot(r)}<figcaption>Cumulative ε by round, with the tight accountants' figures
-for the same mechanism.</figcaption></figure>
-{rounds}
-</section>"""
-
-
-def _audit_section(audit: dict | None) -> str:
-    if not audit:
-        return (
-            "<p>No membership-inference audit for this run (see <code>fedshop privacy audit"
-            "</code>).</p>"
-        )
-    if "attacks" not in audit:
-        return "<p>audit.json predates LiRA; rerun <code>fedshop privacy audit</code>.</p>"
-    names = {"loss": "loss threshold", "lira": "offline LiRA"}
-    rows = [
-        [
-            html.escape(a["run"]),
-            html.escape(str(a["epsilon"])),
-            html.escape(names.get(attack, attack)),
-            _num(roc["auc"], 3),
-            _num(roc["tpr_at_fpr"]["0.01"], 3),
-            _num(roc["tpr_at_fpr"]["0.001"], 3),
-            f"{a['members']:,} / {a['non_members']:,}",
-        ]
-        for a in audit["runs"]
-        for attack, roc in a["attacks"].items()
-    ]
-    table = _table(
-        [
-            "run",
-            "ε (ledger)",
-            "attack",
-            "AUC",
-            "TPR @ 1% FPR",
-            "TPR @ 0.1% FPR",
-            "members / non-members",
-        ],
-        rows,
-    )
-    described = "".join(
-        f"<li><b>{html.escape(names.get(k, k))}</b>: {html.escape(v)}</li>"
-        for k, v in audit["attacks"].items()
-    )
-    return (
-        f"<ul>{described}</ul><p>{html.escape(audit['scope'])}</p>{table}"
-        f"<p>{html.escape(AUDIT_CAVEAT)}</p>"
-    )
-
-
-def _central_section(central: dict | None) -> str:
-    if not central:
-        return "<p>No server-side (client-level) DP in this run.</p>"
-    return (
-        f"<p>Server-side DP with Flower's {html.escape(str(central['wrapper']))}: "
-        f"noise multiplier {central['noise_multiplier']:g}, clipping norm "
-        f"{central['clipping_norm']:g}. Client-level ε = <b>{_num(central.get('epsilon'))}</b> at "
-        f"δ = {central['delta']:g} (Flower's RDP accountant): whatever the model reveals, it would "
-        "have been about as likely had any one <i>client</i> (all of its users) stayed out. "
-        "This sits on top of the per-client user-level ε above.</p>"
-    )
-
-
-CSS = """
-body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
-th,td{border:1px solid #ccc;padding:0.25em 0.6em;text-align:right}
-th{background:#f3f3f3} .ok{color:#176b2c} .bad{color:#b00020}
-.summary{background:#f7f9fc;border-left:4px solid #3465a4;padding:0.5em 1em}
-figure{margin:0} svg{max-width:100%;height:auto}
-"""
-
-
-def render(report: dict, reports: list[LedgerReport]) -> str:
-    clients = [r for r in reports if r.kind == "client" and r.spends]
-    by_name = {r.signer: r for r in clients}
-    v = report["verdict"]
-    detail = f": {html.escape(v['problem'])}" if v["problem"] else ""
-    verdict = f'<span class="{"ok" if v["ok"] else "bad"}">{html.escape(v["headline"])}</span>'
-    verdict = f"<b>{verdict}</b>{detail}"
-    ledgers = _table(
-        ["ledger", "kind", "signer", "result", "notes"],
-        [
-            [
-                html.escape(x["path"]),
-                x["kind"],
-                html.escape(x["signer"]),
-                "verified" if x["ok"] else f'<span class="bad">{html.escape(x["problem"])}</span>',
-                html.escape("; ".join(x["notes"])) or "—",
-            ]
-            for x in report["ledgers"]
-        ],
-    )
-    overview = _table(
-        ["client", "budget ε", "δ", "spent ε", "remaining", "σ", "declined", "verified"],
-        [
-            [
-                html.escape(c["client"]),
-                f"{c['budget']['epsilon']:g}",
-                f"{c['budget']['delta']:g}",
-                _num(c["spent_epsilon"]),
-                _num(c["remaining_epsilon"]),
-                _num(c["mechanism"]["noise_multiplier"]),
-                str(len(c["declined_rounds"])),
-                "yes" if c["verified"] else '<span class="bad">no</span>',
-            ]
-            for c in report["clients"]
-        ],
-    )
-    worst = max((c["spent_epsilon"] for c in report["clients"]), default=0.0)
-    plot = f"<figure>{_overview_plot(clients)}</figure>" if clients else ""
-    assumptions = "".join(f"<li>{html.escape(a)}</li>" for a in ASSUMPTIONS)
-    threats = "".join(f"<li>{html.escape(t)}</li>" for t in THREATS)
-    sections = "".join(_client_section(c, by_name[c["client"]]) for c in report["clients"])
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>fedshop privacy report</title><style>{CSS}</style></head>
-<body>
-<h1>Privacy report</h1>
-<div class="summary">
-<p>{verdict}. {len(report["clients"])} client(s); the largest user-level ε spent by any
-client is <b>{worst:.4f}</b>.</p>
-<p>{GUARANTEE}</p>
-<p>Against whom:</p><ul>{threats}</ul>
-<p>It rests on these assumptions and does not cover:</p><ul>{assumptions}</ul>
-<p>How to read the numbers: ε is reported by the accountant each client used (PRV's upper
-bound unless it says otherwise); RDP, PRV and PLD bounds of the same mechanism are recomputed
-here from the ledger alone. A verified ledger is intact (hash chain and Ed25519
-signatures), its arithmetic holds, its budget, δ and mechanism never change, every ε agrees
-with an independent recomputation within 1 %, and every reply in the server's record cites an
-entry of the right kind, round and run in it. "Verified against pinned keys" means every
-signature was checked with a public key from the folder given with <code>--keys</code>;
-"internally consistent, keys not pinned" means the keys came from beside the ledgers, which
-shows nothing changed after signing but not who signed.</p>
-</div>
-<h2>Clients</h2>{overview}{plot}
-<h2>Client-level DP (server side)</h2>{_central_section(report["central_dp"])}
-<h2>Empirical audit</h2>{_audit_section(report["audit"])}
-<h2>Ledgers checked</h2>{ledgers}
-{sections}
-</body></html>
-"""
+    }
 
 
 def write(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:
     """Verify, then write `privacy_report.html` and `privacy_report.json` into the run folder."""
-    report, reports = build(run_dir, ledgers, keys)
-    write_text(run_dir / PRIVACY_REPORT_HTML, render(report, reports))
+    report = build(run_dir, ledgers, keys)
+    write_text(run_dir / PRIVACY_REPORT_HTML, render(report))
     write_json(run_dir / PRIVACY_REPORT_JSON, report)
     return report

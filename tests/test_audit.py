@@ -18,7 +18,7 @@ from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
 from privacy.audit import audit, lira_scores, out_losses, roc_summary, user_losses
 from privacy.ledger import Aggregation, Spend, append
-from privacy.report import _audit_section
+from privacy.report_page import _audit_section
 from server.export import export
 from server.platform import platform_for
 

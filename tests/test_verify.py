@@ -101,7 +101,7 @@ def test_a_client_the_server_names_without_its_ledger_fails(run: Path) -> None:
 def test_zero_ledgers_is_a_failure_not_all_verified(tmp_path: Path) -> None:
     verdict = Verdict.of([])
     assert not verdict.ok and verdict.problem == "no ledgers were given or found"
-    built, _ = report.build(tmp_path)
+    built = report.build(tmp_path)
     assert not built["verified"] and built["verdict"]["headline"] == "verification FAILED"
     result = CliRunner().invoke(app, ["privacy", "report", str(tmp_path)])
     assert result.exit_code == 1
@@ -283,7 +283,7 @@ def test_extra_ledgers_add_to_those_found_once_each(run: Path, tmp_path_factory)
     extra = [str(south), "--ledger", str(north), "--ledger", str(same)]
     added = CliRunner().invoke(app, ["privacy", "report", str(run), "--ledger", *extra])
     assert added.exit_code == 0, added.output
-    data = report.build(run, [south, north])[0]
+    data = report.build(run, [south, north])
     assert [x["signer"] for x in data["ledgers"]] == ["server", "north", "south"]
 
 
