@@ -62,12 +62,13 @@ def train_epoch(
     """
     model.train()
     sums, users = np.zeros(3), 0
-    for batch in batches:
-        if len(batch[0]) == 0:
+    for tensors in batches:
+        batch = Batch(*tensors)
+        if len(batch.items) == 0:
             if on_empty:
                 on_empty()
             continue
-        total, rec, dem = per_user_loss(model, Batch(*batch).trim().to(device), demand_weight)
+        total, rec, dem = per_user_loss(model, batch.trim().to(device), demand_weight)
         optimizer.zero_grad(set_to_none=True)
         total.mean().backward()
         optimizer.step()
