@@ -17,7 +17,7 @@ from common.learning.forecasting import moving_average
 from common.learning.model import BehaviorModel
 from common.learning.training import evaluate_ranking, pick_device
 from common.messages import CLIENT, LEDGER_HEADS, REFUSED, UNIFORM, WEIGHT
-from common.run_files import POLICY
+from common.run_files import CLIENTS, POLICY
 from common.runconfig import RunConfig
 from privacy.account import PrivacyAccount
 from privacy.ledger import Line
@@ -55,7 +55,7 @@ def _account(
 
 def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
     """The client's own policy: node config in deployment, the simulation's file otherwise."""
-    simulated = Path(cfg.out) / "clients" / POLICY
+    simulated = Path(cfg.out) / CLIENTS / POLICY
     return PrivacyPolicy.from_node_config(dict(context.node_config), simulated)
 
 

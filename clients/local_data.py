@@ -1,6 +1,7 @@
 """Finding and preparing the one client's own events.
 
 Deployment: the SuperNode's `node_config` names the data (`data-path`, optional `data-format`,
+`data-spec` (a dataset spec file) or `data-columns` (`field=column,…`),
 `client-name`, `state-dir`, `catalog`, `signing-key`). Simulation: `partition-id` /
 `num-partitions` pick this client's users out of the run's data source. Either way only this
 client's events are loaded.
@@ -16,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from common.data.catalog import Catalog
-from common.data.formats import load_events
 from common.data.partition import audit_non_members, plan, select
-from common.data.sources import run_events
+from common.data.sources import read_source, run_events
 from common.learning.dataset import Prepared, prepare
+from common.run_files import CLIENTS
 from common.runconfig import RunConfig
 from privacy.signing import CLIENT_PUBLIC_KEY, client_key, load_or_create
 
@@ -38,9 +39,11 @@ def _prepare(
 ) -> tuple[str, Prepared]:
     kind, *rest = key
     if kind == "file":
-        path, fmt, name = rest
-        result = load_events(path, fmt)
-        events, top_chars = result.events, result.spec.top_category_chars
+        path, fmt, spec, columns, name = rest
+        src = read_source(
+            Path(path), fmt, Path(spec) if spec else None, [columns] if columns else None
+        )
+        events, top_chars = src.events, src.top_category_chars
     else:
         source, partition_id, num_partitions = rest
         everything, top_chars = run_events(*source)
@@ -66,7 +69,9 @@ def load_client_data(
     if "data-path" in node_config:
         path = str(node_config["data-path"])
         name = str(node_config.get("client-name", Path(path).stem.split(".")[0]))
-        key = ("file", path, str(node_config.get("data-format", "auto")), name)
+        fmt = str(node_config.get("data-format", "auto"))
+        spec, columns = (str(node_config.get(k, "")) for k in ("data-spec", "data-columns"))
+        key = ("file", path, fmt, spec, columns, name)
         default_state = Path(path).parent / f"{name}.fedshop"
     else:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -80,7 +85,7 @@ def load_client_data(
     state_dir = (
         Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
     )
-    state_dir = state_dir or default_state or Path(cfg.out) / "clients" / name
+    state_dir = state_dir or default_state or Path(cfg.out) / CLIENTS / name
     key = node_config.get("signing-key")
     key_path = Path(str(key)) if key else client_key(state_dir, Path(cfg.out), name)
     # The verifier finds the public key beside the ledger; made here, before any spend, a key

@@ -37,18 +37,18 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_server_rounds: int = Field(3, ge=1, description="Federated rounds")
-    strategy: StrategyName = StrategyName.FEDAVG
+    strategy: StrategyName = Field(StrategyName.FEDAVG, description="Server strategy")
     server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
     planned_rounds: int = Field(
         0, ge=0, description="Rounds each client's budget is planned for; 0 = num-server-rounds"
     )
     min_clients: int = Field(2, ge=1, description="Fewest trained clients a round needs")
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    local_epochs: int = Field(1, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients asked per round")
+    local_epochs: int = Field(1, ge=1, description="Local epochs per round")
     batch_size: int = Field(64, ge=1, description="Expected users per (Poisson) batch")
     lr: float = Field(5e-3, gt=0, description="Client Adam learning rate")
-    dp: bool = True
+    dp: bool = Field(True, description="Ask clients for DP-SGD (their policy may require it)")
     epsilon: float = Field(8.0, gt=0, description="Per-client budget ε (user-level)")
     delta: float = Field(1e-5, gt=0, lt=1, description="Per-client δ; kept below 1/users")
     clip_norm: float = Field(1.0, gt=0, description="Per-user gradient clipping norm")
@@ -65,24 +65,24 @@ class RunConfig(BaseModel):
         AccountantName.PRV, description="Opacus accountant that plans and enforces each budget"
     )
     data: str = Field("", description="Event log path; empty = embedded synthetic data")
-    format: str = "auto"
+    format: str = Field("auto", description="Event log format (auto detects it)")
     spec: str = Field("", description="Dataset spec (TOML/JSON) that reads data; empty = none")
     columns: str = Field(
         "", description="Column map for data, FIELD=COLUMN pairs split by commas; empty = none"
     )
-    synth_events: int = Field(200_000, ge=100)
-    synth_users: int = Field(5_000, ge=10)
-    synth_items: int = Field(2_000, ge=20)
-    synth_regions: int = Field(6, ge=1)
-    seed: int = 0
+    synth_events: int = Field(200_000, ge=100, description="Synthetic data: events")
+    synth_users: int = Field(5_000, ge=10, description="Synthetic data: users")
+    synth_items: int = Field(2_000, ge=20, description="Synthetic data: catalog size")
+    synth_regions: int = Field(6, ge=1, description="Synthetic data: regions")
+    seed: int = Field(0, description="Seed of the model init and synthetic data (never of DP)")
     catalog: str = Field("", description="Shared catalog file; empty = <out>/catalog.json")
-    out: str = "runs/simulation"
+    out: str = Field("runs/simulation", description="Run folder")
     server_key: str = Field("", description="Server signing key; empty = <out>.keys/server.key")
-    resume: bool = True
-    device: str = "auto"
-    hidden: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(2, ge=1)
+    resume: bool = Field(True, description="Resume from the run folder's checkpoint")
+    device: str = Field("auto", description="auto (CUDA if present), cpu or cuda")
+    hidden: int = Field(64, ge=8, description="BERT hidden size")
+    layers: int = Field(2, ge=1, description="BERT layers")
+    heads: int = Field(2, ge=1, description="Attention heads (must divide hidden)")
     max_len: int = Field(50, ge=2, description="Events the encoder attends over at once")
     windows: int = Field(2, ge=1, description="Windows of max-len events read per user")
     item_dim: int = Field(16, ge=1, description="Trainable coordinates per item (plus a bias)")

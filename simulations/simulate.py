@@ -17,8 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.run_files import CARD, FLOWER_LOG, POLICY, ROUNDS
+from common.run_files import (
+    CARD,
+    CLIENTS,
+    FLOWER_HOME,
+    FLOWER_LOG,
+    POLICY,
+    PRIVACY_REPORT_HTML,
+    ROUNDS,
+)
 from common.runconfig import RunConfig
+from privacy import report as privacy_report
 from privacy.policy import PrivacyPolicy
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -115,6 +124,8 @@ class SimulationResult:
     ok: bool
     summary: dict
     log: Path
+    privacy_report: dict | None = None  # the verified report's facts (DP runs)
+    privacy_report_path: Path | None = None
 
 
 def simulate(
@@ -127,7 +138,7 @@ def simulate(
     """Run the federation to the end; `on_poll(history)` sees the rounds as they finish."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    home = out / ".flwr"
+    home = out / FLOWER_HOME
     other = [
         pid
         for pid, (_, cmd) in _processes().items()
@@ -139,7 +150,7 @@ def simulate(
             f"another local Flower SuperLink is running (pid {other[0]}); stop it first"
         )
     write_flower_home(home)
-    simulated_policy(cfg).write(out / "clients" / POLICY)
+    simulated_policy(cfg).write(out / CLIENTS / POLICY)
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -178,7 +189,11 @@ def simulate(
     # `flwr run` can exit 0 although the run failed: judge by what the ServerApp wrote.
     ok = summary_path.exists() and summary_path.stat().st_mtime >= started
     summary = json.loads(summary_path.read_text()) if ok else {}
-    return SimulationResult(ok, summary, log_path)
+    result = SimulationResult(ok, summary, log_path)
+    if ok and cfg.dp:  # every DP run ends with its ledgers verified and the compliance report
+        result.privacy_report = privacy_report.write(out)
+        result.privacy_report_path = out / PRIVACY_REPORT_HTML
+    return result
 
 
 def simulated_policy(cfg: RunConfig) -> PrivacyPolicy:

@@ -8,13 +8,36 @@ from simulations.cli import app
 runner = CliRunner()
 
 
-def test_help_lists_every_command():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for command in ("data", "train-central", "baselines"):
-        assert command in result.output
-    data_help = runner.invoke(app, ["data", "--help"]).output
-    assert "check" in data_help and "synth" in data_help
+def _commands(group=app, prefix=()):
+    """Every command path of the CLI, groups included, from Typer's own registry."""
+    for info in group.registered_commands:
+        yield (*prefix, info.name or info.callback.__name__)
+    for sub in group.registered_groups:
+        yield (*prefix, sub.name)
+        yield from _commands(sub.typer_instance, (*prefix, sub.name))
+
+
+def test_help_documents_every_command():
+    commands = list(_commands())
+    assert {("simulate",), ("monitor",), ("privacy", "audit"), ("data", "synth")} <= set(commands)
+    top = runner.invoke(app, ["--help"]).output
+    for path in commands:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert " ".join(path) + " [OPTIONS]" in " ".join(result.output.split())
+        if len(path) == 1:
+            assert path[0] in top
+
+
+def test_simulate_options_are_the_run_config():
+    from common.runconfig import RunConfig
+
+    wide = runner.invoke(app, ["simulate", "--help"], env={"COLUMNS": "250"})
+    text = " ".join(wide.output.split())
+    for name in RunConfig.model_fields:
+        assert f"--{name.replace('_', '-')}" in text
+    bad = runner.invoke(app, ["simulate", "--epsilon", "-1"])
+    assert bad.exit_code == 2 and "--epsilon" in bad.output
 
 
 def test_synth_then_check_round_trip(tmp_path):

@@ -1,24 +1,27 @@
 """Real Flower simulations (local SuperLink, simulation engine, Ray) with 3 clients on tiny data."""
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
-from common.run_files import CLIENT_LEDGER
+from common.run_files import AUDIT, CARD, CLIENT_LEDGER, PRIVACY_REPORT_JSON
 from common.runconfig import RunConfig
 from privacy import report as privacy_report
 from privacy.accounting import Budget, restore
-from privacy.audit import audit
 from privacy.ledger import Spend, entries
 from privacy.report import find_ledgers
 from privacy.verify import verify_paths
 from server import checkpoint
+from simulations.cli import app
 from simulations.simulate import _alive, _processes, simulate
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
 CLIENTS = 3
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +74,19 @@ def _no_superlink_left(out: Path) -> bool:
     ]
 
 
+def _cli(cfg: RunConfig) -> list[str]:
+    """`fedshop simulate` options for `cfg`: every run-config key is an option."""
+    changed = cfg.model_dump(exclude_defaults=True)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in changed.items()]
+
+
 def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path):
     out = tmp_path / "run"
-    first = simulate(_cfg(tiny_file, out, audit_holdout=0.2), CLIENTS)
-    assert first.ok, first.log.read_text()[-3000:]
-    assert first.summary["outcome"] == "completed"
+    first = runner.invoke(app, ["simulate", *_cli(_cfg(tiny_file, out, audit_holdout=0.2))])
+    assert first.exit_code == 0, first.output
+    card = json.loads((out / CARD).read_text())
+    assert card["outcome"] == "completed"
+    assert "internally consistent, keys not pinned" in " ".join(first.output.split())
     rows = pd.read_csv(out / "clients.csv")
     assert sorted(rows["client"].unique()) == ["region-01", "region-02", "region-03"]
     for _, per_client in rows.groupby("client"):
@@ -101,13 +112,17 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     assert metrics["num-examples"].iloc[-1] > 0 and 0 <= metrics["hr10"].iloc[-1] <= 1
     assert _no_superlink_left(out)
     _verified(out)
-    attack = audit([out])["runs"][0]
+    audited = runner.invoke(app, ["privacy", "audit", str(out)])
+    assert audited.exit_code == 0, audited.output
+    attack = json.loads((out / AUDIT).read_text())["runs"][0]
     assert attack["non_members"] > 0  # held out of training, yet still evaluated
     # members: the users of the clients that trained; the clients released their count with
     # noise of σ = 10 each (the FedAvg weight), so the sum lies within a few σ of it
     assert abs(attack["members"] - rows[rows["round"] == 1]["num-examples"].sum()) < 100
     assert 0 <= attack["attacks"]["loss"]["auc"] <= 1 and attack["epsilon"] <= 8.0
-    written = privacy_report.write(out)
+    reported = runner.invoke(app, ["privacy", "report", str(out)])
+    assert reported.exit_code == 0, reported.output
+    written = json.loads((out / PRIVACY_REPORT_JSON).read_text())
     assert written["verified"] and written["audit"]["runs"][0]["attacks"] == attack["attacks"]
 
     # Budgets were planned for 2 rounds: a third round must be declined, spending nothing.

@@ -23,17 +23,19 @@ DAY_OF_WEEK_WEIGHTS = np.array([0.9, 0.9, 0.95, 1.0, 1.1, 1.35, 1.3])  # Monday 
 
 class SynthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    events: int = Field(200_000, ge=100)
-    users: int = Field(5_000, ge=10)
-    items: int = Field(2_000, ge=20)
-    top_categories: int = Field(12, ge=2, le=99)
-    subcategories: int = Field(6, ge=1, le=99)
-    regions: int = Field(6, ge=1, le=99)
-    days: int = Field(120, ge=14)
-    start: str = "2025-01-06"
-    promotions_per_region: int = Field(2, ge=0)
-    favorite_share: float = Field(0.3, ge=0, le=1)
-    seed: int = 0
+    events: int = Field(200_000, ge=100, description="Number of events.")
+    users: int = Field(5_000, ge=10, description="Number of users.")
+    items: int = Field(2_000, ge=20, description="Catalog size.")
+    top_categories: int = Field(12, ge=2, le=99, description="Top-level categories.")
+    subcategories: int = Field(6, ge=1, le=99, description="Subcategories per top category.")
+    regions: int = Field(6, ge=1, le=99, description="Number of regions.")
+    days: int = Field(120, ge=14, description="Days covered.")
+    start: str = Field("2025-01-06", description="First day (ISO date).")
+    promotions_per_region: int = Field(2, ge=0, description="Promotions per region.")
+    favorite_share: float = Field(
+        0.3, ge=0, le=1, description="Share of events on one of the user's four favourite items."
+    )
+    seed: int = Field(0, description="Random seed; the same seed gives the same data.")
 
 
 def _sample_rows(cum: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:

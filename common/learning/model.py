@@ -39,15 +39,15 @@ TIED = {"category_out.weight": "category.weight", "item_out.weight": "item_code.
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden: int = Field(64, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(2, ge=1)
-    intermediate: int = Field(256, ge=8)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    max_len: int = Field(50, ge=2)  # events the encoder attends over at once
-    windows: int = Field(2, ge=1)  # windows of history per user
-    item_dim: int = Field(16, ge=1)  # trainable coordinates per item, plus its bias
-    demand_weight: float = Field(0.5, ge=0)
+    hidden: int = Field(64, ge=8, description="BERT hidden size.")
+    layers: int = Field(2, ge=1, description="BERT layers.")
+    heads: int = Field(2, ge=1, description="Attention heads (must divide hidden).")
+    intermediate: int = Field(256, ge=8, description="BERT feed-forward size.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout in the encoder.")
+    max_len: int = Field(50, ge=2, description="Events the encoder attends over at once.")
+    windows: int = Field(2, ge=1, description="Windows of max-len events read per user.")
+    item_dim: int = Field(16, ge=1, description="Trainable coordinates per item (plus a bias).")
+    demand_weight: float = Field(0.5, ge=0, description="Weight of the demand loss.")
 
     @property
     def history(self) -> int:

@@ -25,11 +25,11 @@ EVAL_BATCH = 512
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    seed: int = 0
-    device: str = "auto"
+    epochs: int = Field(3, ge=1, description="Training epochs (the best on validation is kept).")
+    batch_size: int = Field(128, ge=1, description="Users per batch.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    seed: int = Field(0, description="Random seed.")
+    device: str = Field("auto", description="auto (CUDA if present), cpu or cuda.")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -1,19 +1,20 @@
-"""`fedshop keys` and `fedshop privacy ...`: signing keys, ledger verification, the report."""
+"""`fedshop keys` and `fedshop privacy …`: signing keys, ledger verification, the compliance
+report and the membership-inference audit."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from privacy.verify import Verdict
-
-console = Console()
-err = Console(stderr=True)
+from common.run_files import PRIVACY_REPORT_HTML
+from privacy import report as privacy_report
+from privacy.audit import audit as run_audit
+from privacy.signing import KeyFileError, create_pair, fingerprint
+from privacy.verify import Verdict, verify_paths
+from simulations.cli.shared import app, console, err
 
 privacy_app = typer.Typer(
     help="Verify privacy ledgers, write the compliance report, audit a trained model.",
@@ -30,6 +31,7 @@ KeysOpt = Annotated[
 ]
 
 
+@app.command("keys")
 def keys(
     names: Annotated[
         list[str], typer.Argument(help="Whom to make keys for: client names, server.")
@@ -46,8 +48,6 @@ def keys(
     Give each client its NAME.key (SuperNode: --node-config "signing-key='…/NAME.key'"), keep
     server.key with the ServerApp (run config server-key), and hand every .pub to compliance.
     """
-    from privacy.signing import KeyFileError, create_pair, fingerprint
-
     table = Table("name", "private key (keep secret)", "public key", "fingerprint")
     for name in names:
         try:
@@ -82,9 +82,6 @@ def verify(
     miscomputed, changed mid-ledger or missing (a client the server's record names without its
     ledger), 0 when every ledger holds; the last line says whether the keys were pinned.
     """
-    from privacy.signing import KeyFileError
-    from privacy.verify import Verdict, verify_paths
-
     try:
         reports = verify_paths(ledgers, keys)
     except KeyFileError as exc:
@@ -143,16 +140,12 @@ def report(
     keys: KeysOpt = None,
 ) -> None:
     """Write privacy_report.html (self-contained) and privacy_report.json into RUN_DIR."""
-    from privacy import report as privacy_report
-    from privacy.signing import KeyFileError
-    from privacy.verify import Verdict
-
     try:
         result = privacy_report.write(run_dir, ledger, keys)
     except KeyFileError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from exc
-    console.print(f"report: {run_dir / 'privacy_report.html'}")
+    console.print(f"report: {run_dir / PRIVACY_REPORT_HTML}")
     _say(Verdict(**result["verdict"]))
 
 
@@ -181,8 +174,6 @@ def audit(
     ledgers. Evidence, not a proof. Writes audit.json into every run folder; `privacy report`
     shows it.
     """
-    from privacy.audit import audit as run_audit
-
     try:
         with console.status(f"training {references} reference models, attacking each run"):
             result = run_audit(runs, references)

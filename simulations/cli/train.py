@@ -1,0 +1,340 @@
+"""`fedshop baselines | train-central | train-local | simulate`: training runs and what they
+must beat."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.data.events import DataError
+from common.data.partition import plan
+from common.data.sources import run_events
+from common.learning.dataset import prepare
+from common.learning.model import ModelConfig
+from common.learning.training import TrainConfig
+from common.run_files import RESULTS, ROUNDS
+from common.runconfig import RunConfig
+from simulations.central import CentralConfig, baselines, save_run, train_central
+from simulations.cli.shared import (
+    DataOpt,
+    FormatOpt,
+    MapOpt,
+    OutOpt,
+    SpecOpt,
+    app,
+    console,
+    events_from,
+    fail,
+    only,
+    options_of,
+    validated,
+)
+from simulations.local_only import train_local_only
+from simulations.simulate import SimulationResult, simulate
+
+ClientsOpt = Annotated[int | None, typer.Option(help="Number of clients; default one per region.")]
+
+
+@app.command("baselines")
+def baselines_cmd(
+    data: DataOpt = None,
+    fmt: FormatOpt = "auto",
+    spec: SpecOpt = None,
+    maps: MapOpt = None,
+    out: OutOpt = Path("runs/baselines"),
+) -> None:
+    """Popularity, repeat-aware and forecasting baselines under the evaluation protocol."""
+    src = events_from(data, fmt, spec, maps)
+    with console.status("computing baselines"):
+        prepared = prepare(src.events, top_category_chars=src.top_category_chars)
+        base = baselines(prepared)
+    save_run(out, None, prepared, {"source": src.name, "baselines": base})
+    _print_results(
+        src.name,
+        [(k.replace("_", " "), v) for k, v in base["recommendation"].items()],
+        [(k.replace("_", " "), v) for k, v in base["forecast"].items()],
+    )
+
+
+@app.command("train-central")
+@options_of(ModelConfig, TrainConfig)
+def train_central_cmd(
+    data: DataOpt = None,
+    fmt: FormatOpt = "auto",
+    spec: SpecOpt = None,
+    maps: MapOpt = None,
+    out: OutOpt = Path("runs/central"),
+    skip_baselines: Annotated[bool, typer.Option(help="Do not compute the baselines.")] = False,
+    given: dict | None = None,
+) -> None:
+    """Train the BERT behavior model centrally, without privacy; compare it with the baselines."""
+    given = given or {}
+    cfg = CentralConfig(
+        model=validated(ModelConfig, only(ModelConfig, given)),
+        train=validated(TrainConfig, only(TrainConfig, given)),
+    )
+    src = events_from(data, fmt, spec, maps)
+    with console.status("preparing sequences"):
+        prepared = prepare(
+            src.events, top_category_chars=src.top_category_chars, history_len=cfg.model.history
+        )
+    base = None if skip_baselines else baselines(prepared)
+    with Progress(*_columns(), console=console) as progress:
+        epoch_task = progress.add_task("epochs", total=cfg.train.epochs, status="")
+        user_task = progress.add_task("users", total=len(prepared.train), status="")
+
+        def on_progress(kind: str, n: float) -> None:
+            if kind == "train":
+                progress.advance(user_task, n)
+            else:
+                progress.advance(epoch_task)
+                progress.reset(user_task)
+
+        model, results = train_central(prepared, cfg, on_progress)
+        progress.remove_task(user_task)
+    results = {"source": src.name, "config": cfg.model_dump(), "bert": results, "baselines": base}
+    save_run(out, model, prepared, results)
+    rows = [("BERT (central, non-private)", results["bert"]["test"])]
+    forecast = [(f"BERT {k.replace('_', '-')}", v) for k, v in results["bert"]["forecast"].items()]
+    if base:
+        rows = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()] + rows
+        forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()] + forecast
+    _print_results(src.name, rows, forecast)
+    console.print(f"results in {out / RESULTS}")
+
+
+@app.command("train-local")
+@options_of(ModelConfig, TrainConfig)
+def train_local_cmd(
+    data: DataOpt = None,
+    fmt: FormatOpt = "auto",
+    spec: SpecOpt = None,
+    maps: MapOpt = None,
+    clients: ClientsOpt = None,
+    out: OutOpt = Path("runs/local-only"),
+    given: dict | None = None,
+) -> None:
+    """Each region trains alone on its own users (no federation, no DP): the floor to beat."""
+    given = given or {}
+    cfg = CentralConfig(
+        model=validated(ModelConfig, only(ModelConfig, given)),
+        train=validated(TrainConfig, only(TrainConfig, given)),
+    )
+    src = events_from(data, fmt, spec, maps)
+    with console.status("training every region alone"):
+        results = train_local_only(
+            src.events, src.top_category_chars, clients or src.events["region"].nunique(), cfg
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS).write_text(json.dumps({"source": src.name, **results}, indent=2))
+    p = results["pooled"]
+    console.print(
+        f"local-only, pooled over {p['users']:,} users: HR@10 {p['hr@10']:.4f}  "
+        f"NDCG@10 {p['ndcg@10']:.4f}  WAPE {p['wape']:.3f}  "
+        f"(full ranking; results in {out / RESULTS})"
+    )
+
+
+@app.command("simulate")
+@options_of(RunConfig, aliases={"num_server_rounds": ["--rounds"]})
+def simulate_cmd(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML file of run-config keys (as in pyproject.toml's tool.flwr.app.config); "
+            "options given on the command line win.",
+        ),
+    ] = None,
+    clients: ClientsOpt = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Delete the run folder first instead of resuming its checkpoint.")
+    ] = False,
+    given: dict | None = None,
+) -> None:
+    """Simulate the federation on this machine (Flower's simulation engine), DP on by default.
+
+    Every option below is a key of the Flower run config (pyproject.toml), with its default.
+    Ends with the model, metrics, plots and, under DP, the verified privacy report.
+    """
+    cfg = _run_config(config, given or {})
+    try:
+        events, _ = run_events(
+            cfg.data, cfg.format, cfg.synth.model_dump_json(), cfg.spec, cfg.columns
+        )
+    except DataError as exc:
+        raise fail(str(exc)) from exc
+    parts = plan(events, clients or events["region"].nunique())
+    out = Path(cfg.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    console.print(
+        f"[bold]{len(parts)} clients[/]: {', '.join(p.name for p in parts)}; "
+        f"{cfg.num_server_rounds} rounds, "
+        + (f"DP ε={cfg.epsilon:g}, δ={cfg.delta:g} per client" if cfg.dp else "no DP")
+    )
+    with Progress(*_columns(), console=console) as progress:
+        task = progress.add_task("rounds", total=cfg.num_server_rounds, status="starting Flower")
+
+        def on_poll(history: list[dict]) -> None:
+            if history:
+                progress.update(
+                    task,
+                    completed=len([r for r in history if "evaluate" in r]),
+                    status=_round_status(history[-1], len(parts), cfg.dp),
+                )
+
+        try:
+            result = simulate(cfg, len(parts), on_poll)
+        except RuntimeError as exc:
+            raise fail(str(exc)) from exc
+    if not result.ok:
+        tail = result.log.read_text().splitlines()[-15:]
+        raise fail(
+            f"the simulation did not finish; last lines of {result.log}:\n" + "\n".join(tail)
+        )
+    _print_simulation(result, out)
+
+
+def _run_config(path: Path | None, given: dict) -> RunConfig:
+    """The file's keys under the options given; paths made absolute (Flower runs elsewhere)."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise fail(f"{path}: not a readable TOML run config ({exc})") from exc
+    cfg = validated(RunConfig, values | given, f"{path}: " if path else "")
+    return cfg.model_copy(
+        update={
+            "data": str(Path(cfg.data).resolve()) if cfg.data else "",
+            "out": str(Path(cfg.out).resolve()),
+        }
+    )
+
+
+def _columns() -> tuple:
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+
+
+def _round_status(last: dict, clients: int, dp: bool) -> str:
+    done = sum(1 for r in last["clients"] if r["status"] == "trained")
+    hr = last.get("evaluate", {}).get("hr10", float("nan"))
+    status = f"round {last['round']}: {done}/{clients} trained, HR@10 {hr:.3f}"
+    if dp:
+        eps = max((r.get("epsilon", 0.0) for r in last["clients"]), default=0.0)
+        status += f", max ε {eps:.2f}"
+    return status
+
+
+def _label(name: str, m: dict) -> str:
+    """A baseline's name, with what was chosen on held-in data (weights, a level's window)."""
+    if "weights" in m:
+        return f"{name} ({', '.join(f'{k} {v:g}' for k, v in m['weights'].items())})"
+    if "window" in m:
+        return f"{name} ({m['window'] or 'all'} weeks)"
+    return name
+
+
+def _print_results(
+    title: str, rows: list[tuple[str, dict]], forecast: list[tuple[str, dict]]
+) -> None:
+    table = Table(
+        title=f"{title}: next-item, leave-last-out, full ranking (sampled-100 in brackets)"
+    )
+    for col in ("model", "HR@10", "NDCG@10"):
+        table.add_column(col)
+    for name, m in rows:
+        f, s = m["full"], m["sampled"]
+        table.add_row(
+            _label(name, m),
+            f"{f['hr@10']:.4f} ({s['hr@10']:.3f})",
+            f"{f['ndcg@10']:.4f} ({s['ndcg@10']:.3f})",
+        )
+    console.print(table)
+    fc = Table(title="demand per region × top category × week, last 4 weeks held out")
+    for col in ("forecast", "WAPE", "MAE", "interval coverage"):
+        fc.add_column(col)
+    for name, m in forecast:
+        fc.add_row(_label(name, m), f"{m['wape']:.3f}", f"{m['mae']:.2f}", _coverage(m))
+    console.print(fc)
+
+
+def _coverage(m: dict) -> str:
+    if "coverage" not in m:
+        return ""
+    if math.isnan(m["coverage"]):
+        return "history too short"
+    low, high = m["interval"]
+    return f"{m['coverage']:.1%} in the {low:.0%}–{high:.0%} interval"
+
+
+def _print_simulation(result: SimulationResult, out: Path) -> None:
+    summary = result.summary
+    rounds = json.loads((out / ROUNDS).read_text())
+    table = Table(title=f"fedshop simulation: {summary['outcome']}")
+    columns = ("round", "trained", "declined", "refused", "HR@10", "NDCG@10", "WAPE", "WAPE 4w-MA")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in rounds:
+        ev = r.get("evaluate", {})
+        status = [c["status"] for c in r["clients"]]
+        table.add_row(
+            str(r["round"]),
+            *(str(status.count(s)) for s in ("trained", "declined", "refused")),
+            *(
+                f"{ev[k]:.4f}" if k in ev else "-"
+                for k in ("hr10", "ndcg10", "wape", "wape-moving-average")
+            ),
+        )
+    console.print(table)
+    privacy = summary["privacy"]
+    if privacy["dp"]:
+        _print_privacy(privacy)
+    if result.privacy_report:
+        colour = "green" if result.privacy_report["verified"] else "bold red"
+        headline = escape(result.privacy_report["verdict"]["headline"])
+        console.print(f"privacy report: {result.privacy_report_path} ([{colour}]{headline}[/])")
+    if central := privacy.get("central_dp"):
+        console.print(
+            f"client-level DP on the server ({central['wrapper']}): ε = "
+            f"{central['epsilon']:.3f} at δ = {central['delta']:g} after "
+            f"{central['releases']} release(s), Flower's accountant"
+        )
+    console.print(
+        f"model, card, metrics and plots in {out}/ (HR/NDCG: full ranking, held-out last event)"
+    )
+
+
+def _print_privacy(privacy: dict) -> None:
+    title = f"privacy spent per client (user-level; {privacy['accountant']} accountant)"
+    table = Table(title=title)
+    columns = ("client", "ε spent", "ε budget", "δ", "noise σ", "sample rate", "declined rounds")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name, c in privacy["clients"].items():
+        table.add_row(
+            name,
+            f"{c.get('epsilon', 0):.3f}",
+            f"{c.get('epsilon-budget', 0):g}",
+            f"{c.get('delta', 0):g}",
+            f"{c.get('noise-multiplier', 0):.3f}",
+            f"{c.get('sample-rate', 0):.4f}",
+            ", ".join(map(str, c["declined_rounds"])) or "-",
+        )
+    console.print(table)
