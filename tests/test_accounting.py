@@ -1,12 +1,19 @@
-"""PRV plans and enforces budgets: tighter than RDP, never optimistic, checked by the verifier."""
+"""Privacy accounting: PRV plans and enforces budgets (tighter than RDP, never optimistic,
+checked by the verifier), and a client's rounds through Opacus spend what was planned."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
+from clients.local_training import train_private
+from common.learning.dataset import prepare
+from common.learning.model import BehaviorModel
 from common.run_files import CLIENT_LEDGER
+from common.runconfig import RunConfig
+from privacy.account import PrivacyAccount
 from privacy.accounting import (
     Budget,
     Mechanism,
@@ -17,6 +24,7 @@ from privacy.accounting import (
     spend_fields,
 )
 from privacy.ledger import Release, Spend, append
+from privacy.policy import PrivacyPolicy
 from privacy.signing import create_pair
 from privacy.verify import verify_paths
 
@@ -38,6 +46,18 @@ def test_prv_is_the_default_and_its_plan_fits_the_budget(prv):
     # Opacus' search stops within 0.01 of the target, from below
     assert BUDGET.epsilon - 0.02 <= state.epsilon() <= BUDGET.epsilon
     assert not state.affordable()[0]
+
+
+def test_a_round_past_the_budget_is_declined_and_costs_nothing(prv):
+    state = PrivacyState(client="c", budget=BUDGET, mechanism=prv)
+    spent = []
+    for rnd in range(1, ROUNDS + 2):
+        ok, _ = state.affordable()
+        steps, status = (state.round_steps(), "trained") if ok else ([], "declined")
+        spent.append(state.record(rnd, steps, status))
+    assert [s.status for s in spent] == ["trained"] * ROUNDS + ["declined"]
+    assert 0 < spent[0].epsilon_after < spent[1].epsilon_after <= BUDGET.epsilon
+    assert spent[-1].epsilon_after == spent[-2].epsilon_after and spent[-1].steps == 0
 
 
 def test_prv_buys_a_smaller_noise_multiplier_than_rdp(prv):
@@ -104,3 +124,44 @@ def test_an_optimistic_prv_figure_fails_though_within_one_percent(tmp_path, prv)
     problems = findings(ledger(tmp_path, prv, tamper=-0.02))
     assert not any(p.startswith("miscomputed") for p in problems)
     assert any(p.startswith("under-reported") for p in problems), problems
+
+
+# A tiny model on the tiny synthetic events: real DP-SGD rounds in seconds.
+TINY_RUN = RunConfig(
+    num_server_rounds=2,
+    hidden=16,
+    layers=1,
+    max_len=6,
+    batch_size=16,
+    delta=1e-3,
+    epsilon=4.0,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_events):
+    return prepare(tiny_events, top_category_chars=None, history_len=TINY_RUN.model.history)
+
+
+def test_client_rounds_through_opacus_accumulate_epsilon_and_decline_at_the_budget(
+    prepared, tmp_path
+):
+    torch.manual_seed(0)
+    model = BehaviorModel(TINY_RUN.model, prepared.shape)
+    policy = PrivacyPolicy(epsilon=4.0, delta=1e-3)
+    device = torch.device("cpu")
+    statuses, eps = [], []
+    for rnd in (1, 2, 3):
+        with PrivacyAccount.open(
+            "all", tmp_path, tmp_path / "k.key", policy, TINY_RUN, None, 1
+        ) as acc:
+            mech = acc.mechanism(len(prepared.train))
+            if acc.can_train():
+                result = train_private(model, prepared.train, TINY_RUN, mech, device)
+                assert result.metrics["steps"] == mech.steps_per_round
+                statuses.append(acc.trained(rnd, result.history).body["status"])
+            else:
+                statuses.append(acc.decline(rnd).body["status"])
+            eps.append(acc.state.epsilon())
+    assert statuses == ["trained", "trained", "declined"]
+    assert 0 < eps[0] < eps[1] <= 4.0 and eps[2] == eps[1]

@@ -196,37 +196,3 @@ def test_training_improves_loss_and_evaluates(prepared):
     demand = predict_demand(model, prepared.forecast_inputs[0], device)
     assert demand.shape == (len(prepared.forecast_inputs[0]), prepared.shape.top_categories)
     assert (demand >= 0).all()
-
-
-def test_client_rounds_accumulate_epsilon_and_decline_at_the_budget(prepared, tmp_path):
-    from clients.local_training import train_private
-    from common.runconfig import RunConfig
-    from privacy.account import PrivacyAccount
-    from privacy.policy import PrivacyPolicy
-
-    cfg = RunConfig(
-        num_server_rounds=2,
-        hidden=16,
-        layers=1,
-        max_len=TINY_MODEL.max_len,
-        batch_size=16,
-        delta=1e-3,
-        epsilon=4.0,
-    )
-    torch.manual_seed(0)
-    model = BehaviorModel(cfg.model, prepared.shape)
-    policy = PrivacyPolicy(epsilon=4.0, delta=1e-3)
-    device = torch.device("cpu")
-    statuses, eps = [], []
-    for rnd in (1, 2, 3):
-        with PrivacyAccount.open("all", tmp_path, tmp_path / "k.key", policy, cfg, None, 1) as acc:
-            mech = acc.mechanism(len(prepared.train))
-            if acc.can_train():
-                result = train_private(model, prepared.train, cfg, mech, device)
-                assert result.metrics["steps"] == mech.steps_per_round
-                statuses.append(acc.trained(rnd, result.history).body["status"])
-            else:
-                statuses.append(acc.decline(rnd).body["status"])
-            eps.append(acc.state.epsilon())
-    assert statuses == ["trained", "trained", "declined"]
-    assert 0 < eps[0] < eps[1] <= 4.0 and eps[2] == eps[1]

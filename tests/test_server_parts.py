@@ -7,7 +7,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.run_files import CHECKPOINT
 from common.runconfig import RunConfig
-from privacy.accounting import Budget, PrivacyState, plan_mechanism
 from server import checkpoint, run_tables
 from server.aggregation import aggregate_evaluation, make_strategy
 from server.central_dp import wrap
@@ -73,22 +72,6 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     assert checkpoint.load(tmp_path / "empty") is None
 
 
-def test_budget_is_planned_by_opacus_and_enforced():
-    state = PrivacyState(client="c", budget=Budget(epsilon=2.0, delta=1e-5))
-    state.mechanism = plan_mechanism(
-        state.budget, sample_rate=0.05, steps_per_round=20, rounds=2, clip_norm=1.0
-    )
-    spent = []
-    for rnd in (1, 2, 3):
-        ok, _ = state.affordable()
-        spent.append(
-            state.record(rnd, state.round_steps() if ok else [], "trained" if ok else "declined")
-        )
-    assert [s.status for s in spent] == ["trained", "trained", "declined"]
-    assert 0 < spent[0].epsilon_after < spent[1].epsilon_after <= 2.0
-    assert spent[2].epsilon_after == spent[1].epsilon_after and spent[2].steps == 0
-
-
 def test_run_tables_without_dp_plot_metrics_only(tmp_path):
     history = [
         {
@@ -130,18 +113,6 @@ def test_fedprox_pull_moves_weights_toward_the_global_model():
     pull(1)
     for p, s in zip(model.parameters(), start, strict=True):
         assert torch.allclose(p, s + 0.5)  # half-way back with lr·mu = 0.5
-
-
-def test_prv_accountant_plans_and_replays_within_budget():
-    budget = Budget(epsilon=4.0, delta=1e-5)
-    mech = plan_mechanism(
-        budget, sample_rate=0.1, steps_per_round=10, rounds=2, clip_norm=1.0, accountant="prv"
-    )
-    state = PrivacyState(client="c", budget=budget, mechanism=mech)
-    state.record(1, state.round_steps(), "trained")
-    state.record(2, state.round_steps(), "trained")
-    assert 0 < state.epsilon() <= 4.0
-    assert not state.affordable()[0]
 
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
