@@ -95,6 +95,22 @@ def test_train_central_on_tiny_synthetic(tmp_path, tiny_events):
     assert "full ranking" in result.output
 
 
+def test_train_local_on_a_mapped_file(tmp_path, tiny_events):
+    data = tmp_path / "shop.csv"
+    renamed = {"user_id": "customer", "item_id": "sku", "timestamp": "when"}
+    tiny_events.rename(columns=renamed).to_csv(data, index=False)
+    out = tmp_path / "local"
+    args = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--max-len", "12"]
+    columns = ",".join(f"{k}={v}" for k, v in renamed.items())
+    rest = ",".join(f"{c}={c}" for c in ("region", "category", "quantity", "price", "event_type"))
+    mapped = ["--data", str(data), "--map", f"{columns},{rest}"]
+    result = runner.invoke(app, ["train-local", *mapped, *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pooled = json.loads((out / "results.json").read_text())["pooled"]
+    assert pooled["users"] > 0 and 0 <= pooled["hr@10"] <= 1
+    assert "local-only, pooled over" in result.output
+
+
 def test_pyproject_run_config_matches_the_pydantic_defaults():
     import tomllib
     from pathlib import Path
