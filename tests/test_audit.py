@@ -13,7 +13,7 @@ from common.data.partition import audit_non_members, plan, select
 from common.learning.dataset import catalog_shape, prepare
 from common.learning.model import BehaviorModel
 from common.learning.training import loader, train_epoch
-from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
+from common.run_files import AUDIT, CLIENT_LEDGER, CLIENTS, ROUNDS, SERVER_LEDGER
 from common.runconfig import RunConfig
 from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
 from privacy.audit import audit, lira_scores, out_losses, roc_summary, user_losses
@@ -108,14 +108,14 @@ def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_event
         {"client": declined, "status": "declined"},
         {"client": "7", "status": "failed"},  # a failed client is named by its node id
     ]
-    (out / "rounds.json").write_text(json.dumps([{"round": 1, "clients": rows}]))
+    (out / ROUNDS).write_text(json.dumps([{"round": 1, "clients": rows}]))
     entry = {"seq": 0, "hash": "0" * 64}
     clients = [{"client": used, "status": "used", **entry}]
     clients.append({"client": declined, "status": "declined", **entry})
     fields = {"run_id": "1", "server_round": 1, "strategy": "fedavg", "clients": clients}
     append(out / SERVER_LEDGER, fields, Ed25519PrivateKey.generate(), Aggregation)
-    _ledger(out / "clients" / used, used, [0.7, 1.3], "trained")
-    _ledger(out / "clients" / declined, declined, [5.0], "declined")
+    _ledger(out / CLIENTS / used, used, [0.7, 1.3], "trained")
+    _ledger(out / CLIENTS / declined, declined, [5.0], "declined")
 
     result = audit([out])
     run = result["runs"][0]
@@ -129,6 +129,6 @@ def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_event
     assert set(run["attacks"]) == {"loss", "lira"} and run["references"] == 2
     for attack in run["attacks"].values():
         assert 0 <= attack["auc"] <= 1 and set(attack["tpr_at_fpr"]) == {"0.01", "0.001"}
-    assert json.loads((out / "audit.json").read_text())["runs"][0]["epsilon"] == 1.3
+    assert json.loads((out / AUDIT).read_text())["runs"][0]["epsilon"] == 1.3
     shown = _audit_section(result)
     assert shown.count("<td>loss threshold</td>") == shown.count("<td>offline LiRA</td>") == 1

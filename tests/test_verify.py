@@ -12,10 +12,10 @@ from click.testing import Result
 from ledger_factory import write_client, write_server
 from typer.testing import CliRunner
 
-from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
+from common.run_files import CLIENT_LEDGER, CLIENTS, PRIVACY_REPORT_HTML, SERVER_LEDGER
 from privacy import report
 from privacy.ledger import Aggregation, Chained, Spend, append, read_lines
-from privacy.signing import SERVER_PUBLIC_KEY, load_private
+from privacy.signing import CLIENT_PUBLIC_KEY, SERVER_PUBLIC_KEY, load_private
 from privacy.verify import Verdict, verify_paths
 from simulations.cli import app
 
@@ -28,10 +28,10 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     planning with PRV takes seconds."""
     folder = tmp_path_factory.mktemp("run")
     keys = folder.parent / f"{folder.name}-keys"
-    ledgers = [write_client(folder / "clients", keys, name) for name in ("north", "south")]
+    ledgers = [write_client(folder / CLIENTS, keys, name) for name in ("north", "south")]
     write_server(folder, keys, ledgers)
     for name in ("north", "south"):
-        shutil.copy(keys / f"{name}.pub", folder / "clients" / name / "signing.pub")
+        shutil.copy(keys / f"{name}.pub", folder / CLIENTS / name / CLIENT_PUBLIC_KEY)
     (folder / SERVER_PUBLIC_KEY).parent.mkdir()
     shutil.copy(keys / "server.pub", folder / SERVER_PUBLIC_KEY)
     shutil.copytree(keys, folder / "trusted")  # stands for the keys compliance registered
@@ -45,7 +45,7 @@ def run(pristine: Path, tmp_path: Path) -> Path:
 
 
 def ledger(run: Path, name: str) -> Path:
-    return run / "clients" / name / CLIENT_LEDGER
+    return run / CLIENTS / name / CLIENT_LEDGER
 
 
 def resign(path: Path, key: Path, model: type[Chained], edit: Callable[[Bodies], Bodies]) -> None:
@@ -107,7 +107,7 @@ def test_zero_ledgers_is_a_failure_not_all_verified(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "no ledgers were given or found" in said(result)
     assert "verified" not in said(result).replace("verification FAILED", "")
-    html = (tmp_path / "privacy_report.html").read_text()
+    html = (tmp_path / PRIVACY_REPORT_HTML).read_text()
     assert "all ledgers verified" not in html and "no ledgers were given or found" in html
 
 
@@ -300,11 +300,11 @@ def test_the_headline_says_whether_keys_were_pinned(run: Path) -> None:
 
     written = report.write(run)
     assert written["verified"] and not written["keys_pinned"]
-    html = (run / "privacy_report.html").read_text()
+    html = (run / PRIVACY_REPORT_HTML).read_text()
     assert "internally consistent, keys not pinned" in html
     written = report.write(run, keys=run / "trusted")
     assert written["keys_pinned"]
-    assert "all 3 ledgers verified against pinned keys" in (run / "privacy_report.html").read_text()
+    assert "all 3 ledgers verified against pinned keys" in (run / PRIVACY_REPORT_HTML).read_text()
 
     server_only = runner.invoke(app, ["privacy", "verify", str(run / SERVER_LEDGER)])
     assert server_only.exit_code == 1 and "no readable ledger of 'north'" in said(server_only)
