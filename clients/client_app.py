@@ -16,7 +16,39 @@ from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import moving_average
 from common.learning.model import BehaviorModel
 from common.learning.training import evaluate_ranking, pick_device
-from common.messages import CLIENT, LEDGER_HEADS, REFUSED, UNIFORM, WEIGHT
+from common.messages import (
+    CATALOG_PATH,
+    CLIENT,
+    CLIP_NORM,
+    DECLINED,
+    DELTA,
+    DEMAND_ACTUAL_SUM,
+    DEMAND_CELLS_SUM,
+    DEMAND_COVERED_SUM,
+    DEMAND_ERROR_SUM,
+    DEMAND_LEVEL_ERROR_SUM,
+    DEMAND_MA_ERROR_SUM,
+    DEMAND_RAW_ERROR_SUM,
+    DEMAND_START,
+    EPSILON,
+    EPSILON_BUDGET,
+    HITS_SUM,
+    LEDGER_HASH,
+    LEDGER_HEADS,
+    LEDGER_SEQ,
+    NAME,
+    NDCG_SUM,
+    NOISE_MULTIPLIER,
+    PROXIMAL_MU,
+    REASON,
+    REFUSED,
+    SAMPLE_RATE,
+    SERVER_ROUND,
+    STEPS,
+    UNIFORM,
+    USERS_SUM,
+    WEIGHT,
+)
 from common.run_files import CLIENTS, POLICY
 from common.runconfig import RunConfig
 from privacy.account import PrivacyAccount
@@ -30,7 +62,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, Behav
     cfg = RunConfig.from_flower(context.run_config)
     server = msg.content["config"]
     data = load_client_data(
-        dict(context.node_config), cfg, str(server["catalog"]), str(server["demand-start"])
+        dict(context.node_config), cfg, str(server[CATALOG_PATH]), str(server[DEMAND_START])
     )
     model = BehaviorModel(cfg.model, data.prepared.shape)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -60,15 +92,15 @@ def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
 
 
 def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
-    record = {"name": data.name}
+    record = {NAME: data.name}
     if line is not None:
-        record |= {"ledger-seq": line.body["seq"], "ledger-hash": line.hash}
+        record |= {LEDGER_SEQ: line.body["seq"], LEDGER_HASH: line.hash}
     return ConfigRecord(record)
 
 
 def _refused(msg: Message, data: ClientData, reason: Refused) -> Message:
     """Nothing about the data, only why: the server cannot make this client release more."""
-    content = RecordDict({REFUSED: ConfigRecord({"reason": str(reason)}), CLIENT: _client(data)})
+    content = RecordDict({REFUSED: ConfigRecord({REASON: str(reason)}), CLIENT: _client(data)})
     return Message(content, reply_to=msg)
 
 
@@ -79,20 +111,20 @@ def train(msg: Message, context: Context) -> Message:
     cfg, data, model = _setup(msg, context)
     device = pick_device(cfg.device)
     model.to(device)
-    server_round = int(msg.content["config"]["server-round"])
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    server_round = int(msg.content["config"][SERVER_ROUND])
+    mu = float(msg.content["config"].get(PROXIMAL_MU, 0.0))
     train_seqs = data.prepared.train
     try:
         if not cfg.dp:
             _policy(context, cfg).answer(cfg, None)  # refuses unless the policy allows it
             result = train_plain(model, train_seqs, cfg, server_round, device, mu)
-            metrics = {WEIGHT: len(train_seqs), "epsilon": float("inf")}
+            metrics = {WEIGHT: len(train_seqs), EPSILON: float("inf")}
             return _update(msg, model, metrics, _client(data))
         with _account(msg, context, cfg, data) as account:
             mech = account.mechanism(len(train_seqs))
             if not account.can_train():
                 line = account.decline(server_round)
-                metrics = {"declined": 1, WEIGHT: 0}
+                metrics = {DECLINED: 1, WEIGHT: 0}
                 content = {"metrics": MetricRecord(metrics), CLIENT: _client(data, line)}
                 return Message(RecordDict(content), reply_to=msg)
             result = train_private(model, train_seqs, cfg, mech, device, mu)
@@ -102,19 +134,19 @@ def train(msg: Message, context: Context) -> Message:
         return _refused(msg, data, reason)
     metrics = {
         WEIGHT: mech.noisy_users,
-        "epsilon": state.epsilon(),
-        "delta": state.budget.delta,
-        "epsilon-budget": state.budget.epsilon,
-        "noise-multiplier": mech.noise_multiplier,
-        "clip-norm": mech.clip_norm,
-        "sample-rate": mech.sample_rate,
-        "steps": result.metrics["steps"],
+        EPSILON: state.epsilon(),
+        DELTA: state.budget.delta,
+        EPSILON_BUDGET: state.budget.epsilon,
+        NOISE_MULTIPLIER: mech.noise_multiplier,
+        CLIP_NORM: mech.clip_norm,
+        SAMPLE_RATE: mech.sample_rate,
+        STEPS: result.metrics[STEPS],
     }
     return _update(msg, model, metrics, _client(data, line))
 
 
 def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRecord) -> Message:
-    metrics = {"declined": 0, UNIFORM: 1.0, **metrics}
+    metrics = {DECLINED: 0, UNIFORM: 1.0, **metrics}
     content = {
         "arrays": ArrayRecord(model.cpu().state_dict()),
         "metrics": MetricRecord(metrics),
@@ -130,7 +162,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, data, model = _setup(msg, context)
     device = pick_device(cfg.device)
     model.to(device)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content["config"][SERVER_ROUND])
     ranking = evaluate_ranking(model, data.prepared.test, device)
     users = ranking["users"]
     sums = np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
@@ -146,9 +178,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {
         WEIGHT: max(float(sums[0]), 1.0),
         UNIFORM: 1.0,
-        "users-sum": float(sums[0]),
-        "hits10-sum": float(sums[1]),
-        "ndcg10-sum": float(sums[2]),
+        USERS_SUM: float(sums[0]),
+        HITS_SUM: float(sums[1]),
+        NDCG_SUM: float(sums[2]),
     }
     if policy.share_demand_evaluation or not cfg.dp:
         metrics |= _demand_sums(model, data, device)
@@ -163,13 +195,13 @@ def _demand_sums(model: BehaviorModel, data: ClientData, device) -> dict[str, fl
     moving = moving_average(history, actual.shape[1])
     inside = (actual >= planner.lower[:, None]) & (actual <= planner.upper[:, None])
     return {
-        "demand-actual-sum": float(actual.sum()),
-        "demand-abs-error-sum": float(np.abs(actual - forecasts[PRIMARY]).sum()),
-        "demand-raw-abs-error-sum": float(np.abs(actual - forecasts["bottom_up"]).sum()),
-        "demand-ma-abs-error-sum": float(np.abs(actual - moving).sum()),
-        "demand-level-abs-error-sum": float(np.abs(actual - planner.level[:, None]).sum()),
+        DEMAND_ACTUAL_SUM: float(actual.sum()),
+        DEMAND_ERROR_SUM: float(np.abs(actual - forecasts[PRIMARY]).sum()),
+        DEMAND_RAW_ERROR_SUM: float(np.abs(actual - forecasts["bottom_up"]).sum()),
+        DEMAND_MA_ERROR_SUM: float(np.abs(actual - moving).sum()),
+        DEMAND_LEVEL_ERROR_SUM: float(np.abs(actual - planner.level[:, None]).sum()),
         # Interval coverage pools as covered / cells (both summed across clients); a series
         # without an interval (too little history) counts in neither.
-        "demand-covered-sum": float(inside.sum()),
-        "demand-cells-sum": float(np.isfinite(planner.lower).sum() * actual.shape[1]),
+        DEMAND_COVERED_SUM: float(inside.sum()),
+        DEMAND_CELLS_SUM: float(np.isfinite(planner.lower).sum() * actual.shape[1]),
     }

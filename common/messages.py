@@ -1,7 +1,49 @@
-"""Names that cross the client–server boundary in Flower messages: one place for both sides."""
+"""Names that cross the client–server boundary in Flower messages, one place for both sides,
+and the names of the aggregated metrics the server records per round (`rounds.json`)."""
 
+# Request config, server → client ("server-round" is Flower's own)
+SERVER_ROUND = "server-round"
+CATALOG_PATH = "catalog"  # the platform catalogue's path (simulation; deployed clients own one)
+DEMAND_START = "demand-start"  # first day of the weekly demand bins
+PROXIMAL_MU = "proximal-mu"  # FedProx's proximal weight
+LEDGER_HEADS = "ledger-heads"  # each client's newest ledger entry the server has seen
+
+# Reply records, client → server
+CLIENT = "client"  # who replied and the ledger entry of this release
+NAME = "name"
+LEDGER_SEQ = "ledger-seq"
+LEDGER_HASH = "ledger-hash"
+REFUSED = "refused"  # the client would not act on the request; holds only the reason
+REASON = "reason"
+
+# Training reply metrics (all inside the client's ε, or derived from what is)
 WEIGHT = "num-examples"  # the FedAvg weight: a client's released (noisy) user count
 UNIFORM = "uniform-weight"  # every client's update counts the same (client-level DP needs it)
-REFUSED = "refused"  # a reply record: the client would not act on the request, and why
-CLIENT = "client"  # a reply record: the client's name and the ledger entry of this release
-LEDGER_HEADS = "ledger-heads"  # request config: each client's newest entry the server saw
+DECLINED = "declined"  # 1 when the round would have passed the client's budget
+EPSILON = "epsilon"
+DELTA = "delta"
+EPSILON_BUDGET = "epsilon-budget"
+NOISE_MULTIPLIER = "noise-multiplier"
+CLIP_NORM = "clip-norm"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+
+# Evaluation reply sums: `*-sum` values add up across clients
+SUM = "-sum"
+USERS_SUM = "users-sum"
+HITS_SUM = "hits10-sum"
+NDCG_SUM = "ndcg10-sum"
+DEMAND_ACTUAL_SUM = "demand-actual-sum"
+DEMAND_ERROR_SUM = "demand-abs-error-sum"  # the model's primary forecast
+DEMAND_RAW_ERROR_SUM = "demand-raw-abs-error-sum"  # the model's bottom-up sum, uncorrected
+DEMAND_MA_ERROR_SUM = "demand-ma-abs-error-sum"  # 4-week moving average
+DEMAND_LEVEL_ERROR_SUM = "demand-level-abs-error-sum"  # the robust level alone
+DEMAND_COVERED_SUM = "demand-covered-sum"  # held-out weeks inside the forecast interval
+DEMAND_CELLS_SUM = "demand-cells-sum"  # held-out weeks of series that have an interval
+
+# Aggregated metrics the server records per round
+HR10 = "hr10"
+NDCG10 = "ndcg10"
+WAPE = "wape"
+WAPE_UNCALIBRATED = "wape-uncalibrated"
+WAPE_MOVING_AVERAGE = "wape-moving-average"

@@ -5,7 +5,23 @@ from __future__ import annotations
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from common.messages import UNIFORM, WEIGHT
+from common.messages import (
+    DEMAND_ACTUAL_SUM,
+    DEMAND_ERROR_SUM,
+    DEMAND_MA_ERROR_SUM,
+    DEMAND_RAW_ERROR_SUM,
+    HITS_SUM,
+    HR10,
+    NDCG10,
+    NDCG_SUM,
+    SUM,
+    UNIFORM,
+    USERS_SUM,
+    WAPE,
+    WAPE_MOVING_AVERAGE,
+    WAPE_UNCALIBRATED,
+    WEIGHT,
+)
 from common.runconfig import CentralDP, RunConfig, StrategyName
 
 
@@ -14,17 +30,17 @@ def aggregate_evaluation(replies: list[RecordDict]) -> MetricRecord:
     = Σ|error| / Σ actual over the series of the clients that share demand sums."""
     records = [next(iter(r.metric_records.values())) for r in replies]
     out: dict[str, float] = {}
-    for key in {k for m in records for k in m if k.endswith("-sum")}:
+    for key in {k for m in records for k in m if k.endswith(SUM)}:
         out[key] = sum(float(m[key]) for m in records if key in m)
-    users = max(out.get("users-sum", 0.0), 1.0)
+    users = max(out.get(USERS_SUM, 0.0), 1.0)
     out[WEIGHT] = users
-    out["hr10"] = out.get("hits10-sum", 0.0) / users
-    out["ndcg10"] = out.get("ndcg10-sum", 0.0) / users
-    actual = out.get("demand-actual-sum", 0.0)
+    out[HR10] = out.get(HITS_SUM, 0.0) / users
+    out[NDCG10] = out.get(NDCG_SUM, 0.0) / users
+    actual = out.get(DEMAND_ACTUAL_SUM, 0.0)
     if actual > 0:
-        out["wape"] = out["demand-abs-error-sum"] / actual
-        out["wape-uncalibrated"] = out["demand-raw-abs-error-sum"] / actual
-        out["wape-moving-average"] = out["demand-ma-abs-error-sum"] / actual
+        out[WAPE] = out[DEMAND_ERROR_SUM] / actual
+        out[WAPE_UNCALIBRATED] = out[DEMAND_RAW_ERROR_SUM] / actual
+        out[WAPE_MOVING_AVERAGE] = out[DEMAND_MA_ERROR_SUM] / actual
     return MetricRecord(out)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Message
 
-from common.messages import CLIENT
+from common.messages import CLIENT, LEDGER_HASH, LEDGER_SEQ, NAME
 from common.run_files import SERVER_LEDGER
 from privacy.ledger import Aggregation, append, entries
 
@@ -17,10 +17,10 @@ from privacy.ledger import Aggregation, append, entries
 def _entry(message: Message, status: str) -> dict:
     client = message.content.get(CLIENT, {})
     return {
-        "client": str(client.get("name", message.metadata.src_node_id)),
+        "client": str(client.get(NAME, message.metadata.src_node_id)),
         "status": status,
-        "seq": int(client.get("ledger-seq", -1)),
-        "hash": str(client.get("ledger-hash", "")),
+        "seq": int(client.get(LEDGER_SEQ, -1)),
+        "hash": str(client.get(LEDGER_HASH, "")),
     }
 
 

@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.messages import CLIENT, LEDGER_HEADS, REFUSED
+from common.messages import CLIENT, DECLINED, LEDGER_HEADS, NAME, REASON, REFUSED
 from server import checkpoint
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
@@ -36,13 +36,13 @@ def triage(replies: list[Message]) -> Triage:
     ok = [m for m in replies if not m.has_error()]
     refused = [m for m in ok if REFUSED in m.content]
     answered = [m for m in ok if REFUSED not in m.content]
-    declined = [m for m in answered if float(m.content["metrics"].get("declined", 0)) > 0]
+    declined = [m for m in answered if float(m.content["metrics"].get(DECLINED, 0)) > 0]
     trained = [m for m in answered if m not in declined]
     return Triage(trained, declined, failed, refused)
 
 
 def _name(m: Message) -> str:
-    return str(m.content[CLIENT]["name"]) if CLIENT in m.content else str(m.metadata.src_node_id)
+    return str(m.content[CLIENT][NAME]) if CLIENT in m.content else str(m.metadata.src_node_id)
 
 
 def client_rows(server_round: int, t: Triage) -> list[dict]:
@@ -65,7 +65,7 @@ def client_rows(server_round: int, t: Triage) -> list[dict]:
                 "client": _name(m),
                 "node": m.metadata.src_node_id,
                 "status": "refused",
-                "error": str(m.content[REFUSED]["reason"]),
+                "error": str(m.content[REFUSED][REASON]),
             }
         )
     for m in t.failed:
@@ -126,7 +126,7 @@ class RoundLoop:
                     m.error.reason,
                 )
             for m in t.refused:
-                log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED]["reason"])
+                log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED][REASON])
             if len(t.trained) < self.min_clients:
                 reason = (
                     f"round {rnd}: only {len(t.trained)} client(s) trained ({len(t.declined)} "
@@ -164,7 +164,7 @@ class RoundLoop:
                 )
             )
             for m in answers.refused:
-                reason = m.content[REFUSED]["reason"]
+                reason = m.content[REFUSED][REASON]
                 log(WARNING, "%s refused evaluation %s: %s", _name(m), rnd, reason)
             evaluation = (
                 strategy.aggregate_evaluate(rnd, answers.trained) if answers.trained else None

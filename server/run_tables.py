@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from common.atomic import write_json, write_with
+from common.messages import EPSILON, EPSILON_BUDGET, HR10, NDCG10, WAPE, WAPE_MOVING_AVERAGE
 from common.run_files import CLIENTS_CSV, METRICS_CSV, PLOTS, ROUNDS
 
 
@@ -46,15 +47,15 @@ def plot(out: Path, history: list[dict]) -> list[Path]:
     metrics = metric_table(history)
     if not metrics.empty:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for key in ("hr10", "ndcg10"):
+        for key in (HR10, NDCG10):
             axes[0].plot(
                 metrics["round"], metrics[key], marker="o", label=key.upper().replace("10", "@10")
             )
         axes[0].set(title="Next-item (full ranking, held-out last event)", xlabel="round")
         axes[0].legend()
         for key, label in (
-            ("wape", "model (calibrated)"),
-            ("wape-moving-average", "4-week moving average"),
+            (WAPE, "model (calibrated)"),
+            (WAPE_MOVING_AVERAGE, "4-week moving average"),
         ):
             if key in metrics:
                 axes[1].plot(metrics["round"], metrics[key], marker="o", label=label)
@@ -63,11 +64,11 @@ def plot(out: Path, history: list[dict]) -> list[Path]:
         fig.tight_layout()
         paths.append(_save(fig, out / PLOTS / "metrics.png"))
     clients = client_table(history)
-    if "epsilon-budget" in clients:  # DP runs only
+    if EPSILON_BUDGET in clients:  # DP runs only
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in clients[clients["status"] != "failed"].groupby("client"):
-            ax.plot(rows["round"], rows["epsilon"], marker="o", label=str(name))
-        ax.axhline(clients["epsilon-budget"].max(), color="red", linestyle="--", label="budget")
+            ax.plot(rows["round"], rows[EPSILON], marker="o", label=str(name))
+        ax.axhline(clients[EPSILON_BUDGET].max(), color="red", linestyle="--", label="budget")
         ax.set(title="Privacy spent per client (user-level ε)", xlabel="round", ylabel="ε")
         ax.legend(fontsize="small")
         fig.tight_layout()

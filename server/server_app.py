@@ -14,6 +14,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
+from common.messages import (
+    CATALOG_PATH,
+    CLIP_NORM,
+    DELTA,
+    DEMAND_START,
+    EPSILON,
+    EPSILON_BUDGET,
+    NOISE_MULTIPLIER,
+    PROXIMAL_MU,
+    SAMPLE_RATE,
+)
 from common.run_files import CATALOG, CHECKPOINT
 from common.runconfig import CentralDP, RunConfig, StrategyName
 from privacy.accounting import NEIGHBOURING
@@ -53,11 +64,11 @@ def main(grid: Grid, context: Context) -> None:
         arrays = ArrayRecord(BehaviorModel(cfg.model, shape).state_dict())
         first, history = 1, []
     shared = {
-        "catalog": str(platform.catalog_path.resolve()),
-        "demand-start": platform.demand_start,
+        CATALOG_PATH: str(platform.catalog_path.resolve()),
+        DEMAND_START: platform.demand_start,
     }
     if cfg.strategy is StrategyName.FEDPROX:
-        shared["proximal-mu"] = cfg.proximal_mu
+        shared[PROXIMAL_MU] = cfg.proximal_mu
 
     # The default private key stays outside the run folder handed to compliance; its public
     # half goes in, where the verifier looks for it.
@@ -119,12 +130,12 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
             if row["status"] in ("refused", "failed"):
                 continue
             for key in (
-                "epsilon",
-                "delta",
-                "epsilon-budget",
-                "noise-multiplier",
-                "clip-norm",
-                "sample-rate",
+                EPSILON,
+                DELTA,
+                EPSILON_BUDGET,
+                NOISE_MULTIPLIER,
+                CLIP_NORM,
+                SAMPLE_RATE,
             ):
                 if key in row:
                     entry[key] = row[key]

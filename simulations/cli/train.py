@@ -21,6 +21,7 @@ from common.data.sources import run_events
 from common.learning.dataset import prepare
 from common.learning.model import ModelConfig
 from common.learning.training import TrainConfig
+from common.messages import EPSILON, HR10, NDCG10, WAPE, WAPE_MOVING_AVERAGE
 from common.run_files import RESULTS, ROUNDS
 from common.runconfig import RunConfig
 from simulations.central import CentralConfig, baselines, save_run, train_central
@@ -234,10 +235,10 @@ def _columns() -> tuple:
 
 def _round_status(last: dict, clients: int, dp: bool) -> str:
     done = sum(1 for r in last["clients"] if r["status"] == "trained")
-    hr = last.get("evaluate", {}).get("hr10", float("nan"))
+    hr = last.get("evaluate", {}).get(HR10, float("nan"))
     status = f"round {last['round']}: {done}/{clients} trained, HR@10 {hr:.3f}"
     if dp:
-        eps = max((r.get("epsilon", 0.0) for r in last["clients"]), default=0.0)
+        eps = max((r.get(EPSILON, 0.0) for r in last["clients"]), default=0.0)
         status += f", max ε {eps:.2f}"
     return status
 
@@ -299,7 +300,7 @@ def _print_simulation(result: SimulationResult, out: Path) -> None:
             *(str(status.count(s)) for s in ("trained", "declined", "refused")),
             *(
                 f"{ev[k]:.4f}" if k in ev else "-"
-                for k in ("hr10", "ndcg10", "wape", "wape-moving-average")
+                for k in (HR10, NDCG10, WAPE, WAPE_MOVING_AVERAGE)
             ),
         )
     console.print(table)
