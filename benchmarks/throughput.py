@@ -2,7 +2,8 @@
 the default synthetic data and a Ta-Feng-sized catalog (synthetic stand-in, or the real file with
 --tafeng), with the seconds one epoch over each takes. Both sides run the clients' own loop
 (`train_epoch`, Adam, the run config's batch size and learning rate); the DP side is wrapped as
-clients wrap it: Opacus `make_private`, Poisson sampling, per-user clipping, Gaussian noise. The
+clients wrap it: the clients' own Poisson loader (exactly 1/q steps, OS-seeded), Opacus
+`make_private`, per-user clipping, Gaussian noise. The
 two sides take turns in chunks of steps, so a shared machine's changing load hits both alike.
 
     python benchmarks/throughput.py [--steps 15] [--quick] [--tafeng PATH/ta_feng.csv.zip]
@@ -23,12 +24,16 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from clients.local_training import dp_loader
 from common.data.formats import load_events
 from common.data.synth import SynthConfig, generate
 from common.learning.dataset import Prepared, prepare
 from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import loader, pick_device, train_epoch
 from common.runconfig import RunConfig
+from privacy.account import mechanism_shape
+from privacy.accounting import Mechanism
+from privacy.randomness import torch_generator
 
 # Ta-Feng's shape as prepared (tests/test_real_data.py): 817,741 rows over 4 months, 29,197 users
 # with 3 or more events (28 each on average), 23,557 catalog items, 2,012 subclasses under 26
@@ -113,13 +118,24 @@ def sides(work: Workload, model_cfg: ModelConfig, run: RunConfig, device) -> tup
     plain = BehaviorModel(model_cfg, shape).to(device)
     torch.manual_seed(0)
     private = BehaviorModel(model_cfg, shape).to(device)
-    dp_model, dp_opt, dp_loader = PrivacyEngine(accountant=run.accountant.value).make_private(
+    q, steps = mechanism_shape(len(train), run)
+    mech = Mechanism(
+        noise_multiplier=NOISE,
+        sample_rate=q,
+        steps_per_round=steps,
+        clip_norm=run.clip_norm,
+        accountant=run.accountant.value,
+        planned_rounds=1,
+        noisy_users=len(train),
+    )
+    dp_model, dp_opt, dp_loader_ = PrivacyEngine(accountant=run.accountant.value).make_private(
         module=private,
         optimizer=torch.optim.Adam(private.parameters(), lr=run.lr),
-        data_loader=loader(train, run.batch_size, shuffle=True),
+        data_loader=dp_loader(train, mech, torch_generator()),
         noise_multiplier=NOISE,
         max_grad_norm=run.clip_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,
+        noise_generator=torch_generator(device),
     )
     return (
         Side(
@@ -127,7 +143,7 @@ def sides(work: Workload, model_cfg: ModelConfig, run: RunConfig, device) -> tup
             torch.optim.Adam(plain.parameters(), lr=run.lr),
             loader(train, run.batch_size, shuffle=True),
         ),
-        Side(dp_model, dp_opt, dp_loader),
+        Side(dp_model, dp_opt, dp_loader_),
     )
 
 

@@ -14,6 +14,7 @@ from common.run_files import (
     AUDIT,
     CARD,
     CLIENT_LEDGER,
+    CLIENTS,
     PRIVACY_REPORT_HTML,
     PRIVACY_REPORT_JSON,
     SERVER_LEDGER,
@@ -24,8 +25,10 @@ from privacy.verify import LedgerReport, Verdict, verify_paths
 
 
 def find_ledgers(run_dir: Path) -> list[Path]:
-    """The server's record and every client ledger under the run folder."""
-    found = sorted(run_dir.glob(f"**/{CLIENT_LEDGER}"))
+    """The server's record and the simulated clients' ledgers of a run folder (deployed
+    clients' ledgers live with their data and are passed in). Only the clients' folder is
+    searched: Flower copies the whole app, test fixtures included, into the run's `.flwr`."""
+    found = sorted((run_dir / CLIENTS).glob(f"*/{CLIENT_LEDGER}"))
     server = run_dir / SERVER_LEDGER
     return ([server] if server.exists() else []) + found
 
