@@ -78,6 +78,9 @@ class RunConfig(BaseModel):
     catalog: str = Field("", description="Shared catalog file; empty = <out>/catalog.json")
     out: str = Field("runs/simulation", description="Run folder")
     server_key: str = Field("", description="Server signing key; empty = <out>.keys/server.key")
+    registry: str = Field(
+        "", description="Node registry (client name → SuperNode); empty = bind names at first reply"
+    )
     resume: bool = Field(True, description="Resume from the run folder's checkpoint")
     device: str = Field("auto", description="auto (CUDA if present), cpu or cuda")
     hidden: int = Field(64, ge=8, description="BERT hidden size")

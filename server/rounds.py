@@ -8,7 +8,7 @@ decline (privacy budget) or fail are separated from the ones whose updates count
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from common.messages import CLIENT, DECLINED, LEDGER_HEADS, NAME, REASON, REFUSE
 from server import checkpoint
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
+from server.node_registry import NodeBinder
 
 
 @dataclass
@@ -29,16 +30,21 @@ class Triage:
     declined: list[Message]
     failed: list[Message]
     refused: list[Message]
+    # Replies whose reported name is not their node's (see `server.node_registry`), with the
+    # reason: never aggregated, and kept out of the aggregation ledger so that an impostor
+    # cannot move the ledger heads the server holds for the name it claims.
+    rejected: list[tuple[Message, str]] = field(default_factory=list)
 
 
-def triage(replies: list[Message]) -> Triage:
+def triage(replies: list[Message], binder: NodeBinder | None = None) -> Triage:
     failed = [m for m in replies if m.has_error()]
-    ok = [m for m in replies if not m.has_error()]
+    rejected = [(m, why) for m in replies if binder and (why := binder.rejection(m))]
+    ok = [m for m in replies if not m.has_error() and all(m is not r for r, _ in rejected)]
     refused = [m for m in ok if REFUSED in m.content]
     answered = [m for m in ok if REFUSED not in m.content]
     declined = [m for m in answered if float(m.content["metrics"].get(DECLINED, 0)) > 0]
     trained = [m for m in answered if m not in declined]
-    return Triage(trained, declined, failed, refused)
+    return Triage(trained, declined, failed, refused, rejected)
 
 
 def _name(m: Message) -> str:
@@ -78,6 +84,16 @@ def client_rows(server_round: int, t: Triage) -> list[dict]:
                 "error": m.error.reason,
             }
         )
+    for m, why in t.rejected:
+        rows.append(
+            {
+                "round": server_round,
+                "client": _name(m),
+                "node": m.metadata.src_node_id,
+                "status": "rejected",
+                "error": why,
+            }
+        )
     return rows
 
 
@@ -96,6 +112,7 @@ class RoundLoop:
     history: list[dict]  # one record per round run so far; the loop appends to it
     on_round: Callable[[list[dict]], None]  # after each round's record joins `history`
     central: CentralPrivacy | None = None
+    binder: NodeBinder | None = None  # checks each reply's name against its node
 
     def run(self, arrays: ArrayRecord, first_round: int) -> tuple[ArrayRecord, str]:
         """Run rounds `first_round..last_round`; returns the final arrays and why it ended."""
@@ -108,7 +125,7 @@ class RoundLoop:
                     strategy.configure_train(rnd, arrays, ConfigRecord(self.shared | heads), grid)
                 )
             )
-            t = triage(replies)
+            t = triage(replies, self.binder)
             record = {"round": rnd, "clients": client_rows(rnd, t)}
             for m in t.declined:
                 log(
@@ -127,10 +144,13 @@ class RoundLoop:
                 )
             for m in t.refused:
                 log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED][REASON])
+            for _, why in t.rejected:
+                log(WARNING, "round %s: reply rejected: %s", rnd, why)
             if len(t.trained) < self.min_clients:
                 reason = (
                     f"round {rnd}: only {len(t.trained)} client(s) trained ({len(t.declined)} "
-                    f"declined, {len(t.refused)} refused, {len(t.failed)} failed); "
+                    f"declined, {len(t.refused)} refused, {len(t.failed)} failed, "
+                    f"{len(t.rejected)} rejected); "
                     f"min-clients is {self.min_clients}, so the run stops here"
                 )
                 log(WARNING, reason)
@@ -161,8 +181,11 @@ class RoundLoop:
                     grid.send_and_receive(
                         strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid)
                     )
-                )
+                ),
+                self.binder,
             )
+            for _, why in answers.rejected:
+                log(WARNING, "evaluation %s: reply rejected: %s", rnd, why)
             for m in answers.refused:
                 reason = m.content[REFUSED][REASON]
                 log(WARNING, "%s refused evaluation %s: %s", _name(m), rnd, reason)

@@ -33,6 +33,7 @@ from server import central_dp, checkpoint, run_tables
 from server.aggregation import make_strategy
 from server.aggregation_ledger import AggregationLedger
 from server.export import export
+from server.node_registry import NodeBinder
 from server.platform import platform_for
 from server.rounds import RoundLoop
 
@@ -87,6 +88,7 @@ def main(grid: Grid, context: Context) -> None:
         history=history,
         on_round=lambda done: run_tables.write_tables(out, done),
         central=central,
+        binder=NodeBinder.for_run(cfg.registry),
     )
     arrays, outcome = loop.run(arrays, first)
     run_tables.write_tables(out, history)

@@ -11,6 +11,7 @@ app.add_typer(data_app, name="data")
 from simulations.cli import train  # noqa: E402, I001  (registration order = help order)
 from simulations.cli import serve  # noqa: E402
 from simulations.cli.privacy import privacy_app  # noqa: E402
+from simulations.cli import deploy  # noqa: E402, F401  (certs, node …)
 
 app.add_typer(privacy_app, name="privacy")
 

@@ -1,0 +1,131 @@
+"""Which authenticated SuperNode speaks for which client: the platform's node registry, and the
+check every reply passes before the round loop counts it.
+
+A reply's client name is self-reported. With SuperNode authentication on, the SuperLink signs
+nothing for the ServerApp, but it does fix identities: `flwr supernode register KEY` assigns the
+node id once per public key, and every Fleet request is signed with that key and must name that
+node id, so `msg.metadata.src_node_id` is the authenticated node. Flower 1.42 does not show the
+ServerApp the public key itself (the Grid gives node ids only), so the registry binds names to
+the node ids registration returned, keeping the public keys beside them for the record.
+
+Registry file (JSON, written by `fedshop node register`, kept by the platform):
+
+    {"clients": {"north": {"node-id": 6174…, "node-public-key": "ecdsa-sha2-nistp384 AAAA…",
+                           "ledger-public-key": "-----BEGIN PUBLIC KEY-----\\n…"}}}
+
+Without a registry file (local trials, simulation) a name is bound to the first node that
+reports it in this run, so two nodes still cannot hold one name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Message
+
+from common.atomic import write_with
+from common.messages import CLIENT, NAME
+
+NODE_ID = "node-id"
+NODE_PUBLIC_KEY = "node-public-key"
+LEDGER_PUBLIC_KEY = "ledger-public-key"
+
+
+class RegistryError(ValueError):
+    """The registry file is unreadable, or a change would give a name or a node two owners."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    node_id: int
+    node_public_key: str  # OpenSSH line the SuperNode authenticates with
+    ledger_public_key: str  # PEM of the Ed25519 key that signs the client's privacy ledger
+
+
+@dataclass
+class Registry:
+    clients: dict[str, Binding] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Registry:
+        try:
+            raw = json.loads(path.read_text())
+            clients = {
+                str(name): Binding(
+                    int(b[NODE_ID]), str(b[NODE_PUBLIC_KEY]), str(b[LEDGER_PUBLIC_KEY])
+                )
+                for name, b in raw["clients"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RegistryError(f"{path}: not a readable node registry ({exc!r})") from exc
+        registry = cls()
+        for name, binding in clients.items():
+            registry.add(name, binding)
+        return registry
+
+    def save(self, path: Path) -> None:
+        body = {
+            "clients": {
+                name: {
+                    NODE_ID: b.node_id,
+                    NODE_PUBLIC_KEY: b.node_public_key,
+                    LEDGER_PUBLIC_KEY: b.ledger_public_key,
+                }
+                for name, b in sorted(self.clients.items())
+            }
+        }
+        write_with(path, lambda tmp: tmp.write_text(json.dumps(body, indent=2) + "\n"))
+
+    def add(self, name: str, binding: Binding) -> None:
+        """Bind `name`; a name or a node that already has another owner is an error (rotating
+        a key is `remove` then `add`, so nobody holds a name twice by accident)."""
+        if name in self.clients:
+            raise RegistryError(f"client {name!r} is already bound to node {self.node_of(name)}")
+        for other, b in self.clients.items():
+            if binding.node_id == b.node_id or binding.node_public_key == b.node_public_key:
+                raise RegistryError(f"node {binding.node_id} is already bound to {other!r}")
+        self.clients[name] = binding
+
+    def remove(self, name: str) -> Binding:
+        if name not in self.clients:
+            raise RegistryError(f"client {name!r} is not in the registry")
+        return self.clients.pop(name)
+
+    def node_of(self, name: str) -> int:
+        return self.clients[name].node_id
+
+
+@dataclass
+class NodeBinder:
+    """Checks a reply's self-reported name against the node it came from. `pinned`: bindings
+    come from the platform's registry and an unknown node is rejected; otherwise each name is
+    bound to the first node that reports it in this run."""
+
+    names: dict[str, int]
+    pinned: bool
+
+    @classmethod
+    def for_run(cls, registry_path: str) -> NodeBinder:
+        if not registry_path:
+            return cls({}, pinned=False)
+        registry = Registry.load(Path(registry_path))
+        return cls({name: b.node_id for name, b in registry.clients.items()}, pinned=True)
+
+    def rejection(self, msg: Message) -> str | None:
+        """Why `msg` may not count for the name it reports, or None when it may. A reply
+        without a client record (an error) names nobody and is left to triage."""
+        if msg.has_error() or CLIENT not in msg.content:
+            return None
+        name = str(msg.content[CLIENT][NAME])
+        node = msg.metadata.src_node_id
+        owner = self.names.get(name)
+        if owner is None and self.pinned:
+            return f"node {node} reports name {name!r}, which is not in the node registry"
+        if owner is None:
+            self.names[name] = node
+            return None
+        if owner != node:
+            return f"node {node} reports name {name!r}, which belongs to node {owner}"
+        return None

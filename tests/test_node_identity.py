@@ -1,0 +1,116 @@
+"""Deployment identity without servers: the TLS certificates `fedshop certs` writes, SuperNode
+keys Flower can load, the node registry and the check that binds a reply's name to its node."""
+
+import ipaddress
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.messages import CLIENT, DECLINED, NAME
+from server.certs import make_certs, make_node_key
+from server.node_registry import Binding, NodeBinder, Registry, RegistryError
+from server.rounds import client_rows, triage
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_certs_name_the_hosts_asked_for_and_keep_private_keys_owner_only(tmp_path):
+    files = make_certs(tmp_path / "certs", ["link.example.org", "10.0.0.5"], days=30)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
+    cert.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 30
+    assert _mode(files.ca_key) == _mode(files.server_key) == 0o600
+    assert not list(files.ca_key.parent.glob(".*.tmp"))  # written through a rename
+    with pytest.raises(FileExistsError):  # a second run never replaces the CA nodes trust
+        make_certs(tmp_path / "certs")
+
+
+def test_default_sans_are_the_loopback_names(tmp_path):
+    files = make_certs(tmp_path)
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+
+
+def test_node_keys_are_what_flower_loads(tmp_path):
+    public = make_node_key(tmp_path / "north.node")
+    key = load_ssh_private_key((tmp_path / "north.node").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert _mode(tmp_path / "north.node") == 0o600
+
+
+def _binding(node: int) -> Binding:
+    return Binding(node, f"ecdsa-sha2-nistp384 KEY{node}", f"PEM{node}")
+
+
+def test_registry_gives_a_name_and_a_node_one_owner_and_survives_a_round_trip(tmp_path):
+    reg = Registry()
+    reg.add("north", _binding(11))
+    with pytest.raises(RegistryError, match="already bound to node 11"):
+        reg.add("north", _binding(12))
+    with pytest.raises(RegistryError, match="already bound to 'north'"):
+        reg.add("south", _binding(11))
+    reg.add("south", _binding(12))
+    reg.save(tmp_path / "registry.json")
+    assert Registry.load(tmp_path / "registry.json").clients == reg.clients
+    (tmp_path / "bad.json").write_text('{"clients": {"a": {"node-id": "x"}}}')
+    with pytest.raises(RegistryError, match=r"bad\.json"):
+        Registry.load(tmp_path / "bad.json")
+
+
+def _reply(node: int, name: str) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {CLIENT: ConfigRecord({NAME: name}), "metrics": MetricRecord({DECLINED: 0.0})}
+    )
+    return Message(content, reply_to=instruction)
+
+
+@pytest.fixture
+def task(monkeypatch):
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_a_registered_node_claiming_another_clients_name_is_rejected(tmp_path, task):
+    reg = Registry()
+    reg.add("north", _binding(11))
+    reg.add("south", _binding(12))
+    reg.save(tmp_path / "registry.json")
+    binder = NodeBinder.for_run(str(tmp_path / "registry.json"))
+    t = triage([_reply(11, "north"), _reply(12, "north"), _reply(13, "east")], binder)
+    assert [m.metadata.src_node_id for m in t.trained] == [11]
+    assert [why for _, why in t.rejected] == [
+        "node 12 reports name 'north', which belongs to node 11",
+        "node 13 reports name 'east', which is not in the node registry",
+    ]
+    rows = client_rows(1, t)
+    assert [(r["client"], r["node"], r["status"]) for r in rows] == [
+        ("north", 11, "trained"),
+        ("north", 12, "rejected"),
+        ("east", 13, "rejected"),
+    ]
+
+
+def test_without_a_registry_the_first_node_to_report_a_name_keeps_it(task):
+    binder = NodeBinder.for_run("")
+    assert not triage([_reply(11, "north")], binder).rejected
+    t = triage([_reply(12, "north"), _reply(11, "north")], binder)
+    assert [m.metadata.src_node_id for m in t.trained] == [11]
+    assert [why for _, why in t.rejected] == [
+        "node 12 reports name 'north', which belongs to node 11"
+    ]
