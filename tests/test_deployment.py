@@ -1,10 +1,14 @@
-"""Deployment mode for real: a SuperLink and three SuperNodes on 127.0.0.1, each SuperNode
-pointing at its own data file through --node-config, driven by `flwr run`."""
+"""Deployment mode for real: a SuperLink and SuperNodes on 127.0.0.1 with TLS (a CA from
+`fedshop certs`) and SuperNode authentication (keys registered with `fedshop node register`),
+each SuperNode pointing at its own data file through --node-config, driven by `flwr run`."""
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +18,9 @@ from common.data.catalog import Catalog
 from common.data.partition import plan, select
 from common.data.sequences import leave_last_out
 from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
-from privacy.ledger import Spend, entries
+from privacy.ledger import Aggregation, Spend, entries
 from privacy.verify import verify_paths
+from server.node_registry import Registry
 from simulations.simulate import APP_DIR, stop_tree
 
 pytestmark = pytest.mark.slow
@@ -27,21 +32,109 @@ def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedprox"])
-def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events, strategy):
-    split = leave_last_out(tiny_events)
-    Catalog.build(split[split["split"] == "train"], None).save(tmp_path / "catalog.json")
-    names = []
-    for part in plan(tiny_events, 3):
-        select(tiny_events, part).to_parquet(tmp_path / f"{part.name}.parquet")
-        names.append(part.name)
-    keys = tmp_path / "keys"
-    subprocess.run([str(BIN / "fedshop"), "keys", *names, "server", "--out", str(keys)], check=True)
+def _fedshop(*args: str, env: dict) -> None:
+    subprocess.run([str(BIN / "fedshop"), *args], env=env, check=True, capture_output=True)
+
+
+@dataclass
+class Federation:
+    """The platform's side of a test federation: its CA, keys, registry and Flower CLI home."""
+
+    tmp: Path
+    env: dict
+    procs: list[subprocess.Popen]
+
+    @property
+    def keys(self) -> Path:
+        return self.tmp / "keys"
+
+    @property
+    def node_keys(self) -> Path:  # not with the ledger keys: those are compliance's keyring
+        return self.tmp / "node-keys"
+
+    @property
+    def registry(self) -> Path:
+        return self.tmp / "registry.json"
+
+    def superlink(self) -> None:
+        certs = self.tmp / "certs"
+        args = ["--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.crt"]
+        args += ["--ssl-keyfile", certs / "server.key", "--enable-supernode-auth"]
+        args += ["--port", str(PORT), "--database", self.tmp / "state.db"]
+        args += ["--disable-runtime-dependency-installation"]
+        self.procs.append(
+            _start(
+                [str(BIN / "flower-superlink"), *map(str, args)],
+                self.tmp / "superlink.log",
+                self.env,
+            )
+        )
+        # Registration goes through the Control API: it answers once the SuperLink is up.
+        deadline = time.monotonic() + 60
+        while self._flwr("supernode", "list").returncode != 0:
+            assert time.monotonic() < deadline, (self.tmp / "superlink.log").read_text()[-2000:]
+            time.sleep(1)
+
+    def register(self, name: str, node: str | None = None) -> None:
+        """Bind SuperNode `node`'s key (default: `name`'s) to client `name`."""
+        _fedshop("node", "key", node or name, "--out", str(self.node_keys), env=self.env)
+        _fedshop(
+            "node", "register", name,
+            "--node-key", str(self.node_keys / f"{node or name}.node.pub"),
+            "--ledger-key", str(self.keys / f"{name}.pub"),
+            "--registry", str(self.registry),
+            env=self.env,
+        )  # fmt: skip
+
+    def supernode(self, name: str, node_config: str, ca: Path | None = None) -> None:
+        """Start SuperNode `name` with its authentication key, trusting `ca` (the platform's)."""
+        port = PORT + 10 + len(self.procs)
+        self.procs.append(
+            _start(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--root-certificates",
+                    str(ca or self.tmp / "certs" / "ca.crt"),
+                    "--auth-supernode-private-key",
+                    str(self.node_keys / f"{name}.node"),
+                    "--superlink",
+                    f"127.0.0.1:{PORT}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    node_config,
+                ],
+                self.tmp / f"node-{name}.log",
+                self.env,
+            )
+        )
+
+    def wait_online(self, count: int) -> None:
+        """Until `count` SuperNodes are online: the strategy samples whoever is connected."""
+        deadline = time.monotonic() + 120
+        while True:
+            listed = self._flwr("supernode", "list", "--format", "json").stdout
+            nodes = json.loads(listed[listed.index("{") :])["nodes"] if "{" in listed else []
+            if sum(n.get("status") == "online" for n in nodes) >= count:
+                return
+            assert time.monotonic() < deadline, listed
+            time.sleep(1)
+
+    def _flwr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True
+        )
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """The platform's CA and a Flower CLI home that trusts it; stops every process started."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "dep"\n\n'
-        f'[superlink.dep]\naddress = "127.0.0.1:{PORT}"\ninsecure = true\n'
+        f'[superlink.dep]\naddress = "127.0.0.1:{PORT}"\n'
+        f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"\n'
     )
     env = {
         **os.environ,
@@ -49,68 +142,85 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
-    procs = [
-        _start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--port",
-                str(PORT),
-                "--database",
-                str(tmp_path / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            tmp_path / "superlink.log",
-            env,
-        )
-    ]
+    _fedshop("certs", "--out", str(tmp_path / "certs"), env=env)
+    fed = Federation(tmp_path, env, [])
     try:
-        time.sleep(3)
-        for i, name in enumerate(names):
-            node_config = (
-                f'data-path="{tmp_path / name}.parquet" state-dir="{tmp_path / ("state-" + name)}" '
-                f'catalog="{tmp_path / "catalog.json"}" signing-key="{keys / name}.key" '
-                "privacy-delta=0.001"  # the client's own policy; the server can only ask
-            )
-            procs.append(
-                _start(
-                    [
-                        str(BIN / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{PORT}",
-                        "--port",
-                        str(PORT + 10 + i),
-                        "--node-config",
-                        node_config,
-                    ],
-                    tmp_path / f"node-{name}.log",
-                    env,
-                )
-            )
-        run_config = (
-            f"strategy={strategy!r} num-server-rounds=2 hidden=16 layers=1 max-len=12 "
-            "batch-size=16 "
-            "delta=0.001 "
-            f'min-clients=3 catalog="{tmp_path / "catalog.json"}" '
-            f'demand-start="{tiny_events["timestamp"].min().date()}" out="{tmp_path / "out"}" '
-            f'server-key="{keys / "server.key"}"'
-        )
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(APP_DIR), "dep", "--stream", "--run-config", run_config],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+        yield fed
     finally:
-        stop_tree([p.pid for p in procs])
+        pids = [p.pid for p in fed.procs]
+        stop_tree(pids + _superexecs_of(pids))
+
+
+def _superexecs_of(pids: list[int]) -> list[int]:
+    """SuperExec processes our SuperNodes started: a refused SuperNode exits and leaves its
+    SuperExec orphaned, naming its parent only on its command line (`--parent-pid`)."""
+    marks = [f"--parent-pid\0{pid}\0" for pid in pids]
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if any(m in (proc / "cmdline").read_text() for m in marks):
+                found.append(int(proc.name))
+    return found
+
+
+def _node_config(tmp_path: Path, node: str, data: str = "", claims: str = "") -> str:
+    """SuperNode `node`'s config: its own state and ledger key, reading `data`'s file (default:
+    its own) and reporting the name `claims` (default: its own)."""
+    return (
+        f'data-path="{tmp_path / (data or node)}.parquet" client-name="{claims or node}" '
+        f'state-dir="{tmp_path / ("state-" + node)}" catalog="{tmp_path / "catalog.json"}" '
+        f'signing-key="{tmp_path / "keys" / node}.key" '
+        "privacy-delta=0.001"  # the client's own policy; the server can only ask
+    )
+
+
+def _data(tmp_path: Path, events: pd.DataFrame, clients: int) -> list[str]:
+    split = leave_last_out(events)
+    Catalog.build(split[split["split"] == "train"], None).save(tmp_path / "catalog.json")
+    names = []
+    for part in plan(events, clients):
+        select(events, part).to_parquet(tmp_path / f"{part.name}.parquet")
+        names.append(part.name)
+    return names
+
+
+def _run(fed: Federation, events: pd.DataFrame, settings: str) -> subprocess.CompletedProcess:
+    run_config = (
+        f"{settings} hidden=16 layers=1 max-len=12 batch-size=16 delta=0.001 "
+        f'catalog="{fed.tmp / "catalog.json"}" demand-start="{events["timestamp"].min().date()}" '
+        f'out="{fed.tmp / "out"}" server-key="{fed.keys / "server.key"}" '
+        f'registry="{fed.registry}"'
+    )
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", str(APP_DIR), "dep", "--stream", "--run-config", run_config],
+        env=fed.env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedprox"])
+def test_superlink_and_supernodes_train_on_their_own_files(
+    federation, tmp_path, tiny_events, strategy
+):
+    names = _data(tmp_path, tiny_events, 3)
+    _fedshop("keys", *names, "server", "--out", str(federation.keys), env=federation.env)
+    federation.superlink()
+    for name in names:
+        federation.register(name)
+        federation.supernode(name, _node_config(tmp_path, name))
+    result = _run(
+        federation, tiny_events, f"strategy={strategy!r} num-server-rounds=2 min-clients=3"
+    )
     out = tmp_path / "out"
     assert (out / "model_card.json").exists(), result.stdout[-3000:] + result.stderr[-2000:]
     assert (out / "model_card.json").read_text().count(f'"strategy": "{strategy}"') == 2
     rows = pd.read_csv(out / "clients.csv")
     assert sorted(rows["client"].unique()) == sorted(names)
     assert (rows["status"] == "trained").all() and len(rows) == 6
+    registry = Registry.load(federation.registry)  # each name came from its registered node
+    assert all(registry.node_of(r.client) == r.node for r in rows.itertuples())
     ledgers = [tmp_path / f"state-{name}" / CLIENT_LEDGER for name in names]  # beside its data
     for name, ledger in zip(names, ledgers, strict=True):
         spends = entries(ledger, Spend)
@@ -121,6 +231,56 @@ def test_superlink_and_supernodes_train_on_their_own_files(tmp_path, tiny_events
         assert spends[-2].epsilon_after == pytest.approx(last)
         assert spends[0].delta == 0.001
     # Compliance checks them against the public keys it was given, not the ones beside them.
-    reports = verify_paths([*ledgers, out / SERVER_LEDGER], keys)
+    reports = verify_paths([*ledgers, out / SERVER_LEDGER], federation.keys)
     assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
     assert all(r.key_source == "pinned" for r in reports)
+
+
+def test_only_registered_nodes_behind_the_platforms_ca_take_part(federation, tmp_path, tiny_events):
+    real, other = _data(tmp_path, tiny_events, 2)
+    keys = federation.keys
+    _fedshop("keys", real, other, "impostor", "server", "--out", str(keys), env=federation.env)
+    _fedshop("certs", "--out", str(tmp_path / "other-ca"), env=federation.env)
+    federation.superlink()
+    for name in (real, other):
+        federation.register(name)
+        federation.supernode(name, _node_config(tmp_path, name))
+    # Registered as itself, but reports the name of `real`, with its own ledger and data.
+    federation.register("impostor")
+    federation.supernode("impostor", _node_config(tmp_path, "impostor", other, claims=real))
+    # A key the platform never registered, and a node that trusts another CA.
+    _fedshop(
+        "node", "key", "stranger", "misled", "--out", str(federation.node_keys), env=federation.env
+    )
+    federation.supernode("stranger", _node_config(tmp_path, "stranger", other))
+    misled = _node_config(tmp_path, "misled", other)
+    federation.supernode("misled", misled, ca=tmp_path / "other-ca" / "ca.crt")
+    federation.wait_online(3)
+    result = _run(federation, tiny_events, "num-server-rounds=1 min-clients=2")
+    out = tmp_path / "out"
+    assert (out / "model_card.json").exists(), result.stdout[-3000:] + result.stderr[-2000:]
+    registry = Registry.load(federation.registry)
+    rows = pd.read_csv(out / "clients.csv")
+    seen = sorted(zip(rows["client"], rows["node"], rows["status"], strict=True))
+    assert seen == sorted(
+        [
+            (real, registry.node_of(real), "trained"),
+            (other, registry.node_of(other), "trained"),
+            (real, registry.node_of("impostor"), "rejected"),
+        ]
+    )
+    why = rows[rows["status"] == "rejected"]["error"].item()
+    assert f"belongs to node {registry.node_of(real)}" in why
+    # The impostor's entry never reaches the server's record: the head it holds for `real` is
+    # real's own newest entry.
+    used = entries(out / SERVER_LEDGER, Aggregation)[0].clients
+    assert sorted(c.client for c in used) == sorted([real, other])
+    head = entries(tmp_path / f"state-{real}" / CLIENT_LEDGER, Spend)[0]
+    assert [c.seq for c in used if c.client == real] == [head.seq]
+    # Both are refused before they can ask for work, and their logs say why.
+    stranger = (tmp_path / "node-stranger.log").read_text()
+    assert "Failed to activate SuperNode" in stranger, stranger[-2000:]
+    link = (tmp_path / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in link, link[-2000:]
+    misled_log = (tmp_path / "node-misled.log").read_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in misled_log, misled_log[-2000:]
