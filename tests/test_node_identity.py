@@ -10,11 +10,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from typer.testing import CliRunner
 
 from common.messages import CLIENT, DECLINED, NAME
 from server.certs import make_certs, make_node_key
 from server.node_registry import Binding, NodeBinder, Registry, RegistryError
 from server.rounds import client_rows, triage
+from simulations.cli import app
 
 
 def _mode(path) -> int:
@@ -114,3 +116,27 @@ def test_without_a_registry_the_first_node_to_report_a_name_keeps_it(task):
     assert [why for _, why in t.rejected] == [
         "node 12 reports name 'north', which belongs to node 11"
     ]
+
+
+def test_cli_refuses_to_replace_keys_or_rebind_a_name_before_asking_flower(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(app, ["certs", "--out", str(tmp_path / "c")]).exit_code == 0
+    again = runner.invoke(app, ["certs", "--out", str(tmp_path / "c")])
+    assert again.exit_code == 2 and "refusing to replace" in again.output
+    assert runner.invoke(app, ["node", "key", "north", "--out", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["keys", "north", "--out", str(tmp_path)]).exit_code == 0
+    reg = Registry()
+    reg.add("north", _binding(11))
+    reg.save(tmp_path / "registry.json")
+    # No SuperLink runs here: the command must stop before `flwr supernode register`.
+    bound = runner.invoke(
+        app,
+        [
+            "node", "register", "north",
+            "--node-key", str(tmp_path / "north.node.pub"),
+            "--ledger-key", str(tmp_path / "north.pub"),
+            "--registry", str(tmp_path / "registry.json"),
+        ],
+    )  # fmt: skip
+    assert bound.exit_code == 2 and "already bound to node 11" in bound.output
+    assert Registry.load(tmp_path / "registry.json").clients == reg.clients
