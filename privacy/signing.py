@@ -51,12 +51,12 @@ def create_pair(private_path: Path, overwrite: bool = False) -> Ed25519PrivateKe
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_owner_only(private_path, pem)
+    write_owner_only(private_path, pem)
     write_with(public_path, lambda tmp: tmp.write_bytes(public_pem(key.public_key())))
     return key
 
 
-def _write_owner_only(target: Path, data: bytes) -> None:
+def write_owner_only(target: Path, data: bytes) -> None:
     """Write `target` through a temporary file and a rename, mode 0600 from its creation.
 
     `common.atomic` gives a new file the umask's mode first (shared outputs must stay readable),

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.atomic import write_with
-from privacy.signing import _write_owner_only as write_owner_only
+from privacy.signing import write_owner_only
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 CA_CERT = "ca.crt"

@@ -124,6 +124,8 @@ def privacy_summary(cfg: RunConfig, history: list[dict]) -> dict:
     clients: dict[str, dict] = {}
     for record in history:
         for row in record["clients"]:
+            if row["status"] == "rejected":  # a name its node does not hold: not that client
+                continue
             entry = clients.setdefault(
                 row["client"], {"declined_rounds": [], "refused_rounds": [], "failed_rounds": []}
             )
