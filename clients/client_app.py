@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -33,9 +34,11 @@ from common.messages import (
     EPSILON,
     EPSILON_BUDGET,
     HITS_SUM,
+    LEDGER_ENTRY,
     LEDGER_HASH,
     LEDGER_HEADS,
     LEDGER_SEQ,
+    LEDGER_SIGNATURE,
     NAME,
     NDCG_SUM,
     NOISE_MULTIPLIER,
@@ -52,7 +55,7 @@ from common.messages import (
 from common.run_files import CLIENTS, POLICY
 from common.runconfig import RunConfig
 from privacy.account import PrivacyAccount
-from privacy.ledger import Line
+from privacy.ledger import Line, canonical
 from privacy.policy import PrivacyPolicy, Refused
 
 app = ClientApp()
@@ -94,7 +97,12 @@ def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
 def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
     record = {NAME: data.name}
     if line is not None:
-        record |= {LEDGER_SEQ: line.body["seq"], LEDGER_HASH: line.hash}
+        record |= {
+            LEDGER_SEQ: line.body["seq"],
+            LEDGER_HASH: line.hash,
+            LEDGER_ENTRY: canonical(line.body).decode(),
+            LEDGER_SIGNATURE: base64.b64encode(line.signature).decode(),
+        }
     return ConfigRecord(record)
 
 

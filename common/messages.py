@@ -13,6 +13,8 @@ CLIENT = "client"  # who replied and the ledger entry of this release
 NAME = "name"
 LEDGER_SEQ = "ledger-seq"
 LEDGER_HASH = "ledger-hash"
+LEDGER_ENTRY = "ledger-entry"  # the entry's canonical JSON, so the server can check who signed
+LEDGER_SIGNATURE = "ledger-signature"  # base64 Ed25519 signature over LEDGER_ENTRY
 REFUSED = "refused"  # the client would not act on the request; holds only the reason
 REASON = "reason"
 

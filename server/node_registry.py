@@ -6,7 +6,8 @@ nothing for the ServerApp, but it does fix identities: `flwr supernode register 
 node id once per public key, and every Fleet request is signed with that key and must name that
 node id, so `msg.metadata.src_node_id` is the authenticated node. Flower 1.42 does not show the
 ServerApp the public key itself (the Grid gives node ids only), so the registry binds names to
-the node ids registration returned, keeping the public keys beside them for the record.
+the node ids registration returned, with the node's public key for the record and the
+client's ledger key, against which every ledger entry a reply cites is checked.
 
 Registry file (JSON, written by `fedshop node register`, kept by the platform):
 
@@ -19,14 +20,19 @@ reports it in this run, so two nodes still cannot hold one name.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import Message
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from flwr.app import ConfigRecord, Message
 
 from common.atomic import write_with
-from common.messages import CLIENT, NAME
+from common.messages import CLIENT, LEDGER_ENTRY, LEDGER_HASH, LEDGER_SIGNATURE, NAME
+from privacy.signing import verifies
 
 NODE_ID = "node-id"
 NODE_PUBLIC_KEY = "node-public-key"
@@ -105,13 +111,15 @@ class NodeBinder:
 
     names: dict[str, int]
     pinned: bool
+    ledger_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
 
     @classmethod
     def for_run(cls, registry_path: str) -> NodeBinder:
         if not registry_path:
             return cls({}, pinned=False)
         registry = Registry.load(Path(registry_path))
-        return cls({name: b.node_id for name, b in registry.clients.items()}, pinned=True)
+        keys = {name: _ledger_key(name, b) for name, b in registry.clients.items()}
+        return cls({name: b.node_id for name, b in registry.clients.items()}, True, keys)
 
     def rejection(self, msg: Message) -> str | None:
         """Why `msg` may not count for the name it reports, or None when it may. A reply
@@ -128,4 +136,31 @@ class NodeBinder:
             return None
         if owner != node:
             return f"node {node} reports name {name!r}, which belongs to node {owner}"
+        return self._unsigned(name, msg.content[CLIENT]) if self.pinned else None
+
+    def _unsigned(self, name: str, client: ConfigRecord) -> str | None:
+        """Why the ledger entry a reply cites is not `name`'s own signed entry, or None.
+
+        The hash and signature bind the reply to one entry signed with the key the platform
+        pinned for `name`, so neither a stolen name nor a forged ledger head gets through."""
+        if LEDGER_HASH not in client:
+            return None  # nothing cited: a refusal, or a client without DP
+        entry = str(client.get(LEDGER_ENTRY, "")).encode()
+        if hashlib.sha256(entry).hexdigest() != str(client[LEDGER_HASH]):
+            return f"{name!r}: the cited ledger entry does not match its hash"
+        signature = base64.b64decode(str(client.get(LEDGER_SIGNATURE, "")))
+        if not verifies(self.ledger_keys[name], signature, entry):
+            return f"{name!r}: the cited ledger entry is not signed with {name!r}'s registered key"
+        if json.loads(entry).get("client") != name:
+            return f"{name!r}: the cited ledger entry belongs to another client"
         return None
+
+
+def _ledger_key(name: str, binding: Binding) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(binding.ledger_public_key.encode())
+    except ValueError as exc:
+        raise RegistryError(f"client {name!r}: the registered ledger key is not a PEM key") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise RegistryError(f"client {name!r}: the registered ledger key is not Ed25519")
+    return key

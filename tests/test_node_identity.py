@@ -1,18 +1,31 @@
 """Deployment identity without servers: the TLS certificates `fedshop certs` writes, SuperNode
 keys Flower can load, the node registry and the check that binds a reply's name to its node."""
 
+import base64
+import hashlib
 import ipaddress
 import stat
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
-from common.messages import CLIENT, DECLINED, NAME
+from common.messages import (
+    CLIENT,
+    DECLINED,
+    LEDGER_ENTRY,
+    LEDGER_HASH,
+    LEDGER_SEQ,
+    LEDGER_SIGNATURE,
+    NAME,
+)
+from privacy.ledger import canonical
+from privacy.signing import public_pem
 from server.certs import make_certs, make_node_key
 from server.node_registry import Binding, NodeBinder, Registry, RegistryError
 from server.rounds import client_rows, triage
@@ -55,8 +68,12 @@ def test_node_keys_are_what_flower_loads(tmp_path):
     assert _mode(tmp_path / "north.node") == 0o600
 
 
+LEDGER_KEYS = {node: Ed25519PrivateKey.generate() for node in (11, 12)}
+
+
 def _binding(node: int) -> Binding:
-    return Binding(node, f"ecdsa-sha2-nistp384 KEY{node}", f"PEM{node}")
+    pem = public_pem(LEDGER_KEYS[node].public_key()).decode()
+    return Binding(node, f"ecdsa-sha2-nistp384 KEY{node}", pem)
 
 
 def test_registry_gives_a_name_and_a_node_one_owner_and_survives_a_round_trip(tmp_path):
@@ -74,11 +91,19 @@ def test_registry_gives_a_name_and_a_node_one_owner_and_survives_a_round_trip(tm
         Registry.load(tmp_path / "bad.json")
 
 
-def _reply(node: int, name: str) -> Message:
+def _reply(node: int, name: str, entry: dict | None = None, signer: int | None = None) -> Message:
+    """A training reply from `node` reporting `name`, citing `entry` signed by `signer`'s key."""
+    client = {NAME: name}
+    if entry is not None:
+        body = canonical(entry)
+        client |= {
+            LEDGER_SEQ: 0,
+            LEDGER_HASH: hashlib.sha256(body).hexdigest(),
+            LEDGER_ENTRY: body.decode(),
+            LEDGER_SIGNATURE: base64.b64encode(LEDGER_KEYS[signer or node].sign(body)).decode(),
+        }
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
-    content = RecordDict(
-        {CLIENT: ConfigRecord({NAME: name}), "metrics": MetricRecord({DECLINED: 0.0})}
-    )
+    content = RecordDict({CLIENT: ConfigRecord(client), "metrics": MetricRecord({DECLINED: 0.0})})
     return Message(content, reply_to=instruction)
 
 
@@ -105,6 +130,28 @@ def test_a_registered_node_claiming_another_clients_name_is_rejected(tmp_path, t
         ("north", 11, "trained"),
         ("north", 12, "rejected"),
         ("east", 13, "rejected"),
+    ]
+
+
+def test_a_cited_ledger_entry_must_be_signed_with_the_registered_key(tmp_path, task):
+    reg = Registry()
+    reg.add("north", _binding(11))
+    reg.add("south", _binding(12))
+    reg.save(tmp_path / "registry.json")
+    binder = NodeBinder.for_run(str(tmp_path / "registry.json"))
+    own = {"client": "north", "seq": 0}
+    forged = _reply(11, "north", own, signer=12)
+    tampered = _reply(11, "north", own)
+    tampered.content[CLIENT][LEDGER_ENTRY] = canonical({"client": "north", "seq": 1}).decode()
+    t = triage(
+        [_reply(11, "north", own), forged, tampered, _reply(12, "south", {"client": "north"})],
+        binder,
+    )
+    assert [m.metadata.src_node_id for m in t.trained] == [11]
+    assert [why for _, why in t.rejected] == [
+        "'north': the cited ledger entry is not signed with 'north''s registered key",
+        "'north': the cited ledger entry does not match its hash",
+        "'south': the cited ledger entry belongs to another client",
     ]
 
 
