@@ -73,7 +73,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, Behav
 
 
 def _account(
-    msg: Message, context: Context, cfg: RunConfig, data: ClientData
+    msg: Message, context: Context, cfg: RunConfig, data: ClientData, policy: PrivacyPolicy
 ) -> AbstractContextManager[PrivacyAccount]:
     heads = json.loads(str(msg.content["config"].get(LEDGER_HEADS, "")) or "{}")
     head = heads.get(data.name)
@@ -81,7 +81,7 @@ def _account(
         data.name,
         data.state_dir,
         data.key_path,
-        _policy(context, cfg),
+        policy,
         cfg,
         tuple(head) if head else None,
         context.run_id,
@@ -122,13 +122,14 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"][SERVER_ROUND])
     mu = float(msg.content["config"].get(PROXIMAL_MU, 0.0))
     train_seqs = data.prepared.train
+    policy = _policy(context, cfg)
     try:
         if not cfg.dp:
-            _policy(context, cfg).answer(cfg, None)  # refuses unless the policy allows it
+            policy.answer(cfg, None)  # refuses unless the policy allows it
             result = train_plain(model, train_seqs, cfg, server_round, device, mu)
             metrics = {WEIGHT: len(train_seqs), EPSILON: float("inf")}
             return _update(msg, model, metrics, _client(data))
-        with _account(msg, context, cfg, data) as account:
+        with _account(msg, context, cfg, data, policy) as account:
             mech = account.mechanism(len(train_seqs))
             if not account.can_train():
                 line = account.decline(server_round)
@@ -171,16 +172,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.device)
     model.to(device)
     server_round = int(msg.content["config"][SERVER_ROUND])
-    ranking = evaluate_ranking(model, data.prepared.test, device)
-    users = ranking["users"]
-    sums = np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
     policy = _policy(context, cfg)
-    try:
+    try:  # a request the client refuses costs no evaluation either
         if cfg.dp:
-            with _account(msg, context, cfg, data) as account:
-                sums = account.evaluation(server_round, sums)
+            with _account(msg, context, cfg, data, policy) as account:
+                sums = account.evaluation(server_round, _ranking_sums(model, data, device))
         else:
             policy.answer(cfg, None)
+            sums = _ranking_sums(model, data, device)
     except Refused as reason:
         return _refused(msg, data, reason)
     metrics = {
@@ -193,6 +192,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     if policy.share_demand_evaluation or not cfg.dp:
         metrics |= _demand_sums(model, data, device)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _ranking_sums(model: BehaviorModel, data: ClientData, device) -> np.ndarray:
+    """(users, hits@10, NDCG@10) summed over the held-out users: each user adds at most 1."""
+    ranking = evaluate_ranking(model, data.prepared.test, device)
+    users = ranking["users"]
+    return np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
 
 
 def _demand_sums(model: BehaviorModel, data: ClientData, device) -> dict[str, float]:

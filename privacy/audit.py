@@ -64,6 +64,16 @@ SCOPE = (
     "users those clients held out (audit-holdout)."
 )
 FPRS = (0.01, 0.001)
+# One row per run and attack, in the report's table and the CLI's alike
+COLUMNS = (
+    "run",
+    "ε (ledger)",
+    "attack",
+    "AUC",
+    "TPR @ 1% FPR",
+    "TPR @ 0.1% FPR",
+    "members / non-members",
+)
 REFERENCES = 2
 Reference = Callable[[Sequences, int], torch.nn.Module]
 

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from common.run_files import AUDIT
+from privacy.audit import COLUMNS
 from privacy.randomness import RANDOMNESS
 
 GUARANTEE = """\
@@ -188,15 +189,7 @@ def _audit_section(audit: dict | None) -> str:
         for attack, roc in a["attacks"].items()
     ]
     table = _table(
-        [
-            "run",
-            "ε (ledger)",
-            "attack",
-            "AUC",
-            "TPR @ 1% FPR",
-            "TPR @ 0.1% FPR",
-            "members / non-members",
-        ],
+        list(COLUMNS),
         rows,
     )
     described = "".join(

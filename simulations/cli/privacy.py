@@ -11,10 +11,11 @@ from rich.table import Table
 
 from common.run_files import PRIVACY_REPORT_HTML
 from privacy import report as privacy_report
+from privacy.audit import COLUMNS
 from privacy.audit import audit as run_audit
 from privacy.signing import KeyFileError, create_pair, fingerprint
 from privacy.verify import Verdict, verify_paths
-from simulations.cli.shared import app, console, err
+from simulations.cli.shared import app, console, err, fail
 
 privacy_app = typer.Typer(
     help="Verify privacy ledgers, write the compliance report, audit a trained model.",
@@ -53,8 +54,7 @@ def keys(
         try:
             key = create_pair(out / f"{name}.key", overwrite=force)
         except KeyFileError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from exc
+            raise fail(str(exc)) from exc
         table.add_row(
             name, str(out / f"{name}.key"), str(out / f"{name}.pub"), fingerprint(key.public_key())
         )
@@ -85,8 +85,7 @@ def verify(
     try:
         reports = verify_paths(ledgers, keys)
     except KeyFileError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        raise fail(str(exc)) from exc
     for r in reports:
         if r.kind == "client":
             table = Table(
@@ -143,8 +142,7 @@ def report(
     try:
         result = privacy_report.write(run_dir, ledger, keys)
     except KeyFileError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        raise fail(str(exc)) from exc
     console.print(f"report: {run_dir / PRIVACY_REPORT_HTML}")
     _say(Verdict(**result["verdict"]))
 
@@ -178,18 +176,8 @@ def audit(
         with console.status(f"training {references} reference models, attacking each run"):
             result = run_audit(runs, references)
     except ValueError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-    table = Table(
-        "run",
-        "ε (ledger)",
-        "attack",
-        "AUC",
-        "TPR @ 1% FPR",
-        "TPR @ 0.1% FPR",
-        "members / non-members",
-        title="membership inference",
-    )
+        raise fail(str(exc)) from exc
+    table = Table(*COLUMNS, title="membership inference")
     for r in result["runs"]:
         for name, roc in r["attacks"].items():
             table.add_row(

@@ -78,11 +78,7 @@ def train_central_cmd(
     given: dict | None = None,
 ) -> None:
     """Train the BERT behavior model centrally, without privacy; compare it with the baselines."""
-    given = given or {}
-    cfg = CentralConfig(
-        model=validated(ModelConfig, only(ModelConfig, given)),
-        train=validated(TrainConfig, only(TrainConfig, given)),
-    )
+    cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("preparing sequences"):
         prepared = prepare(
@@ -125,11 +121,7 @@ def train_local_cmd(
     given: dict | None = None,
 ) -> None:
     """Each region trains alone on its own users (no federation, no DP): the floor to beat."""
-    given = given or {}
-    cfg = CentralConfig(
-        model=validated(ModelConfig, only(ModelConfig, given)),
-        train=validated(TrainConfig, only(TrainConfig, given)),
-    )
+    cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("training every region alone"):
         results = train_local_only(
@@ -204,6 +196,14 @@ def simulate_cmd(
             f"the simulation did not finish; last lines of {result.log}:\n" + "\n".join(tail)
         )
     _print_simulation(result, out)
+
+
+def _central_config(given: dict) -> CentralConfig:
+    """The model's and the trainer's settings given on the command line, validated."""
+    return CentralConfig(
+        model=validated(ModelConfig, only(ModelConfig, given)),
+        train=validated(TrainConfig, only(TrainConfig, given)),
+    )
 
 
 def _run_config(path: Path | None, given: dict) -> RunConfig:
