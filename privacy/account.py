@@ -109,9 +109,9 @@ class PrivacyAccount:
         count = Release(what="user-count", noise_multiplier=self.policy.count_noise, sensitivity=1)
         noisy = max(1, round(float(gaussian_release(np.array(users), self.policy.count_noise))))
         if self.state.budget.delta >= 1 / noisy:
-            raise Refused(
-                f"δ = {self.state.budget.delta:g} is not below 1/users (~1/{noisy}): the "
-                "guarantee would allow revealing a user"
+            raise Refused(  # no count in the message: this one was never released
+                f"δ = {self.state.budget.delta:g} is not below 1/users: the guarantee would "
+                "allow revealing a user"
             )
         q, steps = mechanism_shape(noisy, self.request)
         mech = plan_mechanism(
@@ -129,10 +129,10 @@ class PrivacyAccount:
             q > self.policy.max_sample_rate
             or mech.noise_multiplier < self.policy.min_noise_multiplier
         ):
-            raise Refused(
-                f"the plan (sample rate {q:.4g}, noise multiplier {mech.noise_multiplier:.4g}) "
-                f"breaks this client's limits (sample rate ≤ {self.policy.max_sample_rate:g}, "
-                f"noise multiplier ≥ {self.policy.min_noise_multiplier:g})"
+            raise Refused(  # the plan's figures stay here: they derive from the count
+                f"the plan breaks this client's limits (sample rate ≤ "
+                f"{self.policy.max_sample_rate:g}, noise multiplier ≥ "
+                f"{self.policy.min_noise_multiplier:g})"
             )
         self.pending = [count]
         return mech

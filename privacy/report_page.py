@@ -57,7 +57,9 @@ ASSUMPTIONS = [
     "counts, and keep no ledger; they appear with ε = ∞.",
     "Not covered by ε: when a client answers, declines or refuses is visible to the server; "
     "declining depends only on the ledger, never on the data. The ledger (shown to compliance, "
-    "never sent to the server) reveals the released noisy count through the sample rate.",
+    "never sent to the server) reveals the released noisy count through the sample rate. A "
+    "first-round refusal because δ is not below 1/users or the plan breaks the policy's limits "
+    "is one bit about the noisy user count before it is released.",
     "The catalogue and the demand-bin calendar are platform data, public to all clients.",
 ]
 AUDIT_CAVEAT = (
