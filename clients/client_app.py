@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from clients.local_data import ClientData, load_client_data
 from clients.local_training import train_plain, train_private
+from clients.secure_aggregation import secure_aggregation, secured
 from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import moving_average
 from common.learning.model import BehaviorModel
@@ -58,7 +59,7 @@ from privacy.account import PrivacyAccount
 from privacy.ledger import Line, canonical
 from privacy.policy import PrivacyPolicy, Refused
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation])
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, BehaviorModel]:
@@ -124,6 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     train_seqs = data.prepared.train
     policy = _policy(context, cfg)
     try:
+        policy.check_aggregation(secured(msg))
         if not cfg.dp:
             policy.answer(cfg, None)  # refuses unless the policy allows it
             result = train_plain(model, train_seqs, cfg, server_round, device, mu)

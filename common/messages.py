@@ -1,12 +1,19 @@
 """Names that cross the client–server boundary in Flower messages, one place for both sides,
 and the names of the aggregated metrics the server records per round (`rounds.json`)."""
 
+# Record names of Flower's message strategies (FedAvg's `arrayrecord_key` and friends)
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
 # Request config, server → client ("server-round" is Flower's own)
 SERVER_ROUND = "server-round"
 CATALOG_PATH = "catalog"  # the platform catalogue's path (simulation; deployed clients own one)
 DEMAND_START = "demand-start"  # first day of the weekly demand bins
 PROXIMAL_MU = "proximal-mu"  # FedProx's proximal weight
 LEDGER_HEADS = "ledger-heads"  # each client's newest ledger entry the server has seen
+# Under SecAgg+ the model travels as Flower's unnamed legacy Parameters; the names, in order
+ARRAY_NAMES = "array-names"
 
 # Reply records, client → server
 CLIENT = "client"  # who replied and the ledger entry of this release

@@ -58,6 +58,27 @@ class RunConfig(BaseModel):
     central_noise: float = Field(0.5, gt=0, description="Server-side noise multiplier")
     central_clip: float = Field(1.0, gt=0, description="Server-side (initial) clipping norm")
     central_delta: float = Field(1e-3, gt=0, lt=1, description="δ for the client-level ε")
+    secagg: bool = Field(
+        False, description="Aggregate with Flower's SecAgg+: the server learns only the sum"
+    )
+    secagg_num_shares: float = Field(
+        1.0, gt=0, description="SecAgg+ key shares: a count (≥ 3), or ≤ 1 a share of the clients"
+    )
+    secagg_reconstruction_threshold: float = Field(
+        0.67, gt=0, description="Shares that rebuild a key: a count (≥ 2), or ≤ 1 a share of them"
+    )
+    secagg_clipping_range: float = Field(
+        8.0, gt=0, description="SecAgg+ clips each weighted parameter to ± this, then quantizes"
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2, lt=2**32, description="SecAgg+ quantization levels (below its 2^32 modulus)"
+    )
+    secagg_max_weight: float = Field(
+        10_000.0, gt=0, description="Largest FedAvg weight (noisy user count) SecAgg+ expects"
+    )
+    round_timeout: float = Field(
+        0.0, ge=0, description="Seconds the server waits for each step's replies; 0 = all of them"
+    )
     audit_holdout: float = Field(
         0.0, ge=0, lt=0.5, description="Share of users kept out of training for the MIA audit"
     )
@@ -102,7 +123,30 @@ class RunConfig(BaseModel):
                 "central-dp needs every client each round and a plain average "
                 "(strategy fedavg or fedprox, fraction-train 1)"
             )
+        if self.secagg:
+            self._check_secagg()
         return self
+
+    def _check_secagg(self) -> None:
+        if self.central_dp is not CentralDP.OFF:
+            raise ValueError(
+                "secagg hides each client's update, and central-dp clips each one on the "
+                "server: use one or the other"
+            )
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        for key, value, least in (
+            ("num-shares", shares, 3),
+            ("reconstruction-threshold", threshold, 2),
+        ):
+            if value > 1 and (value != int(value) or value < least):
+                raise ValueError(
+                    f"secagg-{key} must be a share (≤ 1) or a whole count ≥ {least}, not {value:g}"
+                )
+        if shares > 1 and threshold > 1 and threshold >= shares:
+            raise ValueError(
+                f"secagg-reconstruction-threshold ({threshold:g}) must be below "
+                f"secagg-num-shares ({shares:g})"
+            )
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

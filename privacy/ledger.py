@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -99,6 +99,8 @@ class Aggregation(Chained):
     strategy: str
     clients: list[UsedEntry]
     central_dp: dict[str, float | str] | None = None
+    # SecAgg+'s settings and the nodes that dropped out, when the round ran under it
+    secure_aggregation: dict[str, Any] | None = None
 
 
 class LedgerError(ValueError):

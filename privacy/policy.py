@@ -51,6 +51,9 @@ class PrivacyPolicy(BaseModel):
         False,
         description="Send demand error sums without noise (named in the report as not covered)",
     )
+    require_secure_aggregation: bool = Field(
+        False, description="Send updates only inside SecAgg+, never in the clear to the server"
+    )
 
     @classmethod
     def from_node_config(
@@ -78,6 +81,14 @@ class PrivacyPolicy(BaseModel):
 
     def write(self, path: Path) -> None:
         write_json(path, self.model_dump(mode="json"))
+
+    def check_aggregation(self, secured: bool) -> None:
+        """Refuse to send an update the server would see on its own, where the policy says so."""
+        if self.require_secure_aggregation and not secured:
+            raise Refused(
+                "this client's policy requires secure aggregation (SecAgg+); the server asked "
+                "for a plain round"
+            )
 
     def answer(self, request: RunConfig, fixed: Budget | None) -> tuple[Budget, float]:
         """Check the server's request: the budget to account against and the ε this run may

@@ -56,6 +56,7 @@ class AggregationLedger:
         refused: list[Message],
         aggregated: bool,
         central_dp: dict[str, float | str] | None = None,
+        secure_aggregation: dict | None = None,
     ) -> None:
         """Append the round's record; `used` lists updates that went into the aggregate."""
         clients = [_entry(m, "used" if aggregated else "not-aggregated") for m in used]
@@ -67,6 +68,7 @@ class AggregationLedger:
             "strategy": self.strategy,
             "clients": clients,
             "central_dp": central_dp,
+            "secure_aggregation": secure_aggregation,
         }
         append(self.out / SERVER_LEDGER, fields, self.key, Aggregation)
         self._advance(clients)

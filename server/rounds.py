@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -22,6 +22,7 @@ from server import checkpoint
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
 from server.node_registry import NodeBinder
+from server.secure_aggregation import SecureAggregation, SecureAggregationError, SecureRound
 
 
 @dataclass
@@ -97,6 +98,23 @@ def client_rows(server_round: int, t: Triage) -> list[dict]:
     return rows
 
 
+def dropped_rows(server_round: int, secure: SecureRound, t: Triage) -> list[dict]:
+    """Sampled nodes that left SecAgg+ before their masked vector arrived and sent no error
+    reply to the masked-vector step (those are `failed` rows already)."""
+    failed = {m.metadata.src_node_id for m in t.failed}
+    return [
+        {
+            "round": server_round,
+            "client": str(node),
+            "node": node,
+            "status": "failed",
+            "error": "dropped out of secure aggregation before its masked update arrived",
+        }
+        for node in secure.dropped
+        if node not in failed
+    ]
+
+
 @dataclass
 class RoundLoop:
     """What the round loop works with for the whole run; `run` drives it from a start point
@@ -113,6 +131,25 @@ class RoundLoop:
     on_round: Callable[[list[dict]], None]  # after each round's record joins `history`
     central: CentralPrivacy | None = None
     binder: NodeBinder | None = None  # checks each reply's name against its node
+    secure: SecureAggregation | None = None  # train under SecAgg+: the server sees only sums
+    context: Context | None = None  # the ServerApp's (SecAgg+ runs in a legacy view of it)
+    timeout: float | None = None  # seconds to wait for each step's replies; None = for all
+
+    def _train(
+        self, rnd: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> tuple[list[Message], SecureRound | None]:
+        instructions = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
+        if self.secure is None:
+            return list(self.grid.send_and_receive(instructions, timeout=self.timeout)), None
+        secure = self.secure.train(self.grid, self.context, rnd, instructions, self.binder)
+        return secure.replies, secure
+
+    def _stop(self, record: dict, reason: str) -> str:
+        log(WARNING, reason)
+        record["stopped"] = reason
+        self.history.append(record)
+        self.on_round(self.history)
+        return reason
 
     def run(self, arrays: ArrayRecord, first_round: int) -> tuple[ArrayRecord, str]:
         """Run rounds `first_round..last_round`; returns the final arrays and why it ended."""
@@ -120,13 +157,16 @@ class RoundLoop:
         for rnd in range(first_round, self.last_round + 1):
             log(INFO, "[ROUND %s/%s]", rnd, self.last_round)
             heads = {LEDGER_HEADS: self.ledger.heads_json()}
-            replies = list(
-                grid.send_and_receive(
-                    strategy.configure_train(rnd, arrays, ConfigRecord(self.shared | heads), grid)
-                )
-            )
+            try:
+                replies, secure = self._train(rnd, arrays, ConfigRecord(self.shared | heads))
+            except SecureAggregationError as exc:
+                reason = f"round {rnd}: secure aggregation cannot run: {exc}; the run stops here"
+                return arrays, self._stop({"round": rnd, "clients": []}, reason)
             t = triage(replies, self.binder)
             record = {"round": rnd, "clients": client_rows(rnd, t)}
+            if secure:
+                record["secure_aggregation"] = secure.summary
+                record["clients"] += dropped_rows(rnd, secure, t)
             for m in t.declined:
                 log(
                     WARNING,
@@ -153,15 +193,22 @@ class RoundLoop:
                     f"{len(t.rejected)} rejected); "
                     f"min-clients is {self.min_clients}, so the run stops here"
                 )
-                log(WARNING, reason)
                 self.ledger.record(
-                    rnd, t.trained, t.declined, t.refused, False, central and central.summary()
+                    rnd,
+                    t.trained,
+                    t.declined,
+                    t.refused,
+                    False,
+                    central and central.summary(),
+                    secure and secure.summary,
                 )
-                record["stopped"] = reason
-                self.history.append(record)
-                self.on_round(self.history)
-                return arrays, reason
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, t.trained)
+                return arrays, self._stop(record, reason)
+            trained = t.trained
+            if secure:
+                trained = secure.with_aggregate(trained) if secure.aggregate is not None else []
+            new_arrays, train_metrics = (
+                strategy.aggregate_train(rnd, trained) if trained else (None, None)
+            )
             if new_arrays is not None:
                 arrays = new_arrays
                 if central:
@@ -175,11 +222,13 @@ class RoundLoop:
                 t.refused,
                 new_arrays is not None,
                 central and central.summary(),
+                secure and secure.summary,
             )
             answers = triage(
                 list(
                     grid.send_and_receive(
-                        strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid)
+                        strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid),
+                        timeout=self.timeout,
                     )
                 ),
                 self.binder,

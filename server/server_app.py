@@ -36,6 +36,7 @@ from server.export import export
 from server.node_registry import NodeBinder
 from server.platform import platform_for
 from server.rounds import RoundLoop
+from server.secure_aggregation import SecureAggregation
 
 app = ServerApp()
 
@@ -89,6 +90,9 @@ def main(grid: Grid, context: Context) -> None:
         on_round=lambda done: run_tables.write_tables(out, done),
         central=central,
         binder=NodeBinder.for_run(cfg.registry),
+        secure=SecureAggregation.from_config(cfg),
+        context=context,
+        timeout=cfg.round_timeout or None,
     )
     arrays, outcome = loop.run(arrays, first)
     run_tables.write_tables(out, history)

@@ -77,12 +77,20 @@ def _no_superlink_left(out: Path) -> bool:
 def _cli(cfg: RunConfig) -> list[str]:
     """`fedshop simulate` options for `cfg`: every run-config key is an option."""
     changed = cfg.model_dump(exclude_defaults=True)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in changed.items()]
+    flag = {True: "--{}", False: "--no-{}"}
+    return [
+        flag[v].format(k.replace("_", "-"))
+        if isinstance(v, bool)
+        else f"--{k.replace('_', '-')}={v}"
+        for k, v in changed.items()
+    ]
 
 
 def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path):
+    """Under SecAgg+, so that declines, failures and the ledgers are checked through it too."""
     out = tmp_path / "run"
-    first = runner.invoke(app, ["simulate", *_cli(_cfg(tiny_file, out, audit_holdout=0.2))])
+    cfg = _cfg(tiny_file, out, audit_holdout=0.2, secagg=True)
+    first = runner.invoke(app, ["simulate", *_cli(cfg)])
     assert first.exit_code == 0, first.output
     card = json.loads((out / CARD).read_text())
     assert card["outcome"] == "completed"
@@ -130,7 +138,7 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     before = {name: s.epsilon() for name, s in states.items()}
     lost = out / "clients" / "region-01" / CLIENT_LEDGER
     backup = lost.rename(lost.with_suffix(".bak"))
-    third = simulate(_cfg(tiny_file, out, num_server_rounds=3, audit_holdout=0.2), CLIENTS)
+    third = simulate(cfg.model_copy(update={"num_server_rounds": 3}), CLIENTS)
     assert third.ok, third.log.read_text()[-3000:]
     assert third.summary["outcome"].startswith(
         "round 3: only 0 client(s) trained (2 declined, 0 refused, 1 failed"
@@ -150,6 +158,7 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     server = next(r for r in _verified(out) if r.kind == "server")
     assert [rec.server_round for rec in server.records] == [1, 2, 3]
     assert {u.status for u in server.records[-1].clients} == {"declined"}
+    assert all(r.secure_aggregation["protocol"] == "secagg+" for r in server.records)
 
 
 class Interrupt(Exception):
