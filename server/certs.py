@@ -55,16 +55,19 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def make_certs(out: Path, hosts: list[str] | None = None, days: int = 365) -> CertFiles:
+def make_certs(
+    out: Path, hosts: list[str] | None = None, days: int = 365, *, start: datetime | None = None
+) -> CertFiles:
     """A fresh CA and a SuperLink certificate it signs, valid for `hosts` (IP addresses or DNS
-    names; a SuperNode checks the address it dials against them) for `days` days."""
+    names; a SuperNode checks the address it dials against them) for `days` days from `start`
+    (default: now, less a few minutes for clock differences; later, to issue for a rotation)."""
     hosts = list(hosts or DEFAULT_HOSTS)
     files = CertFiles(out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY)
     existing = [p for p in (files.ca_key, files.server_key) if p.exists()]
     if existing:
         # A new CA silently replacing the one every SuperNode trusts would cut them all off.
         raise FileExistsError(f"{existing[0]}: keys already exist; refusing to replace them")
-    start = datetime.now(UTC) - timedelta(minutes=5)  # tolerate small clock differences
+    start = start or datetime.now(UTC) - timedelta(minutes=5)
     end = start + timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedshop deployment CA")])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -21,12 +22,14 @@ from common.data.sequences import leave_last_out
 from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from privacy.ledger import Aggregation, Spend, entries
 from privacy.verify import verify_paths
+from server.certs import make_certs
 from server.node_registry import Registry
 from simulations.cli import app
 from simulations.simulate import APP_DIR, stop_tree
 
 pytestmark = pytest.mark.slow
 PORT = 39291  # SuperLink's HTTP API (Fleet and Control); away from the local simulation's 39091
+EXPIRED_PORT = PORT + 50  # a second SuperLink, serving an expired certificate
 BIN = Path(sys.executable).parent
 
 
@@ -60,19 +63,22 @@ class Federation:
     def registry(self) -> Path:
         return self.tmp / "registry.json"
 
-    def superlink(self) -> None:
-        certs = self.tmp / "certs"
+    def superlink(self, certs: Path | None = None, port: int = PORT) -> None:
+        """Start a SuperLink serving `certs` (default: the platform's); wait for the platform's."""
+        certs = certs or self.tmp / "certs"
         args = ["--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.crt"]
         args += ["--ssl-keyfile", certs / "server.key", "--enable-supernode-auth"]
-        args += ["--port", str(PORT), "--database", self.tmp / "state.db"]
+        args += ["--port", str(port), "--database", self.tmp / f"state-{port}.db"]
         args += ["--disable-runtime-dependency-installation"]
         self.procs.append(
             _start(
                 [str(BIN / "flower-superlink"), *map(str, args)],
-                self.tmp / "superlink.log",
+                self.tmp / f"superlink-{port}.log" if port != PORT else self.tmp / "superlink.log",
                 self.env,
             )
         )
+        if port != PORT:
+            return
         # Registration goes through the Control API: it answers once the SuperLink is up.
         deadline = time.monotonic() + 60
         while self._flwr("supernode", "list").returncode != 0:
@@ -90,8 +96,11 @@ class Federation:
             env=self.env,
         )  # fmt: skip
 
-    def supernode(self, name: str, node_config: str, ca: Path | None = None) -> None:
-        """Start SuperNode `name` with its authentication key, trusting `ca` (the platform's)."""
+    def supernode(
+        self, name: str, node_config: str, ca: Path | None = None, link: int = PORT
+    ) -> None:
+        """Start SuperNode `name` with its authentication key, trusting `ca` (the platform's),
+        dialing the SuperLink on port `link`."""
         port = PORT + 10 + len(self.procs)
         self.procs.append(
             _start(
@@ -102,7 +111,7 @@ class Federation:
                     "--auth-supernode-private-key",
                     str(self.node_keys / f"{name}.node"),
                     "--superlink",
-                    f"127.0.0.1:{PORT}",
+                    f"127.0.0.1:{link}",
                     "--port",
                     str(port),
                     "--node-config",
@@ -167,14 +176,16 @@ def _superexecs_of(pids: list[int]) -> list[int]:
     return found
 
 
-def _node_config(tmp_path: Path, node: str, data: str = "", claims: str = "") -> str:
+def _node_config(
+    tmp_path: Path, node: str, data: str = "", claims: str = "", policy: str = ""
+) -> str:
     """SuperNode `node`'s config: its own state and ledger key, reading `data`'s file (default:
-    its own) and reporting the name `claims` (default: its own)."""
+    its own), reporting the name `claims` (default: its own), with more of its own `policy`."""
     return (
         f'data-path="{tmp_path / (data or node)}.parquet" client-name="{claims or node}" '
         f'state-dir="{tmp_path / ("state-" + node)}" catalog="{tmp_path / "catalog.json"}" '
         f'signing-key="{tmp_path / "keys" / node}.key" '
-        "privacy-delta=0.001"  # the client's own policy; the server can only ask
+        f"privacy-delta=0.001 {policy}"  # the client's own policy; the server can only ask
     )
 
 
@@ -204,19 +215,24 @@ def _run(fed: Federation, events: pd.DataFrame, settings: str) -> subprocess.Com
     )
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedprox"])
+@pytest.mark.parametrize(
+    "strategy, secagg", [("fedavg", True), ("fedadam", True), ("fedprox", False)]
+)
 def test_superlink_and_supernodes_train_on_their_own_files(
-    federation, tmp_path, tiny_events, strategy
+    federation, tmp_path, tiny_events, strategy, secagg
 ):
+    """Under SecAgg+ the clients' policies require it, so a plain round would be refused."""
     names = _data(tmp_path, tiny_events, 3)
     _fedshop("keys", *names, "server", "--out", str(federation.keys), env=federation.env)
     federation.superlink()
+    policy = "privacy-require-secure-aggregation=true" if secagg else ""
     for name in names:
         federation.register(name)
-        federation.supernode(name, _node_config(tmp_path, name))
-    result = _run(
-        federation, tiny_events, f"strategy={strategy!r} num-server-rounds=2 min-clients=3"
+        federation.supernode(name, _node_config(tmp_path, name, policy=policy))
+    settings = (
+        f"strategy={strategy!r} num-server-rounds=2 min-clients=3 secagg={str(secagg).lower()}"
     )
+    result = _run(federation, tiny_events, settings)
     out = tmp_path / "out"
     assert (out / "model_card.json").exists(), result.stdout[-3000:] + result.stderr[-2000:]
     assert (out / "model_card.json").read_text().count(f'"strategy": "{strategy}"') == 2
@@ -238,6 +254,12 @@ def test_superlink_and_supernodes_train_on_their_own_files(
     reports = verify_paths([*ledgers, out / SERVER_LEDGER], federation.keys)
     assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
     assert all(r.key_source == "pinned" for r in reports)
+    protocols = [rec.secure_aggregation for rec in entries(out / SERVER_LEDGER, Aggregation)]
+    if secagg:
+        assert [p["protocol"] for p in protocols] == ["secagg+"] * 2
+        assert all(p["clients"] == 3 and p["dropped"] == [] for p in protocols)
+    else:
+        assert protocols == [None, None]
 
 
 def test_only_registered_nodes_behind_the_platforms_ca_take_part(federation, tmp_path, tiny_events):
@@ -254,11 +276,24 @@ def test_only_registered_nodes_behind_the_platforms_ca_take_part(federation, tmp
     federation.supernode("impostor", _node_config(tmp_path, "impostor", other, claims=real))
     # A key the platform never registered, and a node that trusts another CA.
     _fedshop(
-        "node", "key", "stranger", "misled", "--out", str(federation.node_keys), env=federation.env
+        "node",
+        "key",
+        "stranger",
+        "misled",
+        "late",
+        "--out",
+        str(federation.node_keys),
+        env=federation.env,
     )
     federation.supernode("stranger", _node_config(tmp_path, "stranger", other))
     misled = _node_config(tmp_path, "misled", other)
     federation.supernode("misled", misled, ca=tmp_path / "other-ca" / "ca.crt")
+    # A SuperLink whose certificate expired yesterday, and a node that trusts its CA.
+    expired = tmp_path / "expired-ca"
+    make_certs(expired, days=1, start=datetime.now(UTC) - timedelta(days=2))
+    federation.superlink(expired, port=EXPIRED_PORT)
+    late = _node_config(tmp_path, "late", other)
+    federation.supernode("late", late, ca=expired / "ca.crt", link=EXPIRED_PORT)
     federation.wait_online(3)
     result = _run(federation, tiny_events, "num-server-rounds=1 min-clients=2")
     out = tmp_path / "out"
@@ -288,3 +323,5 @@ def test_only_registered_nodes_behind_the_platforms_ca_take_part(federation, tmp
     assert "No SuperNode found with the given public key" in link, link[-2000:]
     misled_log = (tmp_path / "node-misled.log").read_text()
     assert "CERTIFICATE_VERIFY_FAILED" in misled_log, misled_log[-2000:]
+    late_log = (tmp_path / "node-late.log").read_text()
+    assert "certificate has expired" in late_log.lower(), late_log[-2000:]
