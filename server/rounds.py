@@ -7,6 +7,7 @@ decline (privacy budget) or fail are separated from the ones whose updates count
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -156,6 +157,7 @@ class RoundLoop:
         grid, strategy, central = self.grid, self.strategy, self.central
         for rnd in range(first_round, self.last_round + 1):
             log(INFO, "[ROUND %s/%s]", rnd, self.last_round)
+            started = time.monotonic()
             heads = {LEDGER_HEADS: self.ledger.heads_json()}
             try:
                 replies, secure = self._train(rnd, arrays, ConfigRecord(self.shared | heads))
@@ -244,6 +246,7 @@ class RoundLoop:
             record["train"] = dict(train_metrics or {})
             record["evaluate"] = dict(evaluation or {})
             record["evaluate_refused"] = [_name(m) for m in answers.refused]
+            record["seconds"] = round(time.monotonic() - started, 2)  # train to evaluated
             if central:
                 record["central_dp"] = central.summary()
             self.history.append(record)

@@ -25,6 +25,7 @@ def metric_table(history: list[dict]) -> pd.DataFrame:
     rows = [
         {
             "round": r["round"],
+            "seconds": r.get("seconds"),
             **r.get("evaluate", {}),
             **{f"train-{k}": v for k, v in r.get("train", {}).items()},
         }
