@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ from common.run_files import CHECKPOINT
 
 # Server-optimizer state of Flower's FedOpt family (FedAdam, FedYogi, ...); FedAvg has none.
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t")
+DIGEST = "sha256"
 
 
 @dataclass
@@ -26,6 +30,17 @@ class Checkpoint:
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     central_accountant: dict | None = None  # Flower's accountant state, client-level DP
+
+
+def _digest(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> str:
+    """SHA-256 over every array (name, dtype, shape, bytes) and the metadata: safetensors checks
+    the layout, not the content, so a flipped bit would otherwise resume silently."""
+    h = hashlib.sha256(json.dumps(dict(meta), sort_keys=True).encode())
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, value.dtype.str, value.shape]).encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def save(out: Path, ckpt: Checkpoint) -> Path:
@@ -39,10 +54,14 @@ def save(out: Path, ckpt: Checkpoint) -> Path:
         "history": json.dumps(ckpt.history),
         "central-accountant": json.dumps(ckpt.central_accountant),
     }
+    meta[DIGEST] = _digest(tensors, meta)
     return write_with(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-def load(out: Path) -> Checkpoint | None:
+def load(out: Path, like: Mapping[str, Any] | None = None) -> Checkpoint | None:
+    """The run's checkpoint, or None when there is none. A damaged one, or (given `like`, the
+    arrays of the model this run builds) one of another model's shape, is a ValueError naming
+    the file and the problem: resuming from it would train a different or broken model."""
     path = out / CHECKPOINT
     if not path.exists():
         return None
@@ -50,24 +69,48 @@ def load(out: Path) -> Checkpoint | None:
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
         tensors = load_file(str(path))
+        expected = meta.pop(DIGEST, None)
+        if expected is not None and expected != _digest(tensors, meta):
+            raise ValueError("its checksum does not match: the file was altered or damaged")
         server_round = int(meta["round"])
         history = json.loads(meta["history"])
         central = json.loads(meta.get("central-accountant", "null"))
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+        model = {k: model[k] for k in json.loads(meta.get("order", "null")) or model}
+        state: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in tensors.items():
+            if key.startswith("strategy/"):
+                _, attr, name = key.split("/", 2)
+                state.setdefault(attr, {})[name] = value
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: checkpoint is corrupt or incomplete ({exc})") from exc
-    model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-    model = {k: model[k] for k in json.loads(meta.get("order", "null")) or model}
-    state: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        if key.startswith("strategy/"):
-            _, attr, name = key.split("/", 2)
-            state.setdefault(attr, {})[name] = value
+    if like is not None:
+        for arrays in (model, *state.values()):
+            _same_shapes(path, arrays, like)
     return Checkpoint(
         server_round,
         ArrayRecord({k: torch.from_numpy(v) for k, v in model.items()}),
         state,
         history,
         central,
+    )
+
+
+def _same_shapes(path: Path, arrays: Mapping[str, np.ndarray], like: Mapping[str, Any]) -> None:
+    missing = [k for k in like if k not in arrays]
+    extra = [k for k in arrays if k not in like]
+    wrong = [k for k in like if k in arrays and tuple(arrays[k].shape) != tuple(like[k].shape)]
+    if not (missing or extra or wrong):
+        return
+    if wrong:
+        k = wrong[0]
+        what = f"{k!r} is {tuple(arrays[k].shape)}, this run's model needs {tuple(like[k].shape)}"
+    else:
+        what = f"arrays missing: {missing[:3]}" if missing else f"arrays unknown here: {extra[:3]}"
+    raise ValueError(
+        f"{path}: checkpoint is from another model shape ({len(missing) + len(extra) + len(wrong)}"
+        f" array(s) differ, e.g. {what}); resume with the run's own model settings and "
+        "catalog, or start over without resuming"
     )
 
 

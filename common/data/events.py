@@ -23,9 +23,19 @@ class DataError(ValueError):
     """A fatal problem with an input file; the message names the file and the column or row."""
 
 
-def _first_bad(values: pd.Series, bad: pd.Series) -> str:
+# E-commerce logs start after 1970; a later time than now (give or take a day of clocks and time
+# zones) is a clock or unit error. Both are rejected rows, not silent outliers: they would
+# stretch the demand calendar and the time-gap features.
+EARLIEST = pd.Timestamp("1970-01-01")
+CLOCK_SLACK = pd.Timedelta(days=1)
+
+
+def _first_bad(frame: pd.DataFrame, values: pd.Series, bad: pd.Series) -> str:
     idx = bad.idxmax()
-    return f"{values.loc[idx]!r} in row {idx}"
+    value = values.loc[idx]
+    value = value.item() if isinstance(value, np.generic) else value
+    row = frame[ROW].loc[idx] if ROW in frame else idx + 1
+    return f"{value!r} in row {row}"
 
 
 def _coerce_numeric(frame: pd.DataFrame, col: str, source: str) -> pd.Series:
@@ -34,26 +44,36 @@ def _coerce_numeric(frame: pd.DataFrame, col: str, source: str) -> pd.Series:
     present = raw.notna() & (raw.astype("string").str.strip() != "")
     if present.any() and num[present].isna().all():
         raise DataError(
-            f"{source}: column '{col}' holds no numbers (e.g. {_first_bad(raw, present)})"
+            f"{source}: column '{col}' holds no numbers (e.g. {_first_bad(frame, raw, present)})"
         )
-    return num
+    # "1e400" and inf parse as numbers; as a quantity or price they are a broken cell.
+    return num.where(np.isfinite(num.astype("float64")))
 
 
 def _coerce_time(frame: pd.DataFrame, source: str, fmt: str | None) -> pd.Series:
+    """Parsed times, tz-aware ones in UTC; NaT where unparseable. Any resolution: a year such
+    as 9999 is out of nanosecond range, and must become a rejected row, not an overflow."""
     raw = frame["timestamp"]
     if pd.api.types.is_datetime64_any_dtype(raw):
         ts = raw
     else:
-        ts = pd.to_datetime(raw.astype("string"), errors="coerce", format=fmt or "mixed")
+        text = raw.astype("string")
+        try:
+            try:
+                ts = pd.to_datetime(text, errors="coerce", format=fmt or "mixed")
+            except ValueError:  # naive times mixed with offsets, or several offsets
+                ts = pd.to_datetime(text, errors="coerce", format=fmt or "mixed", utc=True)
+        except ValueError as exc:  # only a bad `timestamp_format` gets here
+            raise DataError(f"{source}: timestamp format {fmt!r} is not usable: {exc}") from exc
     if getattr(ts.dt, "tz", None) is not None:
         ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
     present = raw.notna()
     if present.any() and ts[present].isna().all():
         raise DataError(
             f"{source}: column 'timestamp' holds no parseable times "
-            f"(e.g. {_first_bad(raw, present)})"
+            f"(e.g. {_first_bad(frame, raw, present)})"
         )
-    return ts.astype("datetime64[ns]")
+    return ts
 
 
 def _as_id(series: pd.Series) -> pd.Series:
@@ -95,11 +115,14 @@ def standardize(
     out = pd.DataFrame(index=frame.index)
     out["user_id"] = _as_id(frame["user_id"])
     out["item_id"] = _as_id(frame["item_id"])
-    out["timestamp"] = _coerce_time(frame, source, timestamp_format)
+    ts = _coerce_time(frame, source, timestamp_format)
     reject(out["user_id"].isna(), "missing_user_id")
     reject(out["item_id"].isna(), "missing_item_id")
     reject(frame["timestamp"].isna(), "missing_timestamp")
-    reject(out["timestamp"].isna(), "bad_timestamp")
+    reject(ts.isna(), "bad_timestamp")
+    reject(ts < EARLIEST, "timestamp_before_1970")
+    reject(ts > pd.Timestamp.now("UTC").tz_localize(None) + CLOCK_SLACK, "future_timestamp")
+    out["timestamp"] = ts.where(reason.isna()).astype("datetime64[ns]")
 
     out["region"] = (
         _as_id(frame["region"]).fillna(default_region) if "region" in frame else default_region

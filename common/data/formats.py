@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import tomllib
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow
+import pyarrow.parquet
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.atomic import write_with
@@ -245,25 +248,70 @@ def read_table(path: Path) -> pd.DataFrame:
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")):
+            _check_header(path, pyarrow.parquet.read_schema(path).names)
             return pd.read_parquet(path)
         if name.endswith((".csv", ".csv.gz", ".tsv", ".txt", ".zip")):
-            sep = "\t" if ".tsv" in name else ","
-            try:
-                return pd.read_csv(path, dtype=str, sep=sep)
-            except UnicodeDecodeError:
-                # Older exports, such as the Kaggle CSV of the first UCI Online Retail release,
-                # are Latin-1 (the £ in descriptions); ids, dates and numbers are ASCII either way.
-                return pd.read_csv(path, dtype=str, sep=sep, encoding="latin-1")
+            return _read_csv(path, "\t" if ".tsv" in name else ",")
     except (
         OSError,
         ValueError,
+        EOFError,  # a cut .gz
+        zlib.error,  # damaged compressed data, .gz or .zip
+        KeyError,  # damaged pandas metadata in a Parquet file
         zipfile.BadZipFile,
         pd.errors.ParserError,
         pd.errors.EmptyDataError,
         pyarrow.ArrowException,
     ) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path}: cannot be read: {exc}") from exc
     raise DataError(f"{path}: unknown file type (expected .csv, .csv.gz, .zip or .parquet)")
+
+
+def _read_csv(path: Path, sep: str) -> pd.DataFrame:
+    with open(path, "rb") as fh:
+        start = fh.read(2)
+    # Excel's "Unicode text" export is UTF-16 and says so in a byte-order mark (a compressed
+    # file's magic bytes never look like one). Older exports, such as the Kaggle CSV of the
+    # first UCI Online Retail release, are Latin-1 (the £ in descriptions); ids, dates and
+    # numbers are ASCII either way.
+    utf16 = start in (b"\xff\xfe", b"\xfe\xff")
+    encodings = ["utf-16"] if utf16 else ["utf-8", "latin-1"]
+    for encoding in encodings:
+        try:
+            # pandas renames a repeated column to "name.1"; only the raw header shows it.
+            header = pd.read_csv(path, header=None, nrows=1, dtype=str, sep=sep, encoding=encoding)
+            frame = pd.read_csv(path, dtype=str, sep=sep, encoding=encoding)
+            break
+        except UnicodeDecodeError:
+            if encoding == encodings[-1]:
+                raise
+    _check_header(path, [c for c in header.iloc[0] if isinstance(c, str)])
+    return frame
+
+
+def _check_header(path: Path, names: list[str]) -> None:
+    """A repeated column would make the file say two things about one field; control characters
+    mean binary data (or an encoding we do not read), which no header holds."""
+    if any(ch < " " and ch != "\t" for name in names for ch in name):
+        raise DataError(
+            f"{path}: not a text table: the header holds control characters (binary or "
+            "compressed data, or an unsupported text encoding)"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(
+            f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once in the "
+            "header; which one holds the data is ambiguous"
+        )
+
+
+def _shown(names: object, most: int = 12, width: int = 40) -> str:
+    """A header for an error message: a garbled file's header can be long and odd."""
+    names = [str(n) for n in names]
+    cut = [n if len(n) <= width else n[: width - 1] + "…" for n in names[:most]]
+    return ", ".join(cut) + (f", … ({len(names)} columns)" if len(names) > most else "")
 
 
 def detect_format(path: Path, columns: pd.Index) -> HeaderMatch:
@@ -274,7 +322,7 @@ def detect_format(path: Path, columns: pd.Index) -> HeaderMatch:
             return match
     raise DataError(
         f"{path}: cannot tell the format from the columns "
-        f"({', '.join(map(str, columns))}); pass --format or a column mapping"
+        f"({_shown(columns)}); pass --format or a column mapping"
     )
 
 
@@ -418,6 +466,11 @@ def load_events(path: str | Path, fmt: str = "auto", spec: DatasetSpec | None = 
             f"{path}: mapped column(s) not in the file{products}: {', '.join(unknown)}; "
             f"the file has: {', '.join(map(str, raw.columns[1:]))}"
         )
+    if raw.empty:  # after the header's checks: a wrong header is the first thing to fix
+        raise DataError(f"{path}: no data rows (a header of {len(raw.columns) - 1} column(s) only)")
+    for field_name, column in mapping.items():
+        frame[column] = _plain(path, frame[column], column, field_name)
+    notes += _repeated_rows(raw)
     used = set(mapping.values()) - set(replaced)
     ignored = [str(c) for c in raw.columns[1:] if renames.get(c, c) not in used]
     renamed = frame[[ROW, *mapping.values()]].copy()
@@ -446,6 +499,37 @@ def load_events(path: str | Path, fmt: str = "auto", spec: DatasetSpec | None = 
         ignored_columns=ignored,
         notes=notes,
     )
+
+
+def _plain(path: Path, column: pd.Series, name: str, field_name: str) -> pd.Series:
+    """One value per cell. Parquet can hold lists or structs, which are not ids or numbers; and
+    binary columns, which some writers use for text."""
+    if column.dtype != object:
+        return column
+    kinds = column.dropna().map(type)
+    nested = kinds[kinds.map(lambda k: issubclass(k, list | tuple | dict | set | np.ndarray))]
+    if len(nested):
+        kind = "list" if nested.iloc[0] is np.ndarray else nested.iloc[0].__name__
+        mapped = "" if name == field_name else f" (mapped to {field_name})"
+        raise DataError(
+            f"{path}: column {name!r}{mapped} holds {kind} values (e.g. in row "
+            f"{int(nested.index[0]) + 1}), not one value per cell"
+        )
+    if kinds.map(lambda k: issubclass(k, bytes)).any():
+        return column.map(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+    return column
+
+
+def _repeated_rows(raw: pd.DataFrame) -> list[str]:
+    """Exact repeats are counted, not dropped: a basket may list the same line twice."""
+    repeated = raw.drop(columns=ROW).duplicated()
+    if not repeated.any():
+        return []
+    first = int(repeated.to_numpy().argmax())
+    return [
+        f"{int(repeated.sum())} row(s) repeat an earlier row exactly (e.g. row {first + 1}); "
+        "kept, as a basket may list one line twice"
+    ]
 
 
 def write_quarantine(result: LoadResult, target: str | Path) -> Path:

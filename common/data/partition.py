@@ -72,6 +72,22 @@ def audit_non_members(user_ids: np.ndarray, fraction: float) -> np.ndarray:
     return unit < fraction
 
 
+def users_per_part(events: pd.DataFrame, parts: list[Partition], min_events: int = 1) -> list[int]:
+    """How many users with at least `min_events` events each partition holds (one pass, where
+    `select` per partition would scan the events once each)."""
+    sizes = events.groupby("user_id", observed=True).size()
+    home = user_regions(events).astype(str)
+    home = home[sizes.reindex(home.index).to_numpy() >= min_events]
+    users = home.index.to_series()
+    counts = []
+    for part in parts:
+        mine = users[home.isin(part.regions).to_numpy()]
+        if part.shards > 1:
+            mine = mine[_shard_of(mine, part.shards) == part.shard]
+        counts.append(len(mine))
+    return counts
+
+
 def select(events: pd.DataFrame, part: Partition) -> pd.DataFrame:
     """The events of the users that belong to `part`."""
     home = user_regions(events)

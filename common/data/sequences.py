@@ -23,7 +23,10 @@ DAY_S = 86_400
 MAX_LAG_DAYS = 91  # the longest absence the demand head is trained to forecast after
 
 
-def leave_last_out(events: pd.DataFrame, min_events: int = 3) -> pd.DataFrame:
+MIN_EVENTS = 3  # a user needs a training event, a validation and a test event
+
+
+def leave_last_out(events: pd.DataFrame, min_events: int = MIN_EVENTS) -> pd.DataFrame:
     """Users with ≥ `min_events`; last event → test, second-to-last → valid, the rest → train."""
     events = sort_events(events)
     sizes = events.groupby("user_id", observed=True)["user_id"].transform("size")

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from common.data.events import DataError
 from common.data.formats import ColumnMap, DatasetSpec, LoadResult, load_events
+from common.data.sequences import MIN_EVENTS
 from common.data.synth import SynthConfig, generate
 
 SYNTH_TOP_CHARS = None  # synthetic categories look like "07.03": the top level is before the dot
@@ -64,6 +65,22 @@ def read_source(
     dataset_spec = DatasetSpec.from_file(spec) if spec else spec_from_maps(maps) if maps else None
     result = load_events(data, fmt, dataset_spec)
     return Source(str(data), result.events, result.spec.top_category_chars, result)
+
+
+def require_history(events: pd.DataFrame, name: str, load: LoadResult | None = None) -> None:
+    """Refuse events nothing can be trained or evaluated on, before any work starts."""
+    if events.empty:
+        why = ""
+        if load is not None and len(load.rejected):
+            counts = load.rejected["reason"].value_counts()
+            why = " (" + ", ".join(f"{k}: {v:,}" for k, v in counts.items()) + ")"
+        raise DataError(f"{name}: no usable events: every row was rejected{why}")
+    per_user = events.groupby("user_id", observed=True).size()
+    if not (per_user >= MIN_EVENTS).any():
+        raise DataError(
+            f"{name}: no user has {MIN_EVENTS} or more events ({len(per_user):,} users, at most "
+            f"{per_user.max()} each); training and evaluation need a history per user"
+        )
 
 
 @lru_cache(maxsize=2)

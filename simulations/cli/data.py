@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from common.atomic import write_text
 from common.data.formats import write_events, write_quarantine
 from common.data.synth import SynthConfig, generate
 from simulations.cli.shared import (
@@ -18,6 +19,7 @@ from simulations.cli.shared import (
     SpecOpt,
     console,
     events_from,
+    fail,
     options_of,
     validated,
 )
@@ -37,15 +39,19 @@ def data_check(
     ] = False,
 ) -> None:
     """Validate an event log and summarize it; rejected rows go to a quarantine CSV."""
-    result = events_from(path, fmt, spec, maps).load
+    result = events_from(path, fmt, spec, maps, history=False).load
     summary = result.summary()
     stem = path.name.split(".")[0]
     quarantine = out / f"{stem}.rejected.csv"
-    write_quarantine(result, quarantine)
-    summary["quarantine"] = str(quarantine)
-    if write:
-        summary["events_file"] = str(write_events(result.events, out / f"{stem}.events.parquet"))
-    (out / f"{stem}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        write_quarantine(result, quarantine)
+        summary["quarantine"] = str(quarantine)
+        if write:
+            events = write_events(result.events, out / f"{stem}.events.parquet")
+            summary["events_file"] = str(events)
+        write_text(out / f"{stem}.summary.json", json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:
+        raise fail(f"{out}: cannot write the check's results ({exc})") from exc
     table = Table(title=f"{path} ({result.format})", show_header=False)
     for key, value in summary.items():
         table.add_row(key.replace("_", " "), _cell(value))
@@ -73,5 +79,8 @@ def data_synth(
     """Generate the synthetic spatio-temporal e-commerce event log (canonical Parquet); the same
     seed gives the same file."""
     frame = generate(validated(SynthConfig, given or {}))
-    write_events(frame, out)
+    try:
+        write_events(frame, out)
+    except OSError as exc:
+        raise fail(f"{out}: cannot write ({exc})") from exc
     console.print(f"wrote {len(frame):,} events, {frame['user_id'].nunique():,} users to {out}")

@@ -86,6 +86,8 @@ def verify(
         reports = verify_paths(ledgers, keys)
     except KeyFileError as exc:
         raise fail(str(exc)) from exc
+    except ValueError as exc:
+        _say(_unverifiable(ledgers, exc))
     for r in reports:
         if r.kind == "client":
             table = Table(
@@ -112,6 +114,14 @@ def verify(
         for note in r.notes:
             console.print(f"  note: {note}")
     _say(Verdict.of(reports))
+
+
+def _unverifiable(ledgers: list[Path], exc: ValueError) -> Verdict:
+    """An altered entry can record a mechanism no accountant evaluates (say δ = 1e-300): the
+    ledgers then fail verification, with the reason, like any other alteration."""
+    where = ", ".join(map(str, ledgers)) or "the run's ledgers"
+    problem = f"{where}: cannot recompute ε from the recorded mechanisms ({exc})"
+    return Verdict(False, False, "verification FAILED", problem)
 
 
 def _say(verdict: Verdict) -> None:
@@ -143,6 +153,8 @@ def report(
         result = privacy_report.write(run_dir, ledger, keys)
     except KeyFileError as exc:
         raise fail(str(exc)) from exc
+    except ValueError as exc:
+        _say(_unverifiable([run_dir, *(ledger or [])], exc))
     console.print(f"report: {run_dir / PRIVACY_REPORT_HTML}")
     _say(Verdict(**result["verdict"]))
 

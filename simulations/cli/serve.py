@@ -9,6 +9,7 @@ import pandas as pd
 import typer
 from rich import box
 from rich.table import Table
+from safetensors import SafetensorError
 
 from common.learning.demand import forecast_next_week
 from common.learning.forecasting import QUANTILES
@@ -32,6 +33,17 @@ def _exported(model: Path) -> Exported:
         return load_exported(model)
     except ValueError as exc:
         raise fail(str(exc)) from exc
+    # A cut or garbled model.safetensors, and a model card of the wrong shape (a list, a config
+    # that is not a table), escape load_exported's own checks.
+    except (SafetensorError, TypeError, AttributeError) as exc:
+        raise fail(f"{model}: not a usable exported model ({exc})") from exc
+
+
+def _events(events: Path, fmt: str, spec: Path | None, maps: list[str] | None) -> pd.DataFrame:
+    frame = events_from(events, fmt, spec, maps, history=False).events
+    if frame.empty:
+        raise fail(f"{events}: no usable events: every row was rejected (see fedshop data check)")
+    return frame
 
 
 @app.command("recommend")
@@ -50,7 +62,7 @@ def recommend_cmd(
 ) -> None:
     """Top-k next items (with categories) for users, from their most recent events."""
     exp = _exported(model)
-    frame = events_from(events, fmt, spec, maps).events
+    frame = _events(events, fmt, spec, maps)
     if user:
         missing = sorted(set(user) - set(frame["user_id"].astype(str)))
         if missing:
@@ -78,7 +90,7 @@ def forecast_cmd(
 ) -> None:
     """Next week's demand per region × category, its interval, the robust level and 4-week mean."""
     exp = _exported(model)
-    frame = events_from(events, fmt, spec, maps).events
+    frame = _events(events, fmt, spec, maps)
     try:
         table_df = forecast_next_week(exp, frame)
     except ValueError as exc:
@@ -128,7 +140,7 @@ def monitor_cmd(
     Each week is forecast from the data before it, as it would have been at the time.
     """
     exp = _exported(model)
-    frame = events_from(events, fmt, spec, maps).events
+    frame = _events(events, fmt, spec, maps)
     try:
         result = monitor(exp, frame, weeks)
     except ValueError as exc:

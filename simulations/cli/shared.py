@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import pandas as pd
 import typer
 from click.core import ParameterSource
 from pydantic import BaseModel, ValidationError
@@ -16,7 +17,9 @@ from rich.markup import escape
 
 from common.data.events import DataError
 from common.data.formats import FORMATS
-from common.data.sources import Source, read_source
+from common.data.partition import Partition, users_per_part
+from common.data.sequences import MIN_EVENTS
+from common.data.sources import Source, read_source, require_history
 from common.data.synth import SynthConfig
 
 app = typer.Typer(
@@ -52,7 +55,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    # Messages quote file names, headers and cells: "[b]" in one is text, not Rich markup.
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=2)
 
 
@@ -62,16 +66,57 @@ def events_from(
     spec: Path | None = None,
     maps: list[str] | None = None,
     synth: SynthConfig | None = None,
+    history: bool = True,
 ) -> Source:
     """The events a command reads, saying which format was used and why; a bad file is a clear
-    error naming it, never a traceback."""
+    error naming it, never a traceback. With `history` (commands that train or evaluate), a
+    file without one user of enough events is such an error too."""
     try:
         src = read_source(data, fmt, spec, maps, synth)
+        if history:
+            require_history(src.events, src.name, src.load)
     except DataError as exc:
         raise fail(str(exc)) from exc
     if src.load is not None:
         err.print(f"[dim]{escape(src.name)}: {escape(src.load.reason)}[/]")
     return src
+
+
+def check_federation(
+    source: str, events: pd.DataFrame, parts: list[Partition], batch_size: int, min_clients: int
+) -> None:
+    """Refuse a federation that cannot run before Flower starts; warn about clients that cannot
+    train or will sample every user at every step."""
+    try:
+        require_history(events, source)
+    except DataError as exc:
+        raise fail(str(exc)) from exc
+    users = users_per_part(events, parts, MIN_EVENTS)
+    names = [p.name for p in parts]
+    idle = [n for n, u in zip(names, users, strict=True) if u == 0]
+    able = len(parts) - len(idle)
+    if min_clients > able:
+        raise fail(
+            f"--min-clients {min_clients}: only {able} of the {len(parts)} clients have a user "
+            f"with {MIN_EVENTS} or more events in {source}, so no round could ever finish"
+        )
+    if batch_size > max(users):
+        raise fail(
+            f"--batch-size {batch_size}: more than the users of any client in {source} (at most "
+            f"{max(users):,} with {MIN_EVENTS}+ events); lower it or use fewer clients"
+        )
+    if idle:
+        err.print(
+            f"[yellow]warning:[/] {escape(', '.join(idle))}: no user with {MIN_EVENTS} or more "
+            "events; these clients cannot train"
+        )
+    small = [n for n, u in zip(names, users, strict=True) if 0 < u < batch_size]
+    if small:
+        err.print(
+            f"[yellow]warning:[/] {escape(', '.join(small))}: fewer users than --batch-size "
+            f"{batch_size}; each of their steps uses every user (sample rate 1, no privacy "
+            "amplification by sampling)"
+        )
 
 
 def options_of(*models: type[BaseModel], aliases: dict[str, list[str]] | None = None):
@@ -137,5 +182,7 @@ def validated(model: type[M], values: dict[str, Any], where: str = "") -> M:
         return model.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        option = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise fail(f"{where}{option}: {first['msg']}") from exc
+        # A check across fields (e.g. hidden vs heads) belongs to no single option.
+        option = "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        option = f"--{option}: " if option else ""
+        raise fail(f"{where}{option}{first['msg']}") from exc
