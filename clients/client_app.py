@@ -1,223 +1,36 @@
-"""fedshop ClientApp: trains the shared model on this client's users only, with user-level DP."""
+"""fedshop ClientApp: trains the shared model on this client's users only, with user-level DP.
+
+Flower starts a fresh ClientApp process for every message, and three of the four messages of a
+SecAgg+ round are key agreement that needs no model. So this module stays light: the training
+and evaluation code (`clients.rounds`: torch, transformers, Opacus, pandas; about 6 s to import
+on 2 cores) is imported when a message first needs it.
+"""
 
 from __future__ import annotations
 
-import base64
-import json
-from contextlib import AbstractContextManager
-from pathlib import Path
+import importlib
+from types import ModuleType
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.local_data import ClientData, load_client_data
-from clients.local_training import train_plain, train_private
-from clients.secure_aggregation import secure_aggregation, secured
-from common.learning.demand import PRIMARY, holdout_forecast
-from common.learning.forecasting import moving_average
-from common.learning.model import BehaviorModel
-from common.learning.training import evaluate_ranking, pick_device
-from common.messages import (
-    CATALOG_PATH,
-    CLIENT,
-    CLIP_NORM,
-    DECLINED,
-    DELTA,
-    DEMAND_ACTUAL_SUM,
-    DEMAND_CELLS_SUM,
-    DEMAND_COVERED_SUM,
-    DEMAND_ERROR_SUM,
-    DEMAND_LEVEL_ERROR_SUM,
-    DEMAND_MA_ERROR_SUM,
-    DEMAND_RAW_ERROR_SUM,
-    DEMAND_START,
-    EPSILON,
-    EPSILON_BUDGET,
-    HITS_SUM,
-    LEDGER_ENTRY,
-    LEDGER_HASH,
-    LEDGER_HEADS,
-    LEDGER_SEQ,
-    LEDGER_SIGNATURE,
-    NAME,
-    NDCG_SUM,
-    NOISE_MULTIPLIER,
-    PROXIMAL_MU,
-    REASON,
-    REFUSED,
-    SAMPLE_RATE,
-    SERVER_ROUND,
-    STEPS,
-    UNIFORM,
-    USERS_SUM,
-    WEIGHT,
-)
-from common.run_files import CLIENTS, POLICY
-from common.runconfig import RunConfig
-from privacy.account import PrivacyAccount
-from privacy.ledger import Line, canonical
-from privacy.policy import PrivacyPolicy, Refused
+from clients.secure_aggregation import secure_aggregation
 
 app = ClientApp(mods=[secure_aggregation])
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, BehaviorModel]:
-    cfg = RunConfig.from_flower(context.run_config)
-    server = msg.content["config"]
-    data = load_client_data(
-        dict(context.node_config), cfg, str(server[CATALOG_PATH]), str(server[DEMAND_START])
-    )
-    model = BehaviorModel(cfg.model, data.prepared.shape)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return cfg, data, model
-
-
-def _account(
-    msg: Message, context: Context, cfg: RunConfig, data: ClientData, policy: PrivacyPolicy
-) -> AbstractContextManager[PrivacyAccount]:
-    heads = json.loads(str(msg.content["config"].get(LEDGER_HEADS, "")) or "{}")
-    head = heads.get(data.name)
-    return PrivacyAccount.open(
-        data.name,
-        data.state_dir,
-        data.key_path,
-        policy,
-        cfg,
-        tuple(head) if head else None,
-        context.run_id,
-    )
-
-
-def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
-    """The client's own policy: node config in deployment, the simulation's file otherwise."""
-    simulated = Path(cfg.out) / CLIENTS / POLICY
-    return PrivacyPolicy.from_node_config(dict(context.node_config), simulated)
-
-
-def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
-    record = {NAME: data.name}
-    if line is not None:
-        record |= {
-            LEDGER_SEQ: line.body["seq"],
-            LEDGER_HASH: line.hash,
-            LEDGER_ENTRY: canonical(line.body).decode(),
-            LEDGER_SIGNATURE: base64.b64encode(line.signature).decode(),
-        }
-    return ConfigRecord(record)
-
-
-def _refused(msg: Message, data: ClientData, reason: Refused) -> Message:
-    """Nothing about the data, only why: the server cannot make this client release more."""
-    content = RecordDict({REFUSED: ConfigRecord({REASON: str(reason)}), CLIENT: _client(data)})
-    return Message(content, reply_to=msg)
+def _rounds() -> ModuleType:
+    """`clients.rounds`, imported on first use (Python caches it after that)."""
+    return importlib.import_module("clients.rounds")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round. Released: the update (DP-SGD), the noisy user count as the FedAvg weight and
-    the mechanism's parameters, derived from that count; never losses or exact counts."""
-    cfg, data, model = _setup(msg, context)
-    device = pick_device(cfg.device)
-    model.to(device)
-    server_round = int(msg.content["config"][SERVER_ROUND])
-    mu = float(msg.content["config"].get(PROXIMAL_MU, 0.0))
-    train_seqs = data.prepared.train
-    policy = _policy(context, cfg)
-    try:
-        policy.check_aggregation(secured(msg))
-        if not cfg.dp:
-            policy.answer(cfg, None)  # refuses unless the policy allows it
-            result = train_plain(model, train_seqs, cfg, server_round, device, mu)
-            metrics = {WEIGHT: len(train_seqs), EPSILON: float("inf")}
-            return _update(msg, model, metrics, _client(data))
-        with _account(msg, context, cfg, data, policy) as account:
-            mech = account.mechanism(len(train_seqs))
-            if not account.can_train():
-                line = account.decline(server_round)
-                metrics = {DECLINED: 1, WEIGHT: 0}
-                content = {"metrics": MetricRecord(metrics), CLIENT: _client(data, line)}
-                return Message(RecordDict(content), reply_to=msg)
-            result = train_private(model, train_seqs, cfg, mech, device, mu)
-            line = account.trained(server_round, result.history)
-            state = account.state
-    except Refused as reason:
-        return _refused(msg, data, reason)
-    metrics = {
-        WEIGHT: mech.noisy_users,
-        EPSILON: state.epsilon(),
-        DELTA: state.budget.delta,
-        EPSILON_BUDGET: state.budget.epsilon,
-        NOISE_MULTIPLIER: mech.noise_multiplier,
-        CLIP_NORM: mech.clip_norm,
-        SAMPLE_RATE: mech.sample_rate,
-        STEPS: result.metrics[STEPS],
-    }
-    return _update(msg, model, metrics, _client(data, line))
-
-
-def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRecord) -> Message:
-    metrics = {DECLINED: 0, UNIFORM: 1.0, **metrics}
-    content = {
-        "arrays": ArrayRecord(model.cpu().state_dict()),
-        "metrics": MetricRecord(metrics),
-        CLIENT: client,
-    }
-    return Message(RecordDict(content), reply_to=msg)
+    """One training round (`clients.rounds.train`)."""
+    return _rounds().train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out ranking as (users, hits, NDCG) sums, noised and accounted under DP; demand
-    error sums only where the client's policy shares them (they are not covered by ε)."""
-    cfg, data, model = _setup(msg, context)
-    device = pick_device(cfg.device)
-    model.to(device)
-    server_round = int(msg.content["config"][SERVER_ROUND])
-    policy = _policy(context, cfg)
-    try:  # a request the client refuses costs no evaluation either
-        if cfg.dp:
-            with _account(msg, context, cfg, data, policy) as account:
-                sums = account.evaluation(server_round, _ranking_sums(model, data, device))
-        else:
-            policy.answer(cfg, None)
-            sums = _ranking_sums(model, data, device)
-    except Refused as reason:
-        return _refused(msg, data, reason)
-    metrics = {
-        WEIGHT: max(float(sums[0]), 1.0),
-        UNIFORM: 1.0,
-        USERS_SUM: float(sums[0]),
-        HITS_SUM: float(sums[1]),
-        NDCG_SUM: float(sums[2]),
-    }
-    if policy.share_demand_evaluation or not cfg.dp:
-        metrics |= _demand_sums(model, data, device)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-def _ranking_sums(model: BehaviorModel, data: ClientData, device) -> np.ndarray:
-    """(users, hits@10, NDCG@10) summed over the held-out users: each user adds at most 1."""
-    ranking = evaluate_ranking(model, data.prepared.test, device)
-    users = ranking["users"]
-    return np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
-
-
-def _demand_sums(model: BehaviorModel, data: ClientData, device) -> dict[str, float]:
-    """Forecast errors as sums so WAPE aggregates across clients; exact, not noised."""
-    held = holdout_forecast(model, data.prepared, device)
-    actual, forecasts, planner = held.actual, held.forecasts, held.planner
-    history, _ = data.prepared.demand.holdout(data.prepared.holdout_weeks)
-    moving = moving_average(history, actual.shape[1])
-    inside = (actual >= planner.lower[:, None]) & (actual <= planner.upper[:, None])
-    return {
-        DEMAND_ACTUAL_SUM: float(actual.sum()),
-        DEMAND_ERROR_SUM: float(np.abs(actual - forecasts[PRIMARY]).sum()),
-        DEMAND_RAW_ERROR_SUM: float(np.abs(actual - forecasts["bottom_up"]).sum()),
-        DEMAND_MA_ERROR_SUM: float(np.abs(actual - moving).sum()),
-        DEMAND_LEVEL_ERROR_SUM: float(np.abs(actual - planner.level[:, None]).sum()),
-        # Interval coverage pools as covered / cells (both summed across clients); a series
-        # without an interval (too little history) counts in neither.
-        DEMAND_COVERED_SUM: float(inside.sum()),
-        DEMAND_CELLS_SUM: float(np.isfinite(planner.lower).sum() * actual.shape[1]),
-    }
+    """One evaluation (`clients.rounds.evaluate`)."""
+    return _rounds().evaluate(msg, context)

@@ -34,7 +34,7 @@ class AccountantName(StrEnum):
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     num_server_rounds: int = Field(3, ge=1, description="Federated rounds")
     strategy: StrategyName = Field(StrategyName.FEDAVG, description="Server strategy")

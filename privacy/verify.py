@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +152,15 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _evaluated(epsilon: Callable[[], float]) -> float | None:
+    """ε from an accountant, or None (a finding on that entry) when it cannot evaluate the
+    recorded mechanism (e.g. a δ of 1e-300 written into a damaged ledger)."""
+    try:
+        return _finite(epsilon())
+    except ValueError:
+        return None
+
+
 def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
     """Per entry, epsilon after it under each accountant, from the recorded mechanisms only."""
     history: list[tuple[float, float, int]] = []
@@ -165,9 +174,9 @@ def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
                 for step in added:
                     pld = pld.compose(_pld_block(*step))
                 last = {
-                    "rdp": _finite(replay(history, s.delta, "rdp")),
-                    "prv": _finite(replay(history, s.delta, "prv")),
-                    "pld": _finite(pld.get_epsilon_for_delta(s.delta)),
+                    "rdp": _evaluated(functools.partial(replay, history, s.delta, "rdp")),
+                    "prv": _evaluated(functools.partial(replay, history, s.delta, "prv")),
+                    "pld": _evaluated(functools.partial(pld.get_epsilon_for_delta, s.delta)),
                 }
             out.append(dict(last))
     return out

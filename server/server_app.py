@@ -51,7 +51,9 @@ def main(grid: Grid, context: Context) -> None:
         shutil.copyfile(platform.catalog_path, out / CATALOG)
     shape = catalog_shape(platform.catalog)
     strategy = make_strategy(cfg)
-    saved = checkpoint.load(out) if cfg.resume else None
+    saved = (
+        checkpoint.load(out, BehaviorModel(cfg.model, shape).state_dict()) if cfg.resume else None
+    )
     central = None
     if cfg.central_dp is not CentralDP.OFF:
         clients = wait_for_clients(grid, cfg.min_clients)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -139,11 +140,11 @@ class Federation:
         )
 
 
-@pytest.fixture
-def federation(tmp_path):
+@contextlib.contextmanager
+def local_federation(tmp_path: Path) -> Iterator[Federation]:
     """The platform's CA and a Flower CLI home that trusts it; stops every process started."""
     home = tmp_path / "flwr-home"
-    home.mkdir()
+    home.mkdir(parents=True)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "dep"\n\n'
         f'[superlink.dep]\naddress = "127.0.0.1:{PORT}"\n'
@@ -162,6 +163,12 @@ def federation(tmp_path):
     finally:
         pids = [p.pid for p in fed.procs]
         stop_tree(pids + _superexecs_of(pids))
+
+
+@pytest.fixture
+def federation(tmp_path):
+    with local_federation(tmp_path) as fed:
+        yield fed
 
 
 def _superexecs_of(pids: list[int]) -> list[int]:
@@ -199,6 +206,17 @@ def _data(tmp_path: Path, events: pd.DataFrame, clients: int) -> list[str]:
     return names
 
 
+def regions(fed: Federation, events: pd.DataFrame, clients: int, policy: str = "") -> list[str]:
+    """A SuperLink and `clients` registered SuperNodes, each on its own part of `events`."""
+    names = _data(fed.tmp, events, clients)
+    _fedshop("keys", *names, "server", "--out", str(fed.keys), env=fed.env)
+    fed.superlink()
+    for name in names:
+        fed.register(name)
+        fed.supernode(name, _node_config(fed.tmp, name, policy=policy))
+    return names
+
+
 def _run(fed: Federation, events: pd.DataFrame, settings: str) -> subprocess.CompletedProcess:
     run_config = (
         f"{settings} hidden=16 layers=1 max-len=12 batch-size=16 delta=0.001 "
@@ -222,13 +240,8 @@ def test_superlink_and_supernodes_train_on_their_own_files(
     federation, tmp_path, tiny_events, strategy, secagg
 ):
     """Under SecAgg+ the clients' policies require it, so a plain round would be refused."""
-    names = _data(tmp_path, tiny_events, 3)
-    _fedshop("keys", *names, "server", "--out", str(federation.keys), env=federation.env)
-    federation.superlink()
     policy = "privacy-require-secure-aggregation=true" if secagg else ""
-    for name in names:
-        federation.register(name)
-        federation.supernode(name, _node_config(tmp_path, name, policy=policy))
+    names = regions(federation, tiny_events, 3, policy)
     settings = (
         f"strategy={strategy!r} num-server-rounds=2 min-clients=3 secagg={str(secagg).lower()}"
     )

@@ -15,15 +15,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.data.catalog import Catalog
 from common.data.events import DataError
 from common.data.partition import plan
 from common.data.sources import run_events
-from common.learning.dataset import prepare
-from common.learning.model import ModelConfig
+from common.learning.dataset import catalog_shape, prepare
+from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import TrainConfig
 from common.messages import EPSILON, HR10, NDCG10, WAPE, WAPE_MOVING_AVERAGE
-from common.run_files import RESULTS, ROUNDS
+from common.run_files import CATALOG, CHECKPOINT, RESULTS, ROUNDS
 from common.runconfig import RunConfig
+from server import checkpoint
 from simulations.central import CentralConfig, baselines, save_run, train_central
 from simulations.cli.shared import (
     DataOpt,
@@ -32,6 +34,7 @@ from simulations.cli.shared import (
     OutOpt,
     SpecOpt,
     app,
+    check_federation,
     console,
     events_from,
     fail,
@@ -42,7 +45,9 @@ from simulations.cli.shared import (
 from simulations.local_only import train_local_only
 from simulations.simulate import SimulationResult, simulate
 
-ClientsOpt = Annotated[int | None, typer.Option(help="Number of clients; default one per region.")]
+ClientsOpt = Annotated[
+    int | None, typer.Option(min=1, help="Number of clients; default one per region.")
+]
 
 
 @app.command("baselines")
@@ -167,9 +172,18 @@ def simulate_cmd(
     except DataError as exc:
         raise fail(str(exc)) from exc
     parts = plan(events, clients or events["region"].nunique())
+    check_federation(
+        cfg.data or "the synthetic data", events, parts, cfg.batch_size, cfg.min_clients
+    )
     out = Path(cfg.out)
     if fresh and out.exists():
         shutil.rmtree(out)
+    if cfg.resume and (out / CHECKPOINT).exists():
+        try:  # a bad checkpoint named here, not as a traceback at the end of Flower's log
+            shape = catalog_shape(Catalog.load(out / CATALOG))
+            checkpoint.load(out, BehaviorModel(cfg.model, shape).state_dict())
+        except ValueError as exc:
+            raise fail(f"{exc}; or pass --fresh") from exc
     console.print(
         f"[bold]{len(parts)} clients[/]: {', '.join(p.name for p in parts)}; "
         f"{cfg.num_server_rounds} rounds, "
@@ -212,7 +226,7 @@ def _run_config(path: Path | None, given: dict) -> RunConfig:
     if path is not None:
         try:
             values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise fail(f"{path}: not a readable TOML run config ({exc})") from exc
     cfg = validated(RunConfig, values | given, f"{path}: " if path else "")
     return cfg.model_copy(
