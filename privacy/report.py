@@ -64,6 +64,16 @@ def client_summary(r: LedgerReport) -> dict:
     }
 
 
+def secure_rounds(reports: list[LedgerReport]) -> list[dict]:
+    """The server's rounds and their SecAgg+ settings (None: the round's updates came in clear)."""
+    return [
+        {"round": rec.server_round, "secure_aggregation": rec.secure_aggregation}
+        for r in reports
+        if r.kind == "server"
+        for rec in r.records
+    ]
+
+
 def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:
     """The report's facts, JSON-ready: verification, per-client summaries, central DP, audit.
 
@@ -96,6 +106,7 @@ def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = 
         ],
         "clients": [client_summary(r) for r in reports if r.kind == "client" and r.spends],
         "central_dp": card.get("privacy", {}).get("central_dp"),
+        "secure_aggregation": secure_rounds(reports),
         "audit": json.loads(audit_path.read_text()) if audit_path.exists() else None,
     }
 

@@ -204,6 +204,30 @@ def _audit_section(audit: dict | None) -> str:
     )
 
 
+def _secure_section(rounds: list[dict]) -> str:
+    secured = [r for r in rounds if r["secure_aggregation"]]
+    if not secured:
+        return (
+            "<p>No secure aggregation: the server received each client's DP update (inside "
+            "that client's ε) and aggregated them itself.</p>"
+        )
+    items = "".join(
+        f"<li>round {r['round']}: {s['clients']} clients, each secret in {s['num_shares']} "
+        f"shares, {s['reconstruction_threshold']} to rebuild it; dropped: "
+        f"{html.escape(', '.join(s['dropped']) or 'none')}</li>"
+        for r in secured
+        if (s := r["secure_aggregation"])
+    )
+    plain = [r["round"] for r in rounds if not r["secure_aggregation"]]
+    rest = f"<p>Rounds in clear: {', '.join(map(str, plain))}.</p>" if plain else ""
+    return (
+        "<p>Training updates reached the server only as Flower SecAgg+ masked vectors; it "
+        "learned their weighted sum, never one client's update. Beside each masked vector it "
+        "saw the client's name, the ledger entry it cites and its DP metrics.</p>"
+        f"<ul>{items}</ul>{rest}"
+    )
+
+
 def _central_section(central: dict | None) -> str:
     if not central:
         return "<p>No server-side (client-level) DP in this run.</p>"
@@ -289,6 +313,7 @@ signature was checked with a public key from the folder given with <code>--keys<
 shows nothing changed after signing but not who signed.</p>
 </div>
 <h2>Clients</h2>{overview}{plot}
+<h2>Secure aggregation</h2>{_secure_section(report.get("secure_aggregation", []))}
 <h2>Client-level DP (server side)</h2>{_central_section(report["central_dp"])}
 <h2>Empirical audit</h2>{_audit_section(report["audit"])}
 <h2>Ledgers checked</h2>{ledgers}

@@ -132,6 +132,10 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     assert reported.exit_code == 0, reported.output
     written = json.loads((out / PRIVACY_REPORT_JSON).read_text())
     assert written["verified"] and written["audit"]["runs"][0]["attacks"] == attack["attacks"]
+    assert [r["secure_aggregation"]["protocol"] for r in written["secure_aggregation"]] == [
+        "secagg+"
+    ] * 2
+    assert "masked vectors" in (out / "privacy_report.html").read_text()
 
     # Budgets were planned for 2 rounds: a third round must be declined, spending nothing.
     # One client lost its ledger meanwhile: it must refuse to train rather than start from ε = 0.
