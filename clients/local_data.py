@@ -5,6 +5,9 @@ Deployment: the SuperNode's `node_config` names the data (`data-path`, optional 
 `client-name`, `state-dir`, `catalog`, `signing-key`). Simulation: `partition-id` /
 `num-partitions` pick this client's users out of the run's data source. Either way only this
 client's events are loaded.
+
+Data too small for a head costs that head only (see `common.learning.dataset.prepare`); data
+with no user of MIN_EVENTS events is `CannotTakePart`, which the client answers with its reason.
 """
 
 from __future__ import annotations
@@ -18,11 +21,22 @@ import numpy as np
 
 from common.data.catalog import Catalog
 from common.data.partition import audit_non_members, plan, select
+from common.data.sequences import MIN_EVENTS
 from common.data.sources import read_source, run_events
-from common.learning.dataset import Prepared, prepare
+from common.learning.dataset import NoHistory, Prepared, prepare
 from common.run_files import CLIENTS
 from common.runconfig import RunConfig
 from privacy.signing import CLIENT_PUBLIC_KEY, client_key, load_or_create
+
+NO_USERS = f"cannot take part: no user with {MIN_EVENTS} or more events"
+
+
+class CannotTakePart(Exception):
+    """This client's data supports no head: every request gets `reason` (one line, no counts)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(reason)
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,9 @@ class ClientData:
 @lru_cache(maxsize=8)
 def _prepare(
     key: tuple[Any, ...], catalog_path: str, demand_start: str, history_len: int, holdout: float
-) -> tuple[str, Prepared]:
+) -> tuple[str, Prepared | None]:
+    """This client's name and prepared data; None (cached like the rest) when no user has
+    MIN_EVENTS events."""
     kind, *rest = key
     if kind == "file":
         path, fmt, spec, columns, name = rest
@@ -50,13 +66,16 @@ def _prepare(
         part = plan(everything, num_partitions)[partition_id]
         name, events = part.name, select(everything, part)
     catalog = Catalog.load(catalog_path)
-    prepared = prepare(
-        events,
-        top_category_chars=top_chars,
-        history_len=history_len,
-        demand_start=demand_start or None,
-        catalog=catalog,
-    )
+    try:
+        prepared = prepare(
+            events,
+            top_category_chars=top_chars,
+            history_len=history_len,
+            demand_start=demand_start or None,
+            catalog=catalog,
+        )
+    except NoHistory:
+        return name, None
     if holdout > 0:  # audit non-members: evaluated like everyone, never trained on
         keep = ~audit_non_members(prepared.train.users, holdout)
         prepared = replace(prepared, train=prepared.train.subset(np.flatnonzero(keep)))
@@ -66,6 +85,8 @@ def _prepare(
 def load_client_data(
     node_config: dict[str, Any], cfg: RunConfig, catalog_path: str, demand_start: str
 ) -> ClientData:
+    """This client's prepared data, name, state folder and signing key; CannotTakePart when
+    its data supports no head (before any key or state is made)."""
     if "data-path" in node_config:
         path = str(node_config["data-path"])
         name = str(node_config.get("client-name", Path(path).stem.split(".")[0]))
@@ -82,6 +103,8 @@ def load_client_data(
     # valid where the server's files are visible (simulation).
     catalog_path = str(node_config.get("catalog", catalog_path))
     name, prepared = _prepare(key, catalog_path, demand_start, cfg.model.history, cfg.audit_holdout)
+    if prepared is None:
+        raise CannotTakePart(name, NO_USERS)
     state_dir = (
         Path(str(node_config.get("state-dir", ""))) if node_config.get("state-dir") else None
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from clients.local_data import ClientData, load_client_data
+from clients.local_data import CannotTakePart, ClientData, load_client_data
 from clients.local_training import train_plain, train_private
 from clients.secure_aggregation import secured
 from common.learning.demand import PRIMARY, holdout_forecast
@@ -93,8 +93,8 @@ def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
     return PrivacyPolicy.from_node_config(dict(context.node_config), simulated)
 
 
-def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
-    record = {NAME: data.name}
+def _client(name: str, line: Line | None = None) -> ConfigRecord:
+    record = {NAME: name}
     if line is not None:
         record |= {
             LEDGER_SEQ: line.body["seq"],
@@ -105,21 +105,32 @@ def _client(data: ClientData, line: Line | None = None) -> ConfigRecord:
     return ConfigRecord(record)
 
 
-def _refused(msg: Message, data: ClientData, reason: Refused) -> Message:
-    """Nothing about the data, only why: the server cannot make this client release more."""
-    content = RecordDict({REFUSED: ConfigRecord({REASON: str(reason)}), CLIENT: _client(data)})
+def _refused(msg: Message, name: str, reason: Refused | CannotTakePart | str) -> Message:
+    """Nothing about the data, only why: the server cannot make this client release more.
+
+    Also the answer of a client whose data supports no head (`CannotTakePart`) or leaves no user
+    to train: its one-line reason, without counts, lands in the round table."""
+    content = RecordDict({REFUSED: ConfigRecord({REASON: str(reason)}), CLIENT: _client(name)})
     return Message(content, reply_to=msg)
+
+
+NO_TRAINING_USER = "cannot train: every user is held out as an audit non-member"
 
 
 def train(msg: Message, context: Context) -> Message:
     """One round. Released: the update (DP-SGD), the noisy user count as the FedAvg weight and
     the mechanism's parameters, derived from that count; never losses or exact counts."""
-    cfg, data, model = _setup(msg, context)
+    try:
+        cfg, data, model = _setup(msg, context)
+    except CannotTakePart as why:
+        return _refused(msg, why.name, why)
     device = pick_device(cfg.device)
     model.to(device)
     server_round = int(msg.content["config"][SERVER_ROUND])
     mu = float(msg.content["config"].get(PROXIMAL_MU, 0.0))
     train_seqs = data.prepared.train
+    if len(train_seqs) == 0:
+        return _refused(msg, data.name, NO_TRAINING_USER)
     policy = _policy(context, cfg)
     try:
         policy.check_aggregation(secured(msg))
@@ -127,19 +138,19 @@ def train(msg: Message, context: Context) -> Message:
             policy.answer(cfg, None)  # refuses unless the policy allows it
             result = train_plain(model, train_seqs, cfg, server_round, device, mu)
             metrics = {WEIGHT: len(train_seqs), EPSILON: float("inf")}
-            return _update(msg, model, metrics, _client(data))
+            return _update(msg, model, metrics, _client(data.name))
         with _account(msg, context, cfg, data, policy) as account:
             mech = account.mechanism(len(train_seqs))
             if not account.can_train():
                 line = account.decline(server_round)
                 metrics = {DECLINED: 1, WEIGHT: 0}
-                content = {"metrics": MetricRecord(metrics), CLIENT: _client(data, line)}
+                content = {"metrics": MetricRecord(metrics), CLIENT: _client(data.name, line)}
                 return Message(RecordDict(content), reply_to=msg)
             result = train_private(model, train_seqs, cfg, mech, device, mu)
             line = account.trained(server_round, result.history)
             state = account.state
     except Refused as reason:
-        return _refused(msg, data, reason)
+        return _refused(msg, data.name, reason)
     metrics = {
         WEIGHT: mech.noisy_users,
         EPSILON: state.epsilon(),
@@ -150,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
         SAMPLE_RATE: mech.sample_rate,
         STEPS: result.metrics[STEPS],
     }
-    return _update(msg, model, metrics, _client(data, line))
+    return _update(msg, model, metrics, _client(data.name, line))
 
 
 def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRecord) -> Message:
@@ -166,7 +177,10 @@ def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRec
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out ranking as (users, hits, NDCG) sums, noised and accounted under DP; demand
     error sums only where the client's policy shares them (they are not covered by ε)."""
-    cfg, data, model = _setup(msg, context)
+    try:
+        cfg, data, model = _setup(msg, context)
+    except CannotTakePart as why:
+        return _refused(msg, why.name, why)
     device = pick_device(cfg.device)
     model.to(device)
     server_round = int(msg.content["config"][SERVER_ROUND])
@@ -179,7 +193,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             policy.answer(cfg, None)
             sums = _ranking_sums(model, data, device)
     except Refused as reason:
-        return _refused(msg, data, reason)
+        return _refused(msg, data.name, reason)
     metrics = {
         WEIGHT: max(float(sums[0]), 1.0),
         UNIFORM: 1.0,
@@ -199,8 +213,25 @@ def _ranking_sums(model: BehaviorModel, data: ClientData, device) -> np.ndarray:
     return np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
 
 
+DEMAND_SUMS = (
+    DEMAND_ACTUAL_SUM,
+    DEMAND_ERROR_SUM,
+    DEMAND_RAW_ERROR_SUM,
+    DEMAND_MA_ERROR_SUM,
+    DEMAND_LEVEL_ERROR_SUM,
+    DEMAND_COVERED_SUM,
+    DEMAND_CELLS_SUM,
+)
+
+
 def _demand_sums(model: BehaviorModel, data: ClientData, device) -> dict[str, float]:
-    """Forecast errors as sums so WAPE aggregates across clients; exact, not noised."""
+    """Forecast errors as sums so WAPE aggregates across clients; exact, not noised.
+
+    Without a demand series (too few weeks of purchases) every sum is 0, a sum over no series:
+    it adds nothing to the pooled WAPE or coverage, and the reply keeps the keys the other
+    clients send (Flower's strategies refuse to aggregate metric records whose keys differ)."""
+    if data.prepared.demand is None:
+        return dict.fromkeys(DEMAND_SUMS, 0.0)
     held = holdout_forecast(model, data.prepared, device)
     actual, forecasts, planner = held.actual, held.forecasts, held.planner
     history, _ = data.prepared.demand.holdout(data.prepared.holdout_weeks)

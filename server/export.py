@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord
 from safetensors.numpy import save_file
 
 from common.atomic import write_json, write_with
+from common.digest import DIGEST, array_digest
 from common.learning.model import CatalogShape, ModelConfig
 from common.run_files import CARD, CATALOG, MODEL
 
@@ -20,8 +22,10 @@ def export(
     shape: CatalogShape,
     card: dict,
 ) -> Path:
-    tensors = {k: v.numpy() for k, v in arrays.items()}
-    write_with(out / MODEL, lambda p: save_file(tensors, str(p)))
+    tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
+    # The weights carry their own SHA-256 (checked by `common.learning.inference`).
+    meta = {DIGEST: array_digest(tensors)}
+    write_with(out / MODEL, lambda p: save_file(tensors, str(p), metadata=meta))
     write_json(
         out / CARD,
         {

@@ -68,6 +68,21 @@ def train_central(
         if on_progress:
             on_progress("epoch", epoch)
     model.load_state_dict(best_state)
+    results = {
+        "best_epoch": max(history, key=lambda h: h["valid"]["ndcg@10"])["epoch"],
+        "history": history,
+        "test": evaluate_ranking(model, prepared.test, device),
+        "forecast": model_forecast(model, prepared, device),
+    }
+    if prepared.demand is None:
+        results["no_forecast"] = prepared.demand_reason
+    return model, results
+
+
+def model_forecast(model: BehaviorModel, prepared: Prepared, device: torch.device) -> dict:
+    """Scores of the model's forecasts of the held-out weeks; none without a demand series."""
+    if prepared.demand is None:
+        return {}
     held = holdout_forecast(model, prepared, device)
     forecast = {k: score(held.actual, f) for k, f in held.forecasts.items()}
     forecast[PRIMARY] |= {
@@ -75,16 +90,18 @@ def train_central(
         "interval": list(held.planner.quantiles),
         "shrink": held.planner.shrink,
     }
-    results = {
-        "best_epoch": max(history, key=lambda h: h["valid"]["ndcg@10"])["epoch"],
-        "history": history,
-        "test": evaluate_ranking(model, prepared.test, device),
-        "forecast": forecast,
-    }
-    return model, results
+    return forecast
 
 
 def baselines(prepared: Prepared) -> dict:
+    """The recommendation baselines, and the forecasting ones where there is a demand series
+    (`no_forecast` says why not)."""
+    if prepared.demand is None:
+        return {
+            "recommendation": popularity_results(prepared),
+            "forecast": {},
+            "no_forecast": prepared.demand_reason,
+        }
     return {
         "recommendation": popularity_results(prepared),
         "forecast": baseline_scores(prepared.demand, prepared.holdout_weeks),

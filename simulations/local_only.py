@@ -12,8 +12,8 @@ import pandas as pd
 
 from common.data.catalog import Catalog
 from common.data.partition import plan, select
-from common.data.sequences import leave_last_out
-from common.learning.dataset import prepare
+from common.data.sequences import MIN_EVENTS, leave_last_out
+from common.learning.dataset import NoHistory, prepare
 from common.learning.demand import PRIMARY, forecast_holdout
 from common.learning.forecasting import score
 from common.learning.training import pick_device
@@ -23,34 +23,44 @@ from simulations.central import CentralConfig, train_central
 def train_local_only(
     events: pd.DataFrame, top_chars: int | None, clients: int, cfg: CentralConfig
 ) -> dict:
+    """Train every region alone. A region without a user of MIN_EVENTS events is skipped and
+    listed under `skipped` with the reason; one whose purchases span too few weeks for a
+    forecast trains the next-item head only and pools no demand error (`no_forecast`)."""
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
     start = str(events["timestamp"].min().normalize().date())
     device = pick_device(cfg.train.device)
-    per_client, users, hr, ndcg, err, actual_sum = {}, 0, 0.0, 0.0, 0.0, 0.0
+    per_client, skipped, users, hr, ndcg, err, actual_sum = {}, {}, 0, 0.0, 0.0, 0.0, 0.0
     for part in plan(events, clients):
-        prepared = prepare(
-            select(events, part),
-            top_category_chars=top_chars,
-            history_len=cfg.model.history,
-            demand_start=start,
-            catalog=catalog,
-        )
+        try:
+            prepared = prepare(
+                select(events, part),
+                top_category_chars=top_chars,
+                history_len=cfg.model.history,
+                demand_start=start,
+                catalog=catalog,
+            )
+        except NoHistory as exc:
+            skipped[part.name] = str(exc)
+            continue
         model, results = train_central(prepared, cfg)
-        actual, forecasts = forecast_holdout(model, prepared, device)
         n = results["test"]["users"]
         users += n
         hr += n * results["test"]["full"]["hr@10"]
         ndcg += n * results["test"]["full"]["ndcg@10"]
+        per_client[part.name] = {"users": n, "test": results["test"]["full"]}
+        if prepared.demand is None:
+            per_client[part.name]["no_forecast"] = prepared.demand_reason
+            continue
+        actual, forecasts = forecast_holdout(model, prepared, device)
         err += float(np.abs(actual - forecasts[PRIMARY]).sum())
         actual_sum += float(actual.sum())
-        per_client[part.name] = {
-            "users": n,
-            "test": results["test"]["full"],
-            "forecast": score(actual, forecasts[PRIMARY]),
-        }
+        per_client[part.name]["forecast"] = score(actual, forecasts[PRIMARY])
+    if not users:
+        raise NoHistory(f"no region has a user with {MIN_EVENTS} or more events")
     return {
         "clients": per_client,
+        "skipped": skipped,
         "pooled": {
             "users": users,
             "hr@10": hr / users,

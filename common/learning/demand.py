@@ -49,8 +49,11 @@ class HoldoutForecast:
 def holdout_forecast(
     model: BehaviorModel, prepared: Prepared, device: torch.device
 ) -> HoldoutForecast:
-    """The model's forecasts of the held-out weeks, flat over them, with PRIMARY's interval."""
+    """The model's forecasts of the held-out weeks, flat over them, with PRIMARY's interval;
+    a ValueError saying why for data without a demand series (`Prepared.demand` None)."""
     cat, demand, weeks = prepared.catalog, prepared.demand, prepared.holdout_weeks
+    if demand is None:
+        raise ValueError(prepared.demand_reason or "no demand series")
     sums = [
         bottom_up(
             predict_demand(model, seqs, device),

@@ -15,6 +15,10 @@ from common.learning.metrics import mae, wape
 WEEK = pd.Timedelta(days=7)
 
 
+class TooLittleDemand(ValueError):
+    """The purchases cannot make a weekly demand series (none, or under two full weeks)."""
+
+
 @dataclass
 class DemandSeries:
     """Units bought per (region, top category) series and week; only full weeks are kept."""
@@ -42,12 +46,12 @@ def weekly_demand(
     """
     bought = events[events["event_type"] == EventType.PURCHASE.value]
     if bought.empty:
-        raise ValueError("no purchase events: demand cannot be computed")
+        raise TooLittleDemand("no purchase events: demand cannot be computed")
     origin = pd.Timestamp(start) if start is not None else bought["timestamp"].min().normalize()
     end = bought["timestamp"].max().normalize() + pd.Timedelta(days=1)
     n_weeks = int((end - origin) / WEEK)
     if n_weeks < 2:
-        raise ValueError("fewer than two full weeks of purchases")
+        raise TooLittleDemand("fewer than two full weeks of purchases")
     week = ((bought["timestamp"] - origin) / WEEK).astype("float64").apply(np.floor)
     keep = (week >= 0) & (week < n_weeks)
     frame = pd.DataFrame(

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file
 
 from common.data.catalog import Catalog
 from common.data.events import sort_events
 from common.data.sequences import encode, history_sequences
+from common.digest import DIGEST, array_digest
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import per_batch
@@ -34,10 +36,22 @@ def load_exported(path: str | Path) -> Exported:
         card = json.loads((folder / CARD).read_text(encoding="utf-8"))
         catalog = Catalog.load(folder / card.get("catalog", CATALOG))
         model = BehaviorModel(ModelConfig(**card["config"]), catalog_shape(catalog))
-        model.load_state_dict(load_file(str(folder / card.get("weights", MODEL))))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        model.load_state_dict(checked_weights(folder / card.get("weights", MODEL)))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ValueError(f"{folder}: not a usable exported model ({exc})") from exc
     return Exported(model.eval(), catalog, card)
+
+
+def checked_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of `path`, checked against the SHA-256 `server.export` stores beside them
+    (an export written before it had one loads unchecked): safetensors checks the layout, not
+    the bytes, so a flipped bit would otherwise serve silently."""
+    with safe_open(str(path), framework="numpy") as fh:
+        expected = (fh.metadata() or {}).get(DIGEST)
+    tensors = load_file(str(path))
+    if expected is not None and expected != array_digest(tensors):
+        raise ValueError(f"{path.name}: checksum does not match: the file was altered or damaged")
+    return {name: torch.from_numpy(value) for name, value in tensors.items()}
 
 
 def user_histories(exp: Exported, events: pd.DataFrame):

@@ -11,7 +11,8 @@ FULL_RANKING = (
 )
 SAMPLED_RANKING = (
     "target vs 100 negatives drawn uniformly without replacement from the vocabulary minus "
-    "the target (seeded); for comparison with published numbers only"
+    "the target (seeded; all of them when there are no more than 100); for comparison with "
+    "published numbers only"
 )
 
 
@@ -27,8 +28,10 @@ def full_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def sampled_ranks(
     scores: torch.Tensor, target: torch.Tensor, rng: np.random.Generator, negatives: int = 100
 ) -> torch.Tensor:
-    """Rank of each target among itself and `negatives` uniform non-target items."""
+    """Rank of each target among itself and `negatives` uniform non-target items (every other
+    item when the vocabulary has no more than that)."""
     n_items = scores.shape[1]
+    negatives = min(negatives, n_items - 1)
     # Uniform without replacement from the vocabulary minus the target: draw from n-1 slots
     # and shift every slot at or after the target up by one.
     draws = np.stack(

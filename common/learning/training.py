@@ -119,7 +119,10 @@ def evaluate_ranking(
 
 @torch.no_grad()
 def predict_demand(model: BehaviorModel, seqs: Sequences, device: torch.device) -> np.ndarray:
-    """Expected units per user and top category over the model's horizon, [N, C]."""
+    """Expected units per user and top category over the model's horizon, [N, C]; N may be 0
+    (a cut before any of a client's users arrived)."""
     model.eval()
     rates = [units.cpu() for units, _ in per_batch(model.expected_units, seqs, device)]
+    if not rates:
+        return np.zeros((0, model.shape.top_categories), dtype=np.float32)
     return torch.cat(rates).numpy()

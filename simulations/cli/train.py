@@ -18,8 +18,8 @@ from rich.table import Table
 from common.data.catalog import Catalog
 from common.data.events import DataError
 from common.data.partition import plan
-from common.data.sources import run_events
-from common.learning.dataset import catalog_shape, prepare
+from common.data.sources import Source, run_events
+from common.learning.dataset import NoHistory, Prepared, catalog_shape, prepare
 from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import TrainConfig
 from common.messages import EPSILON, HR10, NDCG10, WAPE, WAPE_MOVING_AVERAGE
@@ -61,13 +61,14 @@ def baselines_cmd(
     """Popularity, repeat-aware and forecasting baselines under the evaluation protocol."""
     src = events_from(data, fmt, spec, maps)
     with console.status("computing baselines"):
-        prepared = prepare(src.events, top_category_chars=src.top_category_chars)
+        prepared = _prepared(src)
         base = baselines(prepared)
     save_run(out, None, prepared, {"source": src.name, "baselines": base})
     _print_results(
         src.name,
         [(k.replace("_", " "), v) for k, v in base["recommendation"].items()],
         [(k.replace("_", " "), v) for k, v in base["forecast"].items()],
+        prepared.demand_reason,
     )
 
 
@@ -86,9 +87,7 @@ def train_central_cmd(
     cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("preparing sequences"):
-        prepared = prepare(
-            src.events, top_category_chars=src.top_category_chars, history_len=cfg.model.history
-        )
+        prepared = _prepared(src, history_len=cfg.model.history)
     base = None if skip_baselines else baselines(prepared)
     with Progress(*_columns(), console=console) as progress:
         epoch_task = progress.add_task("epochs", total=cfg.train.epochs, status="")
@@ -110,7 +109,7 @@ def train_central_cmd(
     if base:
         rows = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()] + rows
         forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()] + forecast
-    _print_results(src.name, rows, forecast)
+    _print_results(src.name, rows, forecast, prepared.demand_reason)
     console.print(f"results in {out / RESULTS}")
 
 
@@ -129,11 +128,19 @@ def train_local_cmd(
     cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("training every region alone"):
-        results = train_local_only(
-            src.events, src.top_category_chars, clients or src.events["region"].nunique(), cfg
-        )
+        try:
+            results = train_local_only(
+                src.events, src.top_category_chars, clients or src.events["region"].nunique(), cfg
+            )
+        except NoHistory as exc:
+            raise fail(f"{src.name}: {exc}") from exc
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).write_text(json.dumps({"source": src.name, **results}, indent=2))
+    for name, why in results["skipped"].items():
+        console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}")
+    for name, c in results["clients"].items():
+        if "no_forecast" in c:
+            console.print(f"[dim]{escape(name)}: {escape(c['no_forecast'])}[/]")
     p = results["pooled"]
     console.print(
         f"local-only, pooled over {p['users']:,} users: HR@10 {p['hr@10']:.4f}  "
@@ -212,6 +219,14 @@ def simulate_cmd(
     _print_simulation(result, out)
 
 
+def _prepared(src: Source, **options: int) -> Prepared:
+    """The command's data prepared; data no head can use is a named error (exit 2)."""
+    try:
+        return prepare(src.events, top_category_chars=src.top_category_chars, **options)
+    except NoHistory as exc:
+        raise fail(f"{src.name}: {exc}") from exc
+
+
 def _central_config(given: dict) -> CentralConfig:
     """The model's and the trainer's settings given on the command line, validated."""
     return CentralConfig(
@@ -267,7 +282,10 @@ def _label(name: str, m: dict) -> str:
 
 
 def _print_results(
-    title: str, rows: list[tuple[str, dict]], forecast: list[tuple[str, dict]]
+    title: str,
+    rows: list[tuple[str, dict]],
+    forecast: list[tuple[str, dict]],
+    no_forecast: str | None = None,
 ) -> None:
     table = Table(
         title=f"{title}: next-item, leave-last-out, full ranking (sampled-100 in brackets)"
@@ -282,6 +300,9 @@ def _print_results(
             f"{f['ndcg@10']:.4f} ({s['ndcg@10']:.3f})",
         )
     console.print(table)
+    if no_forecast:
+        console.print(f"demand per region × top category × week: {escape(no_forecast)}")
+        return
     fc = Table(title="demand per region × top category × week, last 4 weeks held out")
     for col in ("forecast", "WAPE", "MAE", "interval coverage"):
         fc.add_column(col)
