@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,11 +15,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from common.atomic import write_with
+from common.digest import DIGEST, array_digest
 from common.run_files import CHECKPOINT
 
 # Server-optimizer state of Flower's FedOpt family (FedAdam, FedYogi, ...); FedAvg has none.
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t")
-DIGEST = "sha256"
 
 
 @dataclass
@@ -30,17 +29,6 @@ class Checkpoint:
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     central_accountant: dict | None = None  # Flower's accountant state, client-level DP
-
-
-def _digest(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> str:
-    """SHA-256 over every array (name, dtype, shape, bytes) and the metadata: safetensors checks
-    the layout, not the content, so a flipped bit would otherwise resume silently."""
-    h = hashlib.sha256(json.dumps(dict(meta), sort_keys=True).encode())
-    for name in sorted(tensors):
-        value = np.ascontiguousarray(tensors[name])
-        h.update(json.dumps([name, value.dtype.str, value.shape]).encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
 
 
 def save(out: Path, ckpt: Checkpoint) -> Path:
@@ -54,7 +42,7 @@ def save(out: Path, ckpt: Checkpoint) -> Path:
         "history": json.dumps(ckpt.history),
         "central-accountant": json.dumps(ckpt.central_accountant),
     }
-    meta[DIGEST] = _digest(tensors, meta)
+    meta[DIGEST] = array_digest(tensors, meta)
     return write_with(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
@@ -70,7 +58,7 @@ def load(out: Path, like: Mapping[str, Any] | None = None) -> Checkpoint | None:
             meta = fh.metadata() or {}
         tensors = load_file(str(path))
         expected = meta.pop(DIGEST, None)
-        if expected is not None and expected != _digest(tensors, meta):
+        if expected is not None and expected != array_digest(tensors, meta):
             raise ValueError("its checksum does not match: the file was altered or damaged")
         server_round = int(meta["round"])
         history = json.loads(meta["history"])

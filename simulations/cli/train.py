@@ -22,7 +22,17 @@ from common.data.sources import Source, run_events
 from common.learning.dataset import NoHistory, Prepared, catalog_shape, prepare
 from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import TrainConfig
-from common.messages import EPSILON, HR10, NDCG10, WAPE, WAPE_MOVING_AVERAGE
+from common.messages import (
+    DELTA,
+    EPSILON,
+    EPSILON_BUDGET,
+    HR10,
+    NDCG10,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    WAPE,
+    WAPE_MOVING_AVERAGE,
+)
 from common.run_files import CATALOG, CHECKPOINT, RESULTS, ROUNDS
 from common.runconfig import RunConfig
 from server import checkpoint
@@ -360,17 +370,20 @@ def _print_simulation(result: SimulationResult, out: Path) -> None:
 def _print_privacy(privacy: dict) -> None:
     title = f"privacy spent per client (user-level; {privacy['accountant']} accountant)"
     table = Table(title=title)
-    columns = ("client", "ε spent", "ε budget", "δ", "noise σ", "sample rate", "declined rounds")
+    columns = (
+        "client", "ε spent", "ε budget", "δ", "noise σ", "sample rate", "declined rounds",
+        "refused / failed rounds",
+    )  # fmt: skip
     for col in columns:
         table.add_column(col, justify="right")
     for name, c in privacy["clients"].items():
+        # a client that never trained (refused, failed) reported no mechanism: shown as "-"
+        shown = [(EPSILON, ".3f"), (EPSILON_BUDGET, "g"), (DELTA, "g"),
+                 (NOISE_MULTIPLIER, ".3f"), (SAMPLE_RATE, ".4f")]  # fmt: skip
         table.add_row(
             name,
-            f"{c.get('epsilon', 0):.3f}",
-            f"{c.get('epsilon-budget', 0):g}",
-            f"{c.get('delta', 0):g}",
-            f"{c.get('noise-multiplier', 0):.3f}",
-            f"{c.get('sample-rate', 0):.4f}",
+            *(format(c[key], spec) if key in c else "-" for key, spec in shown),
             ", ".join(map(str, c["declined_rounds"])) or "-",
+            ", ".join(map(str, c.get("refused_rounds", []) + c.get("failed_rounds", []))) or "-",
         )
     console.print(table)
