@@ -26,8 +26,10 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || $(APT) || ($(SUDO) apt-get update -q && $(APT))
 
+# Two workers on the two cores: the deployment tests mostly wait on Flower's 3 s polls, so the
+# rest runs beside them; tests that share Flower's ports stay in one worker (xdist_group).
 test: lint browser audit
-	FEDSHOP_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	FEDSHOP_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
 # Supply chain: pip-audit (dev extra) looks the installed dependencies up in PyPI's vulnerability
 # data; a finding fails the run unless .ci/audit-allowlist.toml lists its id with a reason. The

@@ -19,7 +19,8 @@ from simulations.cli import app
 from simulations.simulate import _alive, _processes, simulate
 from tests.conftest import TINY
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs these in turn: a local simulation binds Flower's fixed ports.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-simulation")]
 CLIENTS = 3
 runner = CliRunner()
 
