@@ -27,9 +27,10 @@ browser:
 	@command -v chromium >/dev/null || $(APT) || ($(SUDO) apt-get update -q && $(APT))
 
 # Two workers on the two cores: the deployment tests mostly wait on Flower's 3 s polls, so the
-# rest runs beside them; tests that share Flower's ports stay in one worker (xdist_group).
+# rest runs beside them. One file's tests share a worker (--dist loadfile): the simulation tests
+# share the local SuperLink's ports, the deployment tests theirs (39291…).
 test: lint browser audit
-	FEDSHOP_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+	FEDSHOP_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # Supply chain: pip-audit (dev extra) looks the installed dependencies up in PyPI's vulnerability
 # data; a finding fails the run unless .ci/audit-allowlist.toml lists its id with a reason. The

@@ -142,10 +142,14 @@ def simulate(
     other = [
         pid
         for pid, (_, cmd) in _processes().items()
-        if "flower-superlink" in cmd and str(home) not in cmd and _alive(pid)
+        if "flower-superlink" in cmd
+        and "--simulation" in cmd
+        and str(home) not in cmd
+        and _alive(pid)
     ]
     if other:
-        # `flwr run` would submit to that SuperLink (same local port) with its own state.
+        # `flwr run` would submit to that local SuperLink (same port) with its own state; a
+        # deployment SuperLink on its own port is no obstacle.
         raise RuntimeError(
             f"another local Flower SuperLink is running (pid {other[0]}); stop it first"
         )

@@ -28,8 +28,7 @@ from server.node_registry import Registry
 from simulations.cli import app
 from simulations.simulate import APP_DIR, stop_tree
 
-# One xdist worker runs these in turn: they bind the same ports on 127.0.0.1.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-deployment")]
+pytestmark = pytest.mark.slow
 PORT = 39291  # SuperLink's HTTP API (Fleet and Control); away from the local simulation's 39091
 EXPIRED_PORT = PORT + 50  # a second SuperLink, serving an expired certificate
 BIN = Path(sys.executable).parent

@@ -19,8 +19,7 @@ from simulations.cli import app
 from simulations.simulate import _alive, _processes, simulate
 from tests.conftest import TINY
 
-# One xdist worker runs these in turn: a local simulation binds Flower's fixed ports.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flower-simulation")]
+pytestmark = pytest.mark.slow
 CLIENTS = 3
 runner = CliRunner()
 
