@@ -20,6 +20,27 @@ class StrategyName(StrEnum):
     FEDAVG = "fedavg"
     FEDADAM = "fedadam"
     FEDPROX = "fedprox"
+    # Byzantine-robust rules (Flower's own): they need every client's update in the clear
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    FEDMEDIAN = "fedmedian"
+    KRUM = "krum"
+    MULTIKRUM = "multikrum"
+    BULYAN = "bulyan"
+
+    @property
+    def robust(self) -> bool:
+        return self in ROBUST
+
+
+ROBUST = frozenset(
+    {
+        StrategyName.FEDTRIMMEDAVG,
+        StrategyName.FEDMEDIAN,
+        StrategyName.KRUM,
+        StrategyName.MULTIKRUM,
+        StrategyName.BULYAN,
+    }
+)
 
 
 class CentralDP(StrEnum):
@@ -40,6 +61,15 @@ class RunConfig(BaseModel):
     strategy: StrategyName = Field(StrategyName.FEDAVG, description="Server strategy")
     server_lr: float = Field(0.01, gt=0, description="FedAdam server learning rate (eta)")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    trim_beta: float = Field(
+        0.2, ge=0, lt=0.5, description="FedTrimmedAvg: share of updates cut from each tail"
+    )
+    malicious_clients: int = Field(
+        1, ge=0, description="Krum, MultiKrum, Bulyan: poisoned clients to tolerate (f)"
+    )
+    multikrum_select: int = Field(
+        0, ge=0, description="MultiKrum: updates averaged per round; 0 = replies − f"
+    )
     planned_rounds: int = Field(
         0, ge=0, description="Rounds each client's budget is planned for; 0 = num-server-rounds"
     )
@@ -116,6 +146,8 @@ class RunConfig(BaseModel):
     def _check(self) -> RunConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.strategy.robust:
+            self._check_robust()
         if self.central_dp is not CentralDP.OFF and (
             self.strategy is StrategyName.FEDADAM or self.fraction_train < 1
         ):
@@ -126,6 +158,31 @@ class RunConfig(BaseModel):
         if self.secagg:
             self._check_secagg()
         return self
+
+    def _check_robust(self) -> None:
+        name = self.strategy.value
+        if self.secagg:
+            raise ValueError(
+                f"strategy {name} compares each client's update, and secagg hides them from "
+                "the server (it learns only their sum): use one or the other"
+            )
+        if self.central_dp is not CentralDP.OFF:
+            raise ValueError(
+                f"central-dp's noise (σ·C/n) covers one client in an average of n clipped "
+                f"updates; strategy {name}'s result can follow one client further (a median "
+                "or a Krum pick is one update), so the noise would not cover it: use "
+                "central-dp with fedavg or fedprox"
+            )
+        # Flower's Bulyan aggregates nothing from fewer than 4f + 3 updates (El Mhamdi et al.
+        # 2018). (Multi-)Krum's guarantee needs n ≥ 2f + 3 (Blanchard et al. 2017), but Flower's
+        # runs with fewer, and a round that lost rejected replies is better served than stopped.
+        least = 4 * self.malicious_clients + 3
+        if self.strategy is StrategyName.BULYAN and self.min_clients < least:
+            raise ValueError(
+                f"strategy bulyan aggregates nothing from fewer than 4f + 3 = {least} updates "
+                f"(malicious-clients f = {self.malicious_clients}): set min-clients to {least} "
+                "or more, or lower malicious-clients"
+            )
 
     def _check_secagg(self) -> None:
         if self.central_dp is not CentralDP.OFF:

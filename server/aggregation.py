@@ -1,9 +1,32 @@
-"""Choosing the strategy and aggregating what clients report."""
+"""Choosing the strategy and aggregating what clients report.
+
+Besides FedAvg, FedAdam and FedProx, the run config selects Flower's own Byzantine-robust
+rules: FedTrimmedAvg (coordinate-wise trimmed mean), FedMedian (coordinate-wise median), Krum,
+MultiKrum and Bulyan (El Mhamdi et al.: a Multi-Krum selection, then per coordinate the mean
+of the values closest to their median). None keeps state between rounds (checkpoints hold
+nothing for them). They need each client's update in the clear, so the run config refuses them
+with SecAgg+ and with central DP (`RunConfig._check_robust`). Broken replies (NaN, wrong
+shapes, updates larger than local training can make) never reach any of them:
+`server.reply_checks` rejects those first, so a robust rule only has to deal with
+plausible-looking poison such as a sign flip.
+"""
 
 from __future__ import annotations
 
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from common.messages import (
     DEMAND_ACTUAL_SUM,
@@ -44,6 +67,19 @@ def aggregate_evaluation(replies: list[RecordDict]) -> MetricRecord:
     return MetricRecord(out)
 
 
+class _MultiKrum(MultiKrum):
+    """Flower's MultiKrum averaging the n − f best-scored of the n updates it receives, as
+    Blanchard et al. (2017) define Multi-Krum (`multikrum-select` = 0); Flower's needs a fixed
+    count, which would be wrong whenever a client declines or fails."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
 def make_strategy(cfg: RunConfig) -> Strategy:
     common = {
         "fraction_train": cfg.fraction_train,
@@ -59,4 +95,20 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
     if cfg.strategy is StrategyName.FEDPROX:
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    f = cfg.malicious_clients
+    match cfg.strategy:
+        case StrategyName.FEDTRIMMEDAVG:
+            return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+        case StrategyName.FEDMEDIAN:
+            return FedMedian(**common)
+        case StrategyName.KRUM:
+            return Krum(**common, num_malicious_nodes=f)
+        case StrategyName.MULTIKRUM if cfg.multikrum_select:
+            return MultiKrum(
+                **common, num_malicious_nodes=f, num_nodes_to_select=cfg.multikrum_select
+            )
+        case StrategyName.MULTIKRUM:
+            return _MultiKrum(**common, num_malicious_nodes=f)
+        case StrategyName.BULYAN:
+            return Bulyan(**common, num_malicious_nodes=f)
     return FedAvg(**common)

@@ -19,10 +19,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.messages import CLIENT, DECLINED, LEDGER_HEADS, NAME, REASON, REFUSED
+from common.runconfig import RunConfig
 from server import checkpoint
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
 from server.node_registry import NodeBinder
+from server.reply_checks import ReplyChecks
 from server.secure_aggregation import SecureAggregation, SecureAggregationError, SecureRound
 
 
@@ -32,25 +34,42 @@ class Triage:
     declined: list[Message]
     failed: list[Message]
     refused: list[Message]
-    # Replies whose reported name is not their node's (see `server.node_registry`), with the
-    # reason: never aggregated, and kept out of the aggregation ledger so that an impostor
-    # cannot move the ledger heads the server holds for the name it claims.
+    # Replies whose reported name is not their node's (see `server.node_registry`), or whose
+    # content is broken or implausible (`server.reply_checks`), with the reason: never
+    # aggregated, and kept out of the aggregation ledger so that an impostor cannot move the
+    # ledger heads the server holds for the name it claims.
     rejected: list[tuple[Message, str]] = field(default_factory=list)
 
 
-def triage(replies: list[Message], binder: NodeBinder | None = None) -> Triage:
+def triage(
+    replies: list[Message],
+    binder: NodeBinder | None = None,
+    sent: ArrayRecord | None = None,
+    checks: ReplyChecks | None = None,
+) -> Triage:
+    """Sort replies by outcome. With `checks` and the arrays `sent` to the clients, a training
+    reply that is broken or hostile (NaN, wrong arrays, an update no honest round can produce;
+    see `server.reply_checks`) is rejected, its client named in the reason. Under SecAgg+ the
+    server never holds one client's arrays, so the round loop passes no `checks` there."""
     failed = [m for m in replies if m.has_error()]
     rejected = [(m, why) for m in replies if binder and (why := binder.rejection(m))]
     ok = [m for m in replies if not m.has_error() and all(m is not r for r, _ in rejected)]
     refused = [m for m in ok if REFUSED in m.content]
     answered = [m for m in ok if REFUSED not in m.content]
+    if checks is not None and sent is not None:
+        broken = [(m, why) for m in answered if (why := checks.rejection(m, sent))]
+        rejected += broken
+        answered = [m for m in answered if all(m is not r for r, _ in broken)]
     declined = [m for m in answered if float(m.content["metrics"].get(DECLINED, 0)) > 0]
     trained = [m for m in answered if m not in declined]
     return Triage(trained, declined, failed, refused, rejected)
 
 
 def _name(m: Message) -> str:
-    return str(m.content[CLIENT][NAME]) if CLIENT in m.content else str(m.metadata.src_node_id)
+    try:
+        return str(m.content[CLIENT][NAME])
+    except KeyError:  # no client record, or one without a name (a broken reply)
+        return str(m.metadata.src_node_id)
 
 
 def client_rows(server_round: int, t: Triage) -> list[dict]:
@@ -135,6 +154,13 @@ class RoundLoop:
     secure: SecureAggregation | None = None  # train under SecAgg+: the server sees only sums
     context: Context | None = None  # the ServerApp's (SecAgg+ runs in a legacy view of it)
     timeout: float | None = None  # seconds to wait for each step's replies; None = for all
+    # what a training reply must look like to be aggregated; None = from the context's run
+    # config (the ServerApp's), or no checks without a context
+    checks: ReplyChecks | None = None
+
+    def __post_init__(self) -> None:
+        if self.checks is None and self.context is not None:
+            self.checks = ReplyChecks(RunConfig.from_flower(self.context.run_config))
 
     def _train(
         self, rnd: int, arrays: ArrayRecord, config: ConfigRecord
@@ -164,7 +190,10 @@ class RoundLoop:
             except SecureAggregationError as exc:
                 reason = f"round {rnd}: secure aggregation cannot run: {exc}; the run stops here"
                 return arrays, self._stop({"round": rnd, "clients": []}, reason)
-            t = triage(replies, self.binder)
+            # Under SecAgg+ the server holds only the masked sum, never one client's arrays:
+            # nothing to check per client (the run config refuses robust strategies there).
+            checks = None if secure else self.checks
+            t = triage(replies, self.binder, arrays, checks)
             record = {"round": rnd, "clients": client_rows(rnd, t)}
             if secure:
                 record["secure_aggregation"] = secure.summary

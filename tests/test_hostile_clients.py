@@ -1,0 +1,422 @@
+"""Hostile or broken clients (issue 12): replies the server must not aggregate are rejected with
+the client's name before any strategy sees them, and Flower's robust strategies are selectable.
+
+Everything runs in this process on small arrays (one real ClientApp DP round on tiny data); no
+Flower run is started.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import client_app, local_training
+from common.learning.dataset import catalog_shape
+from common.learning.model import BehaviorModel
+from common.messages import (
+    ARRAYS,
+    CLIENT,
+    CLIP_NORM,
+    DECLINED,
+    DELTA,
+    EPSILON,
+    EPSILON_BUDGET,
+    HITS_SUM,
+    METRICS,
+    NAME,
+    NDCG_SUM,
+    NOISE_MULTIPLIER,
+    SAMPLE_RATE,
+    STEPS,
+    UNIFORM,
+    USERS_SUM,
+    WEIGHT,
+)
+from common.run_files import CLIENTS, POLICY, SERVER_LEDGER
+from common.runconfig import RunConfig, StrategyName
+from privacy.signing import create_pair
+from server import checkpoint
+from server.aggregation import make_strategy
+from server.aggregation_ledger import AggregationLedger
+from server.node_registry import NodeBinder
+from server.platform import platform_for
+from server.reply_checks import (
+    BETA1,
+    BETA2,
+    ReplyChecks,
+    adam_displacement,
+    rho_limit,
+)
+from server.rounds import RoundLoop, client_rows, triage
+from simulations.simulate import simulated_policy
+
+CFG = RunConfig()  # DP, lr 5e-3, batch 64, one local epoch, clip norm 1
+SHAPES = {"embed": (20, 4), "bias": (4,)}
+SENT = {k: np.random.default_rng(1).normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
+USERS = 300  # released user count: q = 1/5, 5 steps (privacy.account.mechanism_shape)
+STEPS_FOR_USERS = 5
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+
+
+def dp_metrics(users: int = USERS, **change) -> dict:
+    metrics = {
+        DECLINED: 0, UNIFORM: 1.0, WEIGHT: users, EPSILON: 2.0, DELTA: 1e-5,
+        EPSILON_BUDGET: 8.0, NOISE_MULTIPLIER: 1.1, CLIP_NORM: 1.0,
+        SAMPLE_RATE: 1 / STEPS_FOR_USERS, STEPS: STEPS_FOR_USERS,
+    }  # fmt: skip
+    return metrics | change
+
+
+def reply(node: int, name: str, arrays=None, metrics=None, content=None) -> Message:
+    """A training reply from `node` naming `name`: by default a plausible DP update (every
+    coordinate moved by lr per step, half of them one way and half the other)."""
+    if arrays is None:
+        rng = np.random.default_rng(node)
+        arrays = {
+            k: v + CFG.lr * STEPS_FOR_USERS * rng.choice([-1.0, 1.0], v.shape).astype(np.float32)
+            for k, v in SENT.items()
+        }
+    records = {
+        ARRAYS: _record(arrays),
+        METRICS: MetricRecord(dp_metrics() if metrics is None else metrics),
+        CLIENT: ConfigRecord({NAME: name}),
+    }
+    records |= content or {}
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(RecordDict(records), reply_to=instruction)
+
+
+def _bigger(k: str) -> np.ndarray:
+    return np.zeros((21, 4), np.float32) if k == "embed" else SENT[k]
+
+
+BROKEN = {
+    "nan": lambda: reply(9, "mallory", {**SENT, "bias": np.array([0, np.nan, 0, 0], np.float32)}),
+    "inf": lambda: reply(9, "mallory", {**SENT, "embed": np.full((20, 4), np.inf, np.float32)}),
+    "wrong shape": lambda: reply(9, "mallory", {k: _bigger(k) for k in SENT}),
+    "wrong dtype": lambda: reply(9, "mallory", {k: v.astype(np.float64) for k, v in SENT.items()}),
+    "missing array": lambda: reply(9, "mallory", {"embed": SENT["embed"]}),
+    "extra array": lambda: reply(9, "mallory", {**SENT, "backdoor": np.ones(3, np.float32)}),
+    "scaled update": lambda: reply(9, "mallory", {k: v + 10 * CFG.lr * 5 for k, v in SENT.items()}),
+    "one coordinate": lambda: reply(
+        9, "mallory", {**SENT, "bias": SENT["bias"] + np.array([0, 0, 0.2, 0], np.float32)}
+    ),
+    "nan weight": lambda: reply(9, "mallory", metrics=dp_metrics(**{WEIGHT: float("nan")})),
+    "negative weight": lambda: reply(9, "mallory", metrics=dp_metrics(**{WEIGHT: -300})),
+    "uniform weight": lambda: reply(9, "mallory", metrics=dp_metrics(**{UNIFORM: 50.0})),
+    "more steps claimed": lambda: reply(9, "mallory", metrics=dp_metrics(**{STEPS: 500})),
+    "other clip norm": lambda: reply(9, "mallory", metrics=dp_metrics(**{CLIP_NORM: 100.0})),
+    "no DP metrics": lambda: reply(9, "mallory", metrics={DECLINED: 0, UNIFORM: 1.0, WEIGHT: 300}),
+    "extra metric": lambda: reply(9, "mallory", metrics=dp_metrics(loss=0.1)),
+    "no metrics": lambda: reply(9, "mallory", content={METRICS: ConfigRecord({"x": 1})}),
+    "second array record": lambda: reply(9, "mallory", content={"more": _record(SENT)}),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_broken_reply_is_rejected_with_its_clients_name_and_the_others_aggregate(kind):
+    bad = BROKEN[kind]()
+    replies = [reply(1, "north"), bad, reply(2, "south")]
+    t = triage(replies, NodeBinder.for_run(""), _record(SENT), ReplyChecks(CFG))
+    assert [m.metadata.src_node_id for m in t.trained] == [1, 2]
+    assert len(t.rejected) == 1 and t.rejected[0][0] is bad
+    why = t.rejected[0][1]
+    assert why.startswith("'mallory' (node 9): "), why
+    row = client_rows(4, t)[-1]
+    assert (row["client"], row["status"], row["error"]) == ("mallory", "rejected", why)
+    arrays, _ = FedAvg(weighted_by_key=WEIGHT).aggregate_train(4, t.trained)
+    assert arrays is not None and set(arrays) == set(SHAPES)
+    assert all(np.isfinite(arrays[k].numpy()).all() for k in SHAPES)
+
+
+def test_the_reasons_say_what_is_wrong():
+    checks, sent = ReplyChecks(CFG), _record(SENT)
+    expect = {
+        "nan": "array 'bias' holds NaN or Inf",
+        "wrong shape": "array 'embed' is float32[21, 4], the model's is float32[20, 4]",
+        "wrong dtype": "float64",
+        "missing array": "arrays missing ['bias']",
+        "extra array": "unexpected ['backdoor']",
+        "scaled update": "update too large: 'embed' moved 0.25",
+        "one coordinate": "update too large: 'bias' moved 0.2",
+        "more steps claimed": "do not follow from its released user count 300",
+        "other clip norm": "clip norm 100, the request fixed 1",
+        "no DP metrics": "metrics missing",
+        "extra metric": "unexpected ['loss']",
+    }
+    for kind, text in expect.items():
+        assert text in checks.rejection(BROKEN[kind](), sent), kind
+
+
+def test_plausible_updates_pass_and_declined_replies_are_left_to_triage():
+    checks, sent = ReplyChecks(CFG), _record(SENT)
+    assert checks.rejection(reply(1, "north"), sent) is None
+    # the farthest any honest round of 5 Adam steps can reach passes too
+    edge = {k: v + np.float32(adam_displacement(5, CFG.lr)) for k, v in SENT.items()}
+    assert checks.rejection(reply(1, "north", edge), sent) is None
+    # a sign flip is as large as an honest update: only a robust rule can stop it
+    flipped = {k: 2 * SENT[k] - v.numpy() for k, v in reply(1, "north").content[ARRAYS].items()}
+    assert checks.rejection(reply(1, "north", flipped), sent) is None
+    declined = reply(3, "east", content={METRICS: MetricRecord({DECLINED: 1, WEIGHT: 0})})
+    del declined.content[ARRAYS]
+    t = triage([declined], None, sent, checks)
+    assert t.declined == [declined] and not t.rejected
+
+
+def test_a_reply_without_dp_gets_the_same_adam_bound():
+    plain = CFG.model_copy(update={"dp": False})
+    checks, sent = ReplyChecks(plain), _record(SENT)
+    metrics = {DECLINED: 0, UNIFORM: 1.0, WEIGHT: 130, EPSILON: float("inf")}  # 3 batches of 64
+    assert checks.steps(MetricRecord(metrics)) == 3
+    step = np.float32(CFG.lr * 3)
+    assert (
+        checks.rejection(reply(1, "n", {k: v + step for k, v in SENT.items()}, metrics), sent)
+        is None
+    )
+    far = {k: v + 10 * step for k, v in SENT.items()}
+    assert "update too large" in checks.rejection(reply(1, "n", far, metrics), sent)
+
+
+def _adam_path(grads: torch.Tensor, lr: float, pull: float = 0.0) -> float:
+    """Run torch's Adam (as the clients do) over the gradient sequence; the farthest
+    coordinate from the start at the end."""
+    p = torch.nn.Parameter(torch.zeros(grads.shape[1], dtype=torch.float64))
+    opt = torch.optim.Adam([p], lr=lr)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        if pull:
+            with torch.no_grad():
+                p.sub_(lr * pull * p)
+    return float(p.detach().abs().max())
+
+
+def test_the_size_bound_holds_for_any_gradients_and_is_nearly_reached():
+    torch.manual_seed(0)
+    lr, steps = 0.01, 60
+    t = torch.arange(steps, dtype=torch.float64)[:, None]
+    growth = (BETA2 / BETA1) ** t  # the Cauchy–Schwarz equality case: the bound's worst case
+    cases = {
+        "noise": torch.randn(steps, 50, dtype=torch.float64),
+        "constant": torch.ones(steps, 3, dtype=torch.float64),
+        "late spike": torch.where(t == steps - 1, 1.0, 0.0) * torch.ones(steps, 2),
+        "growing": growth * torch.ones(steps, 2, dtype=torch.float64),
+        "alternating": (-1.0) ** t * torch.ones(steps, 2, dtype=torch.float64),
+    }
+    bound = adam_displacement(steps, lr)
+    for name, grads in cases.items():
+        moved = _adam_path(grads.to(torch.float64), lr)
+        assert moved <= bound * (1 + 1e-9), name
+    assert _adam_path(cases["growing"], lr) > 0.9 * bound  # tight: no room to shrink it
+    assert _adam_path(cases["constant"], lr) == pytest.approx(lr * steps, rel=1e-6)
+    # a long run approaches ρ∞ per step; FedProx's pull only shrinks a displacement
+    assert adam_displacement(10**6, lr) / (lr * 10**6) == pytest.approx(rho_limit(), rel=1e-2)
+    assert _adam_path(cases["growing"], lr, pull=5.0) <= adam_displacement(steps, lr, 5.0)
+    assert adam_displacement(steps, lr, pull=300.0) > bound  # lr·μ > 2 overshoots: wider bound
+
+
+def test_the_bound_matches_the_optimizer_the_clients_use():
+    assert torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]).defaults["betas"] == (
+        BETA1,
+        BETA2,
+    )
+    source = inspect.getsource(local_training)
+    assert source.count("torch.optim.Adam(model.parameters(), lr=cfg.lr)") == 2
+    assert "weight_decay" not in source and "amsgrad" not in source
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_events):
+    data = tmp_path / "tiny.parquet"
+    tiny_events.to_parquet(data)
+    cfg = RunConfig(
+        data=str(data), out=str(tmp_path / "out"), hidden=16, layers=1, heads=2, max_len=12,
+        batch_size=16, delta=1e-3, device="cpu",
+    )  # fmt: skip
+    platform = platform_for(cfg, Path(cfg.out))
+    simulated_policy(cfg).write(Path(cfg.out) / CLIENTS / POLICY)
+    shared = {"catalog": str(platform.catalog_path), "demand-start": platform.demand_start}
+    return cfg, shared, catalog_shape(platform.catalog)
+
+
+def test_a_real_dp_update_passes_and_the_same_update_scaled_up_does_not(tiny_run):
+    cfg, shared, shape = tiny_run
+    torch.manual_seed(0)
+    sent = ArrayRecord(BehaviorModel(cfg.model, shape).state_dict())
+    config = ConfigRecord(shared | {"server-round": 1})
+    msg = Message(RecordDict({ARRAYS: sent, "config": config}), dst_node_id=1, message_type="train")
+    context = Context(
+        run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(), run_config=cfg.to_flower(),
+    )  # fmt: skip
+    real = client_app.train(msg, context)
+    checks = ReplyChecks(cfg)
+    assert checks.rejection(real, sent) is None
+    trained = real.content[ARRAYS]
+    moved = max(float(np.abs(trained[k].numpy() - sent[k].numpy()).max()) for k in sent)
+    steps = checks.steps(real.content[METRICS])
+    assert 0 < moved <= checks.bound(steps) / 1.4  # far inside the bound, slack aside
+    scaled = {k: sent[k].numpy() + 10 * (trained[k].numpy() - sent[k].numpy()) for k in sent}
+    real.content[ARRAYS] = _record(scaled)
+    why = checks.rejection(real, sent)
+    assert why and why.startswith(f"{real.content[CLIENT][NAME]!r} (node 1): update too large")
+
+
+ROBUST = {
+    "fedtrimmedavg": (FedTrimmedAvg, {"trim_beta": 0.3}, {"beta": 0.3}),
+    "fedmedian": (FedMedian, {}, {}),
+    "krum": (Krum, {"malicious_clients": 2}, {"num_malicious_nodes": 2, "num_nodes_to_select": 1}),
+    "multikrum": (MultiKrum, {"malicious_clients": 1, "multikrum_select": 3},
+                  {"num_malicious_nodes": 1, "num_nodes_to_select": 3}),
+    "bulyan": (Bulyan, {"malicious_clients": 1, "min_clients": 7}, {"num_malicious_nodes": 1}),
+}  # fmt: skip
+
+
+def _updates(n: int, poisoned: int) -> list[Message]:
+    """n replies near `SENT + 0.01`, the first `poisoned` of them far off (−5)."""
+    rng = np.random.default_rng(3)
+    out = []
+    for node in range(1, n + 1):
+        shift = -5.0 if node <= poisoned else 0.01
+        arrays = {
+            k: v + shift + rng.normal(0, 1e-3, v.shape).astype(np.float32) for k, v in SENT.items()
+        }
+        out.append(reply(node, f"c{node}", arrays))
+    return out
+
+
+@pytest.mark.parametrize("name", list(ROBUST))
+def test_each_robust_strategy_is_built_from_the_run_config_and_resists_an_outlier(name):
+    kind, settings, attributes = ROBUST[name]
+    cfg = RunConfig.from_flower(
+        {"strategy": name, **{k.replace("_", "-"): v for k, v in settings.items()}}
+    )
+    strategy = make_strategy(cfg)
+    assert isinstance(strategy, kind)
+    for attr, value in attributes.items():
+        assert getattr(strategy, attr) == value
+    arrays, metrics = strategy.aggregate_train(1, _updates(7, poisoned=1))
+    assert arrays is not None and metrics is not None
+    for k in SHAPES:
+        assert np.abs(arrays[k].numpy() - (SENT[k] + 0.01)).max() < 0.01, (name, k)
+    # nothing to checkpoint, and a restored strategy aggregates the same
+    assert checkpoint.strategy_state(strategy) == {}
+    resumed = make_strategy(cfg)
+    checkpoint.restore_strategy(resumed, checkpoint.strategy_state(strategy))
+    again, _ = resumed.aggregate_train(2, _updates(7, poisoned=1))
+    assert all(np.array_equal(again[k].numpy(), arrays[k].numpy()) for k in SHAPES)
+
+
+def test_multikrum_averages_all_but_f_by_default():
+    strategy = make_strategy(RunConfig(strategy="multikrum", malicious_clients=2))
+    strategy.aggregate_train(1, _updates(7, poisoned=2))
+    assert strategy.num_nodes_to_select == 5
+    strategy.aggregate_train(2, _updates(4, poisoned=0))  # fewer replies this round
+    assert strategy.num_nodes_to_select == 2
+
+
+def test_fedavg_follows_the_outlier_the_robust_rules_ignore():
+    arrays, _ = make_strategy(RunConfig()).aggregate_train(1, _updates(7, poisoned=1))
+    assert np.abs(arrays["bias"].numpy() - (SENT["bias"] + 0.01)).max() > 0.5
+
+
+@pytest.mark.parametrize("name", list(ROBUST))
+def test_robust_strategies_refuse_settings_they_cannot_work_with(name):
+    with pytest.raises(ValueError, match=f"strategy {name} compares each client's update.*secagg"):
+        RunConfig(strategy=name, secagg=True, min_clients=7)
+    with pytest.raises(ValueError, match="central-dp"):
+        RunConfig(strategy=name, central_dp="fixed", min_clients=7)
+    with pytest.raises(ValueError, match="secagg hides them"):
+        RunConfig.from_flower({"strategy": name, "secagg": True, "min-clients": 7})
+
+
+def test_bulyan_needs_4f_plus_3_updates_every_round():
+    with pytest.raises(ValueError, match=r"fewer than 4f \+ 3 = 7 updates.*min-clients to 7"):
+        RunConfig(strategy="bulyan", malicious_clients=1, min_clients=6)
+    RunConfig(strategy="bulyan", malicious_clients=0, min_clients=3)
+    assert {s.value for s in StrategyName if s.robust} == set(ROBUST)
+
+
+class _Grid:
+    """Four nodes whose training replies are fixed in advance; evaluation answers sums."""
+
+    def __init__(self, replies: dict[int, Message]) -> None:
+        self.replies = replies
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.replies)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if m.metadata.message_type == "train":
+                template = self.replies[node]
+                out.append(Message(template.content, reply_to=m))
+            else:
+                sums = {USERS_SUM: 10.0, HITS_SUM: 3.0, NDCG_SUM: 1.0, WEIGHT: 10.0, UNIFORM: 1.0}
+                out.append(Message(RecordDict({METRICS: MetricRecord(sums)}), reply_to=m))
+        return out
+
+
+def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_ledger(
+    tmp_path, caplog
+):
+    replies = {1: reply(1, "north"), 2: reply(2, "south"), 3: reply(3, "east"),
+               4: BROKEN["scaled update"]()}  # fmt: skip
+    replies[4].content[CLIENT] = ConfigRecord({NAME: "west"})
+    # the median the honest three make (strategies consume the replies' arrays)
+    expected = np.median([replies[n].content[ARRAYS]["bias"].numpy() for n in (1, 2, 3)], axis=0)
+    key = create_pair(tmp_path / "server.key")
+    history: list[dict] = []
+    cfg = RunConfig(min_clients=3, num_server_rounds=1, out=str(tmp_path / "run"))
+    loop = RoundLoop(
+        grid=_Grid(replies),
+        strategy=make_strategy(cfg.model_copy(update={"strategy": StrategyName.FEDMEDIAN})),
+        shared={},
+        out=tmp_path,
+        ledger=AggregationLedger(tmp_path, key, "1", "fedmedian"),
+        min_clients=3,
+        last_round=1,
+        history=history,
+        on_round=lambda done: None,
+        binder=NodeBinder.for_run(""),
+        context=Context(
+            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower()
+        ),  # the checks come from the ServerApp's run config
+    )
+    arrays, outcome = loop.run(_record(SENT), 1)
+    assert outcome == "completed"
+    rows = {r["client"]: r for r in history[0]["clients"]}
+    assert rows["west"]["status"] == "rejected"
+    assert rows["west"]["error"].startswith("'west' (node 4): update too large")
+    assert {rows[c]["status"] for c in ("north", "south", "east")} == {"trained"}
+    assert "reply rejected: 'west' (node 4): update too large" in caplog.text
+    np.testing.assert_allclose(arrays["bias"].numpy(), expected)
+    ledger = [json.loads(line) for line in (tmp_path / SERVER_LEDGER).read_text().splitlines()]
+    named = [c["client"] for entry in ledger for c in entry["entry"]["clients"]]
+    assert sorted(named) == ["east", "north", "south"]
