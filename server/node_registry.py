@@ -126,8 +126,10 @@ class NodeBinder:
         without a client record (an error) names nobody and is left to triage."""
         if msg.has_error() or CLIENT not in msg.content:
             return None
-        name = str(msg.content[CLIENT][NAME])
         node = msg.metadata.src_node_id
+        if NAME not in msg.content[CLIENT]:
+            return f"node {node}: its client record names no client"
+        name = str(msg.content[CLIENT][NAME])
         owner = self.names.get(name)
         if owner is None and self.pinned:
             return f"node {node} reports name {name!r}, which is not in the node registry"

@@ -19,8 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.messages import CLIENT, DECLINED, LEDGER_HEADS, NAME, REASON, REFUSED
-from common.runconfig import RunConfig
 from server import checkpoint
+from server.aggregation import aggregate_evaluation
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
 from server.node_registry import NodeBinder
@@ -154,13 +154,7 @@ class RoundLoop:
     secure: SecureAggregation | None = None  # train under SecAgg+: the server sees only sums
     context: Context | None = None  # the ServerApp's (SecAgg+ runs in a legacy view of it)
     timeout: float | None = None  # seconds to wait for each step's replies; None = for all
-    # what a training reply must look like to be aggregated; None = from the context's run
-    # config (the ServerApp's), or no checks without a context
-    checks: ReplyChecks | None = None
-
-    def __post_init__(self) -> None:
-        if self.checks is None and self.context is not None:
-            self.checks = ReplyChecks(RunConfig.from_flower(self.context.run_config))
+    checks: ReplyChecks | None = None  # what a training reply must be to count; None = no checks
 
     def _train(
         self, rnd: int, arrays: ArrayRecord, config: ConfigRecord
@@ -269,8 +263,13 @@ class RoundLoop:
             for m in answers.refused:
                 reason = m.content[REFUSED][REASON]
                 log(WARNING, "%s refused evaluation %s: %s", _name(m), rnd, reason)
+            # Our own sums, not the strategy's aggregate_evaluate: Flower's refuses replies whose
+            # metric names differ, and clients differ legitimately (demand sums only where a
+            # client's policy shares them and its history supports a forecast).
             evaluation = (
-                strategy.aggregate_evaluate(rnd, answers.trained) if answers.trained else None
+                aggregate_evaluation([m.content for m in answers.trained])
+                if answers.trained
+                else None
             )
             record["train"] = dict(train_metrics or {})
             record["evaluate"] = dict(evaluation or {})

@@ -35,6 +35,7 @@ from server.aggregation_ledger import AggregationLedger
 from server.export import export
 from server.node_registry import NodeBinder
 from server.platform import platform_for
+from server.reply_checks import ReplyChecks
 from server.rounds import RoundLoop
 from server.secure_aggregation import SecureAggregation
 
@@ -95,6 +96,7 @@ def main(grid: Grid, context: Context) -> None:
         secure=SecureAggregation.from_config(cfg),
         context=context,
         timeout=cfg.round_timeout or None,
+        checks=ReplyChecks(cfg),
     )
     arrays, outcome = loop.run(arrays, first)
     run_tables.write_tables(out, history)

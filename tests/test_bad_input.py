@@ -445,7 +445,11 @@ def simulate(tmp_path: Path, *args: str, config: str | bytes | None = None):
         ("delta = 1.0", "--delta: Input should be less than 1"),
         ("delta = 3", "--delta"),
         ("central-delta = 1", "--central-delta"),
-        ('strategy = "krum"', "--strategy: Input should be 'fedavg', 'fedadam' or 'fedprox'"),
+        (
+            'strategy = "fedsgd"',
+            "--strategy: Input should be 'fedavg', 'fedadam', 'fedprox', 'fedtrimmedavg', "
+            "'fedmedian', 'krum', 'multikrum' or 'bulyan'",
+        ),
         ("min-clients = 0", "--min-clients"),
         ("num-server-rounds = 0", "--num-server-rounds"),
         ("batch-size = 0", "--batch-size"),
@@ -469,7 +473,7 @@ def test_bad_run_config_file_names_the_file_and_the_key(tmp_path, no_flower, con
     [
         (["--epsilon", "-1"], "--epsilon"),
         (["--delta", "1"], "--delta"),
-        (["--strategy", "krum"], "'krum' is not one of"),
+        (["--strategy", "fedsgd"], "'fedsgd' is not one of"),
         (["--num-server-rounds", "0"], "--num-server-rounds"),
     ],
 )
@@ -483,7 +487,7 @@ def test_bad_run_config_option_is_named(tmp_path, no_flower, args, problem):
         ("epsilon", -1.0),
         ("epsilon", 0.0),
         ("delta", 1.0),
-        ("strategy", "krum"),
+        ("strategy", "fedsgd"),
         ("min-clients", 0),
         ("batch-size", 0),
     ],

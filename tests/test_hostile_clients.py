@@ -405,9 +405,7 @@ def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_le
         history=history,
         on_round=lambda done: None,
         binder=NodeBinder.for_run(""),
-        context=Context(
-            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower()
-        ),  # the checks come from the ServerApp's run config
+        checks=ReplyChecks(cfg),
     )
     arrays, outcome = loop.run(_record(SENT), 1)
     assert outcome == "completed"

@@ -163,6 +163,11 @@ def test_without_a_registry_the_first_node_to_report_a_name_keeps_it(task):
     assert [why for _, why in t.rejected] == [
         "node 12 reports name 'north', which belongs to node 11"
     ]
+    nameless = _reply(13, "north")
+    nameless.content[CLIENT] = ConfigRecord({})
+    assert [why for _, why in triage([nameless], binder).rejected] == [
+        "node 13: its client record names no client"
+    ]
 
 
 def test_cli_refuses_to_replace_keys_or_rebind_a_name_before_asking_flower(tmp_path):
