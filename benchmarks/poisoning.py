@@ -30,13 +30,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from rich.console import Console
 from rich.table import Table
@@ -57,6 +54,7 @@ from server.platform import platform_for
 from server.reply_checks import ReplyChecks
 from server.rounds import RoundLoop
 from simulations.simulate import simulated_policy
+from tests.inprocess_grid import InProcessGrid
 
 SMALL = {
     "synth_events": 40_000,
@@ -83,62 +81,37 @@ def scale10(sent: np.ndarray, trained: np.ndarray) -> np.ndarray:
 ATTACK = {"sign-flip": flip, "scaled ×10": scale10}
 
 
-def _wire(m: Message) -> Message:
-    return message_from_proto(message_to_proto(m))
-
-
-class InProcessGrid(Grid):
+class PoisoningGrid(InProcessGrid):
     """Carries each message in Flower's wire format to its node's ClientApp and back. The
     training replies of `attackers` are poisoned with `attack` on the way back; for the others
     it notes how close their update came to the size check's bound (`headroom`)."""
 
     def __init__(self, cfg: RunConfig, clients: int, attackers: set[int], attack) -> None:
-        self.contexts = {
-            n: Context(
-                run_id=1,
-                node_id=n,
-                node_config={"partition-id": n - 1, "num-partitions": clients},
-                state=RecordDict(),
-                run_config=cfg.to_flower(),
-            )
-            for n in range(1, clients + 1)
-        }
+        super().__init__(
+            {
+                n: Context(
+                    run_id=1,
+                    node_id=n,
+                    node_config={"partition-id": n - 1, "num-partitions": clients},
+                    state=RecordDict(),
+                    run_config=cfg.to_flower(),
+                )
+                for n in range(1, clients + 1)
+            }
+        )
         self.attackers, self.attack = attackers, attack
         self.checks = ReplyChecks(cfg)
         self.headroom: list[float] = []  # honest updates: largest |Δ| / the bound
 
-    @property
-    def run(self):
-        return SimpleNamespace(run_id=1)
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            reply = client_app(_wire(m), self.contexts[node])
-            trained = not reply.has_error() and ARRAYS in reply.content
-            if m.metadata.message_type == "train" and trained:
-                if node in self.attackers:
-                    reply = self._poison(m, reply)
-                else:
-                    self.headroom.append(self._moved(m, reply))
-            replies.append(_wire(reply))
-        return replies
+    def answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        reply = client_app(message, self.contexts[node])
+        trained = not reply.has_error() and ARRAYS in reply.content
+        if message.metadata.message_type == "train" and trained:
+            if node in self.attackers:
+                return self._poison(message, reply)
+            self.headroom.append(self._moved(message, reply))
+        return reply
 
     def _poison(self, request: Message, reply: Message) -> Message:
         sent, got = request.content[ARRAYS], reply.content[ARRAYS]
@@ -193,7 +166,7 @@ def run_once(base: RunConfig, shared: dict, shape, clients: int, strategy: str, 
     cfg = RunConfig(**(base.model_dump() | settings))
     simulated_policy(cfg).write(out / CLIENTS / POLICY)
     started = time.monotonic()
-    grid = InProcessGrid(cfg, clients, set(range(1, n + 1)), ATTACK.get(attack))
+    grid = PoisoningGrid(cfg, clients, set(range(1, n + 1)), ATTACK.get(attack))
     torch.manual_seed(cfg.seed)  # the same initial model for every run
     arrays = ArrayRecord(BehaviorModel(cfg.model, shape).state_dict())
     strategy_ = make_strategy(cfg)

@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from clients.local_data import CannotTakePart, ClientData, load_client_data
@@ -19,9 +20,11 @@ from common.learning.forecasting import moving_average
 from common.learning.model import BehaviorModel
 from common.learning.training import evaluate_ranking, pick_device
 from common.messages import (
+    ARRAYS,
     CATALOG_PATH,
     CLIENT,
     CLIP_NORM,
+    CONFIG,
     DECLINED,
     DELTA,
     DEMAND_ACTUAL_SUM,
@@ -40,6 +43,7 @@ from common.messages import (
     LEDGER_HEADS,
     LEDGER_SEQ,
     LEDGER_SIGNATURE,
+    METRICS,
     NAME,
     NDCG_SUM,
     NOISE_MULTIPLIER,
@@ -60,21 +64,25 @@ from privacy.ledger import Line, canonical
 from privacy.policy import PrivacyPolicy, Refused
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, ClientData, BehaviorModel]:
+def _setup(
+    msg: Message, context: Context
+) -> tuple[RunConfig, ClientData, BehaviorModel, torch.device]:
+    """The run config, this client's data, and the server's model on the device to use."""
     cfg = RunConfig.from_flower(context.run_config)
-    server = msg.content["config"]
+    server = msg.content[CONFIG]
     data = load_client_data(
         dict(context.node_config), cfg, str(server[CATALOG_PATH]), str(server[DEMAND_START])
     )
     model = BehaviorModel(cfg.model, data.prepared.shape)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return cfg, data, model
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    device = pick_device(cfg.device)
+    return cfg, data, model.to(device), device
 
 
 def _account(
     msg: Message, context: Context, cfg: RunConfig, data: ClientData, policy: PrivacyPolicy
 ) -> AbstractContextManager[PrivacyAccount]:
-    heads = json.loads(str(msg.content["config"].get(LEDGER_HEADS, "")) or "{}")
+    heads = json.loads(str(msg.content[CONFIG].get(LEDGER_HEADS, "")) or "{}")
     head = heads.get(data.name)
     return PrivacyAccount.open(
         data.name,
@@ -121,13 +129,11 @@ def train(msg: Message, context: Context) -> Message:
     """One round. Released: the update (DP-SGD), the noisy user count as the FedAvg weight and
     the mechanism's parameters, derived from that count; never losses or exact counts."""
     try:
-        cfg, data, model = _setup(msg, context)
+        cfg, data, model, device = _setup(msg, context)
     except CannotTakePart as why:
         return _refused(msg, why.name, why)
-    device = pick_device(cfg.device)
-    model.to(device)
-    server_round = int(msg.content["config"][SERVER_ROUND])
-    mu = float(msg.content["config"].get(PROXIMAL_MU, 0.0))
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
+    mu = float(msg.content[CONFIG].get(PROXIMAL_MU, 0.0))
     train_seqs = data.prepared.train
     if len(train_seqs) == 0:
         return _refused(msg, data.name, NO_TRAINING_USER)
@@ -144,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
             if not account.can_train():
                 line = account.decline(server_round)
                 metrics = {DECLINED: 1, WEIGHT: 0}
-                content = {"metrics": MetricRecord(metrics), CLIENT: _client(data.name, line)}
+                content = {METRICS: MetricRecord(metrics), CLIENT: _client(data.name, line)}
                 return Message(RecordDict(content), reply_to=msg)
             result = train_private(model, train_seqs, cfg, mech, device, mu)
             line = account.trained(server_round, result.history)
@@ -167,8 +173,8 @@ def train(msg: Message, context: Context) -> Message:
 def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRecord) -> Message:
     metrics = {DECLINED: 0, UNIFORM: 1.0, **metrics}
     content = {
-        "arrays": ArrayRecord(model.cpu().state_dict()),
-        "metrics": MetricRecord(metrics),
+        ARRAYS: ArrayRecord(model.cpu().state_dict()),
+        METRICS: MetricRecord(metrics),
         CLIENT: client,
     }
     return Message(RecordDict(content), reply_to=msg)
@@ -178,12 +184,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Held-out ranking as (users, hits, NDCG) sums, noised and accounted under DP; demand
     error sums only where the client's policy shares them (they are not covered by ε)."""
     try:
-        cfg, data, model = _setup(msg, context)
+        cfg, data, model, device = _setup(msg, context)
     except CannotTakePart as why:
         return _refused(msg, why.name, why)
-    device = pick_device(cfg.device)
-    model.to(device)
-    server_round = int(msg.content["config"][SERVER_ROUND])
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
     policy = _policy(context, cfg)
     try:  # a request the client refuses costs no evaluation either
         if cfg.dp:
@@ -203,7 +207,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     }
     if policy.share_demand_evaluation or not cfg.dp:
         metrics |= _demand_sums(model, data, device)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def _ranking_sums(model: BehaviorModel, data: ClientData, device) -> np.ndarray:

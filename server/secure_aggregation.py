@@ -97,8 +97,7 @@ class SecureAggregation:
             )
         return shares, threshold
 
-    def summary(self, clients: int, dropped: list[str]) -> dict:
-        shares, threshold = self.sizes(clients)
+    def summary(self, clients: int, shares: int, threshold: int, dropped: list[str]) -> dict:
         return {
             "protocol": PROTOCOL,
             "clients": clients,
@@ -119,7 +118,7 @@ class SecureAggregation:
         binder: NodeBinder | None,
     ) -> SecureRound:
         """Run one SecAgg+ training round for `instructions` (our strategy's messages)."""
-        self.sizes(len(instructions))
+        shares, threshold = self.sizes(len(instructions))
         arrays: ArrayRecord = instructions[0].content[ARRAYS]
         strategy = _Instructions(grid, instructions, list(arrays))
         legacy = LegacyContext(context, strategy=strategy)
@@ -146,7 +145,7 @@ class SecureAggregation:
         labels = [names.get(node, f"node {node}") for node in dropped]
         log(INFO, "round %s: SecAgg+ over %s clients; dropped: %s", server_round,
             len(instructions), ", ".join(labels) or "none")  # fmt: skip
-        summary = self.summary(len(instructions), labels)
+        summary = self.summary(len(instructions), shares, threshold, labels)
         return SecureRound(replies, aggregate, dropped, summary)
 
 

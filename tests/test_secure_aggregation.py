@@ -4,14 +4,10 @@ deployment test runs the same over real SuperLink/SuperNode processes)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -22,6 +18,7 @@ from privacy.policy import PrivacyPolicy, Refused
 from server.node_registry import NodeBinder
 from server.rounds import triage
 from server.secure_aggregation import SecureAggregation, SecureAggregationError
+from tests.inprocess_grid import InProcessGrid, wire
 
 RNG = np.random.default_rng(0)
 SHAPES = {"embed": (20, 4), "bias": (4,)}
@@ -61,49 +58,31 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-class LocalGrid(Grid):
-    """Carries each message in Flower's wire format to a node's ClientApp and back, and keeps
-    a copy of every reply the server side received. `silent` nodes stop answering from step
-    `silent_from` on (0 setup, 1 key shares, 2 masked vectors, 3 unmasking)."""
+class LocalGrid(InProcessGrid):
+    """Each node runs `client` (with Flower's SecAgg+ mod), and a copy of every reply the
+    server side received is kept. `silent` nodes stop answering from step `silent_from` on
+    (0 setup, 1 key shares, 2 masked vectors, 3 unmasking)."""
 
     def __init__(self, nodes: dict[int, dict], silent: set[int] = frozenset(), silent_from=2):
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
-            for n, cfg in nodes.items()
-        }
-        self.silent, self.silent_from, self.calls = silent, silent_from, 0
+        super().__init__(
+            {
+                n: Context(run_id=1, node_id=n, node_config=cfg, state=RecordDict(), run_config={})
+                for n, cfg in nodes.items()
+            }
+        )
+        self.silent, self.silent_from, self.step = silent, silent_from, -1
         self.received: list[Message] = []
 
-    @property
-    def run(self):
-        return SimpleNamespace(run_id=1)
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
+    def answer(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        if node in self.silent and self.step >= self.silent_from:
+            return None
+        return client(message, self.contexts[node])
 
     def send_and_receive(self, messages, *, timeout=None):
-        step, self.calls = self.calls, self.calls + 1
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            if node in self.silent and step >= self.silent_from:
-                continue
-            wire = message_from_proto(message_to_proto(m))
-            reply = client(wire, self.contexts[node])
-            replies.append(message_from_proto(message_to_proto(reply)))
-        self.received += [message_from_proto(message_to_proto(r)) for r in replies]
+        self.step += 1
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.received += [wire(r) for r in replies]
         return replies
 
 
