@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.common.logger import log
 
 from common.data.catalog import Catalog
+from common.data.events import DataError
 from common.data.partition import audit_non_members, plan, select
 from common.data.sequences import MIN_EVENTS
 from common.data.sources import read_source, run_events
@@ -29,6 +32,8 @@ from common.runconfig import RunConfig
 from privacy.signing import CLIENT_PUBLIC_KEY, client_key, load_or_create
 
 NO_USERS = f"cannot take part: no user with {MIN_EVENTS} or more events"
+# What went wrong stays in this node's log: a data error can quote rows of the file.
+UNREADABLE = "cannot take part: its data or catalog cannot be read (the node's log says why)"
 
 
 class CannotTakePart(Exception):
@@ -102,7 +107,14 @@ def load_client_data(
     # A deployed client keeps its own copy of the platform catalog; the server's path is only
     # valid where the server's files are visible (simulation).
     catalog_path = str(node_config.get("catalog", catalog_path))
-    name, prepared = _prepare(key, catalog_path, demand_start, cfg.model.history, cfg.audit_holdout)
+    try:
+        name, prepared = _prepare(
+            key, catalog_path, demand_start, cfg.model.history, cfg.audit_holdout
+        )
+    except (DataError, OSError, ValueError) as exc:
+        who = key[-1] if key[0] == "file" else f"partition {key[2]}"
+        log(ERROR, "client %s cannot read its data: %s", who, exc)
+        raise CannotTakePart(str(who), UNREADABLE) from exc
     if prepared is None:
         raise CannotTakePart(name, NO_USERS)
     state_dir = (

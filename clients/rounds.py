@@ -35,6 +35,7 @@ from common.messages import (
     DEMAND_MA_ERROR_SUM,
     DEMAND_RAW_ERROR_SUM,
     DEMAND_START,
+    DEMAND_SUMS,
     EPSILON,
     EPSILON_BUDGET,
     HITS_SUM,
@@ -215,17 +216,6 @@ def _ranking_sums(model: BehaviorModel, data: ClientData, device) -> np.ndarray:
     ranking = evaluate_ranking(model, data.prepared.test, device)
     users = ranking["users"]
     return np.array([users, ranking["full"]["hr@10"] * users, ranking["full"]["ndcg@10"] * users])
-
-
-DEMAND_SUMS = (
-    DEMAND_ACTUAL_SUM,
-    DEMAND_ERROR_SUM,
-    DEMAND_RAW_ERROR_SUM,
-    DEMAND_MA_ERROR_SUM,
-    DEMAND_LEVEL_ERROR_SUM,
-    DEMAND_COVERED_SUM,
-    DEMAND_CELLS_SUM,
-)
 
 
 def _demand_sums(model: BehaviorModel, data: ClientData, device) -> dict[str, float]:

@@ -11,22 +11,39 @@ from pathlib import Path
 from typing import Any
 
 
+class StorageError(OSError):
+    """A file could not be written (disk full, read-only, gone): its old content is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
+    """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
+    Any OSError on the way (the temporary file, the writer, fsync, the rename) becomes a
+    StorageError naming `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, _mode(target))
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, _mode(target))
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+    except StorageError:
+        raise
+    except OSError as exc:
+        kept = "its previous content is unchanged" if target.exists() else "nothing was written"
+        why = exc.strerror or str(exc)
+        raise StorageError(exc.errno, f"cannot write {target}: {why}; {kept}") from exc
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def _mode(target: Path) -> int:

@@ -49,6 +49,16 @@ DEMAND_MA_ERROR_SUM = "demand-ma-abs-error-sum"  # 4-week moving average
 DEMAND_LEVEL_ERROR_SUM = "demand-level-abs-error-sum"  # the robust level alone
 DEMAND_COVERED_SUM = "demand-covered-sum"  # held-out weeks inside the forecast interval
 DEMAND_CELLS_SUM = "demand-cells-sum"  # held-out weeks of series that have an interval
+RANKING_SUMS = (USERS_SUM, HITS_SUM, NDCG_SUM)  # noised under DP
+DEMAND_SUMS = (  # exact; sent only where the client's policy shares them
+    DEMAND_ACTUAL_SUM,
+    DEMAND_ERROR_SUM,
+    DEMAND_RAW_ERROR_SUM,
+    DEMAND_MA_ERROR_SUM,
+    DEMAND_LEVEL_ERROR_SUM,
+    DEMAND_COVERED_SUM,
+    DEMAND_CELLS_SUM,
+)
 
 # Aggregated metrics the server records per round
 HR10 = "hr10"

@@ -69,11 +69,13 @@ from common.messages import (
     CLIP_NORM,
     DECLINED,
     DELTA,
+    DEMAND_SUMS,
     EPSILON,
     EPSILON_BUDGET,
     METRICS,
     NAME,
     NOISE_MULTIPLIER,
+    RANKING_SUMS,
     SAMPLE_RATE,
     STEPS,
     UNIFORM,
@@ -97,6 +99,8 @@ DP_METRICS = PLAIN_METRICS | {
     SAMPLE_RATE,
     STEPS,
 }
+# What an evaluation reply's MetricRecord holds: ranking sums, and demand sums or none.
+EVALUATION_METRICS = frozenset({WEIGHT, UNIFORM, *RANKING_SUMS})
 
 
 def _rho(t: np.ndarray, beta1: float, beta2: float) -> np.ndarray:
@@ -168,6 +172,34 @@ class ReplyChecks:
         passes once its metrics are readable."""
         why = self._problem(m, sent)
         return f"{client_name(m)}: {why}" if why else None
+
+    def evaluation_rejection(self, m: Message) -> str | None:
+        """Why the evaluation reply `m` must not join the round's metrics, naming its client;
+        None when it may. Ranking sums are noised under DP (they may be negative), so only
+        finiteness is checked there; demand sums are exact and cannot be negative."""
+        why = self._evaluation_problem(m)
+        return f"{client_name(m)}: evaluation {why}" if why else None
+
+    def _evaluation_problem(self, m: Message) -> str | None:
+        metric_records = list(m.content.metric_records)
+        if metric_records != [METRICS] or m.content.array_records:
+            return f"expected only a MetricRecord {METRICS!r}, got {list(m.content.keys())}"
+        metrics = m.content[METRICS]
+        keys = set(metrics)
+        if keys not in (EVALUATION_METRICS, EVALUATION_METRICS | set(DEMAND_SUMS)):
+            extra = sorted(keys - EVALUATION_METRICS - set(DEMAND_SUMS))
+            return f"metrics {sorted(keys)} are not the ranking sums with all or no demand sums" + (
+                f" (unexpected {extra})" if extra else ""
+            )
+        for key in sorted(keys):
+            value = _number(metrics, key)
+            if value is None:
+                return f"metric {key!r} is {metrics[key]!r}, not a finite number"
+            if key in DEMAND_SUMS and value < 0:
+                return f"metric {key!r} is {value:g}: an exact sum of absolute values or counts"
+        if _number(metrics, UNIFORM) != 1.0 or _number(metrics, WEIGHT) < 1.0:
+            return f"{UNIFORM!r} must be 1 and {WEIGHT!r} at least 1"
+        return None
 
     def _problem(self, m: Message, sent: ArrayRecord) -> str | None:
         content = m.content

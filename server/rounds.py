@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -44,20 +45,19 @@ class Triage:
 def triage(
     replies: list[Message],
     binder: NodeBinder | None = None,
-    sent: ArrayRecord | None = None,
-    checks: ReplyChecks | None = None,
+    check: Callable[[Message], str | None] | None = None,
 ) -> Triage:
-    """Sort replies by outcome. With `checks` and the arrays `sent` to the clients, a training
-    reply that is broken or hostile (NaN, wrong arrays, an update no honest round can produce;
-    see `server.reply_checks`) is rejected, its client named in the reason. Under SecAgg+ the
-    server never holds one client's arrays, so the round loop passes no `checks` there."""
+    """Sort replies by outcome. A reply that `check` finds broken or hostile (NaN, wrong
+    arrays, an update no honest round can produce; see `server.reply_checks`) is rejected with
+    the reason it gives. Under SecAgg+ the server never holds one client's arrays, so the round
+    loop passes no training check there."""
     failed = [m for m in replies if m.has_error()]
     rejected = [(m, why) for m in replies if binder and (why := binder.rejection(m))]
     ok = [m for m in replies if not m.has_error() and all(m is not r for r, _ in rejected)]
     refused = [m for m in ok if REFUSED in m.content]
     answered = [m for m in ok if REFUSED not in m.content]
-    if checks is not None and sent is not None:
-        broken = [(m, why) for m in answered if (why := checks.rejection(m, sent))]
+    if check is not None:
+        broken = [(m, why) for m in answered if (why := check(m))]
         rejected += broken
         answered = [m for m in answered if all(m is not r for r, _ in broken)]
     declined = [m for m in answered if float(m.content["metrics"].get(DECLINED, 0)) > 0]
@@ -72,7 +72,21 @@ def _name(m: Message) -> str:
         return str(m.metadata.src_node_id)
 
 
-def client_rows(server_round: int, t: Triage) -> list[dict]:
+def addressee(sent: list[Message]) -> Callable[[Message], int]:
+    """The node a reply answers for: its sender, or, for an error the SuperLink wrote on the
+    node's behalf (its src is the SuperLink: the node stopped sending heartbeats), the node
+    the instruction went to."""
+    to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return lambda reply: to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def _sender(m: Message) -> int:
+    return m.metadata.src_node_id
+
+
+def client_rows(
+    server_round: int, t: Triage, node_of: Callable[[Message], int] = _sender
+) -> list[dict]:
     rows = []
     for status, messages in (("trained", t.trained), ("declined", t.declined)):
         for m in messages:
@@ -99,8 +113,8 @@ def client_rows(server_round: int, t: Triage) -> list[dict]:
         rows.append(
             {
                 "round": server_round,
-                "client": str(m.metadata.src_node_id),
-                "node": m.metadata.src_node_id,
+                "client": str(node_of(m)),
+                "node": node_of(m),
                 "status": "failed",
                 "error": m.error.reason,
             }
@@ -116,6 +130,20 @@ def client_rows(server_round: int, t: Triage) -> list[dict]:
             }
         )
     return rows
+
+
+def silent_rows(
+    server_round: int, sent: list[Message], replies: list[Message], why: str
+) -> list[dict]:
+    """Nodes that were sent an instruction and never answered: killed, hung or cut off past the
+    round timeout. Flower's grid returns only the replies that came."""
+    node_of = addressee(sent)
+    answered = {node_of(m) for m in replies}
+    return [
+        {"round": server_round, "client": str(node), "node": node, "status": "failed", "error": why}
+        for node in dict.fromkeys(m.metadata.dst_node_id for m in sent)
+        if node not in answered
+    ]
 
 
 def dropped_rows(server_round: int, secure: SecureRound, t: Triage) -> list[dict]:
@@ -158,12 +186,25 @@ class RoundLoop:
 
     def _train(
         self, rnd: int, arrays: ArrayRecord, config: ConfigRecord
-    ) -> tuple[list[Message], SecureRound | None]:
+    ) -> tuple[list[Message], list[Message], SecureRound | None]:
+        """The round's training replies, the instructions they answer (none under SecAgg+,
+        whose dropouts are rows of their own) and the SecAgg+ round when there is one."""
         instructions = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
         if self.secure is None:
-            return list(self.grid.send_and_receive(instructions, timeout=self.timeout)), None
+            return self._send(instructions), instructions, None
         secure = self.secure.train(self.grid, self.context, rnd, instructions, self.binder)
-        return secure.replies, secure
+        return secure.replies, [], secure
+
+    def _send(self, instructions: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(instructions, timeout=self.timeout))
+
+    @property
+    def _silence(self) -> str:
+        return (
+            f"no reply within round-timeout ({self.timeout:g} s): the node is down, hung or cut off"
+            if self.timeout
+            else "no reply: the node left the federation"
+        )
 
     def _stop(self, record: dict, reason: str) -> str:
         log(WARNING, reason)
@@ -180,15 +221,21 @@ class RoundLoop:
             started = time.monotonic()
             heads = {LEDGER_HEADS: self.ledger.heads_json()}
             try:
-                replies, secure = self._train(rnd, arrays, ConfigRecord(self.shared | heads))
+                replies, asked, secure = self._train(rnd, arrays, ConfigRecord(self.shared | heads))
             except SecureAggregationError as exc:
                 reason = f"round {rnd}: secure aggregation cannot run: {exc}; the run stops here"
                 return arrays, self._stop({"round": rnd, "clients": []}, reason)
             # Under SecAgg+ the server holds only the masked sum, never one client's arrays:
             # nothing to check per client (the run config refuses robust strategies there).
-            checks = None if secure else self.checks
-            t = triage(replies, self.binder, arrays, checks)
-            record = {"round": rnd, "clients": client_rows(rnd, t)}
+            check = None
+            if self.checks is not None and not secure:
+                check = partial(self.checks.rejection, sent=arrays)
+            t = triage(replies, self.binder, check)
+            node_of = addressee(asked)
+            silent = silent_rows(rnd, asked, replies, self._silence)
+            record = {"round": rnd, "clients": client_rows(rnd, t, node_of) + silent}
+            for row in silent:
+                log(WARNING, "node %s in round %s: %s", row["node"], rnd, row["error"])
             if secure:
                 record["secure_aggregation"] = secure.summary
                 record["clients"] += dropped_rows(rnd, secure, t)
@@ -203,7 +250,7 @@ class RoundLoop:
                 log(
                     WARNING,
                     "node %s failed in round %s: %s",
-                    m.metadata.src_node_id,
+                    node_of(m),
                     rnd,
                     m.error.reason,
                 )
@@ -249,15 +296,13 @@ class RoundLoop:
                 central and central.summary(),
                 secure and secure.summary,
             )
+            asked = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid))
+            evaluated = self._send(asked)
             answers = triage(
-                list(
-                    grid.send_and_receive(
-                        strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid),
-                        timeout=self.timeout,
-                    )
-                ),
-                self.binder,
+                evaluated, self.binder, self.checks and self.checks.evaluation_rejection
             )
+            for row in silent_rows(rnd, asked, evaluated, self._silence):
+                log(WARNING, "evaluation %s: node %s: %s", rnd, row["node"], row["error"])
             for _, why in answers.rejected:
                 log(WARNING, "evaluation %s: reply rejected: %s", rnd, why)
             for m in answers.refused:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common.atomic import StorageError, write_with
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
 from common.messages import (
@@ -45,11 +46,23 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
+    try:
+        serve(grid, context, cfg)
+    except StorageError as exc:
+        # Every file is replaced whole or not at all (common.atomic): the last checkpoint and
+        # both ledgers are as the last finished round left them, so a rerun resumes there.
+        log(ERROR, "run %s stopped: %s. Free space or make %s writable, then run again: it "
+            "resumes from the last checkpoint.", context.run_id, exc, cfg.out)  # fmt: skip
+        raise
+
+
+def serve(grid: Grid, context: Context, cfg: RunConfig) -> None:
+    """The whole run: rounds from a fresh model or the checkpoint, then the export."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     platform = platform_for(cfg, out)
     if platform.catalog_path.resolve() != (out / CATALOG).resolve():
-        shutil.copyfile(platform.catalog_path, out / CATALOG)
+        write_with(out / CATALOG, lambda tmp: shutil.copyfile(platform.catalog_path, tmp))
     shape = catalog_shape(platform.catalog)
     strategy = make_strategy(cfg)
     saved = (

@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
-from privacy.accounting import Budget, PrivacyState, plan_mechanism, release_steps, spend_fields
-from privacy.ledger import Aggregation, Release, Spend, append, entries, read_lines
-from privacy.signing import create_pair
+from privacy.accounting import (
+    Budget,
+    PrivacyState,
+    plan_mechanism,
+    release_steps,
+    restore,
+    spend_fields,
+)
+from privacy.ledger import Aggregation, Line, Release, Spend, append, entries, read_lines
+from privacy.signing import create_pair, load_or_create
 
 BUDGET = Budget(epsilon=3.0, delta=1e-5)
 COUNT = Release(what="user-count", noise_multiplier=5.0, sensitivity=1.0)
@@ -49,3 +56,19 @@ def write_server(folder: Path, keys: Path, client_ledgers: list[Path]) -> Path:
         fields = {"run_id": "7", "server_round": rnd, "strategy": "fedavg", "clients": used}
         append(path, fields, key, Aggregation)
     return path
+
+
+def spend(folder: Path, keys: Path, name: str, server_round: int, run_id: str = "7") -> Line:
+    """One trained round more in `name`'s real ledger under `folder`, recorded as a client
+    records it before its update leaves (planned like `write_client`'s, for 4 rounds)."""
+    path = folder / name / CLIENT_LEDGER
+    key = load_or_create(keys / f"{name}.key")
+    spends = entries(path, Spend) if path.exists() else []
+    state = restore(name, BUDGET, spends)
+    if state.mechanism is None:
+        state.mechanism = plan_mechanism(
+            BUDGET, 0.05, 20, rounds=4, clip_norm=1.0, noisy_users=400,
+            spent=release_steps([COUNT]),
+        )  # fmt: skip
+    done = state.record(server_round, state.round_steps(), "trained", [] if spends else [COUNT])
+    return append(path, spend_fields(state, done, run_id), key, Spend)

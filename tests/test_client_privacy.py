@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus import PrivacyEngine
@@ -44,10 +43,7 @@ from simulations.simulate import simulated_policy
 NODE = {"partition-id": 0, "num-partitions": 3}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside Flower
 
 
 @pytest.fixture

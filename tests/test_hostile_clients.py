@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
@@ -23,10 +23,8 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app, local_training
-from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
 from common.messages import (
     ARRAYS,
@@ -34,6 +32,8 @@ from common.messages import (
     CLIP_NORM,
     DECLINED,
     DELTA,
+    DEMAND_ACTUAL_SUM,
+    DEMAND_SUMS,
     EPSILON,
     EPSILON_BUDGET,
     HITS_SUM,
@@ -47,14 +47,13 @@ from common.messages import (
     USERS_SUM,
     WEIGHT,
 )
-from common.run_files import CLIENTS, POLICY, SERVER_LEDGER
+from common.run_files import SERVER_LEDGER
 from common.runconfig import RunConfig, StrategyName
 from privacy.signing import create_pair
 from server import checkpoint
 from server.aggregation import make_strategy
 from server.aggregation_ledger import AggregationLedger
 from server.node_registry import NodeBinder
-from server.platform import platform_for
 from server.reply_checks import (
     BETA1,
     BETA2,
@@ -63,19 +62,13 @@ from server.reply_checks import (
     rho_limit,
 )
 from server.rounds import RoundLoop, client_rows, triage
-from simulations.simulate import simulated_policy
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside Flower
 CFG = RunConfig()  # DP, lr 5e-3, batch 64, one local epoch, clip norm 1
 SHAPES = {"embed": (20, 4), "bias": (4,)}
 SENT = {k: np.random.default_rng(1).normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
 USERS = 300  # released user count: q = 1/5, 5 steps (privacy.account.mechanism_shape)
 STEPS_FOR_USERS = 5
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -141,7 +134,9 @@ BROKEN = {
 def test_a_broken_reply_is_rejected_with_its_clients_name_and_the_others_aggregate(kind):
     bad = BROKEN[kind]()
     replies = [reply(1, "north"), bad, reply(2, "south")]
-    t = triage(replies, NodeBinder.for_run(""), _record(SENT), ReplyChecks(CFG))
+    t = triage(
+        replies, NodeBinder.for_run(""), partial(ReplyChecks(CFG).rejection, sent=_record(SENT))
+    )
     assert [m.metadata.src_node_id for m in t.trained] == [1, 2]
     assert len(t.rejected) == 1 and t.rejected[0][0] is bad
     why = t.rejected[0][1]
@@ -183,7 +178,7 @@ def test_plausible_updates_pass_and_declined_replies_are_left_to_triage():
     assert checks.rejection(reply(1, "north", flipped), sent) is None
     declined = reply(3, "east", content={METRICS: MetricRecord({DECLINED: 1, WEIGHT: 0})})
     del declined.content[ARRAYS]
-    t = triage([declined], None, sent, checks)
+    t = triage([declined], None, partial(checks.rejection, sent=sent))
     assert t.declined == [declined] and not t.rejected
 
 
@@ -247,20 +242,6 @@ def test_the_bound_matches_the_optimizer_the_clients_use():
     source = inspect.getsource(local_training)
     assert source.count("torch.optim.Adam(model.parameters(), lr=cfg.lr)") == 2
     assert "weight_decay" not in source and "amsgrad" not in source
-
-
-@pytest.fixture
-def tiny_run(tmp_path, tiny_events):
-    data = tmp_path / "tiny.parquet"
-    tiny_events.to_parquet(data)
-    cfg = RunConfig(
-        data=str(data), out=str(tmp_path / "out"), hidden=16, layers=1, heads=2, max_len=12,
-        batch_size=16, delta=1e-3, device="cpu",
-    )  # fmt: skip
-    platform = platform_for(cfg, Path(cfg.out))
-    simulated_policy(cfg).write(Path(cfg.out) / CLIENTS / POLICY)
-    shared = {"catalog": str(platform.catalog_path), "demand-start": platform.demand_start}
-    return cfg, shared, catalog_shape(platform.catalog)
 
 
 def test_a_real_dp_update_passes_and_the_same_update_scaled_up_does_not(tiny_run):
@@ -361,11 +342,15 @@ def test_bulyan_needs_4f_plus_3_updates_every_round():
     assert {s.value for s in StrategyName if s.robust} == set(ROBUST)
 
 
-class _Grid:
-    """Four nodes whose training replies are fixed in advance; evaluation answers sums."""
+SUMS = {USERS_SUM: 10.0, HITS_SUM: 3.0, NDCG_SUM: 1.0, WEIGHT: 10.0, UNIFORM: 1.0}
 
-    def __init__(self, replies: dict[int, Message]) -> None:
-        self.replies = replies
+
+class _Grid:
+    """Nodes whose training replies are fixed in advance (None: the node never answers, as
+    one killed or hung past the round timeout); evaluation answers `evaluations` or SUMS."""
+
+    def __init__(self, replies: dict[int, Message | None], evaluations: dict) -> None:
+        self.replies, self.evaluations = replies, evaluations
 
     def get_node_ids(self) -> list[int]:
         return list(self.replies)
@@ -374,20 +359,43 @@ class _Grid:
         out = []
         for m in messages:
             node = m.metadata.dst_node_id
+            if self.replies[node] is None:
+                continue
             if m.metadata.message_type == "train":
-                template = self.replies[node]
-                out.append(Message(template.content, reply_to=m))
+                out.append(Message(self.replies[node].content, reply_to=m))
             else:
-                sums = {USERS_SUM: 10.0, HITS_SUM: 3.0, NDCG_SUM: 1.0, WEIGHT: 10.0, UNIFORM: 1.0}
+                sums = self.evaluations.get(node, SUMS)
                 out.append(Message(RecordDict({METRICS: MetricRecord(sums)}), reply_to=m))
         return out
+
+
+EVALUATIONS = {  # what a client's evaluation reply may not hold
+    "nan": SUMS | {HITS_SUM: float("nan")},
+    "extra key": SUMS | {"loss": 0.1},
+    "some demand sums": SUMS | {DEMAND_ACTUAL_SUM: 5.0},
+    "negative demand": SUMS | dict.fromkeys(DEMAND_SUMS, 1.0) | {DEMAND_ACTUAL_SUM: -5.0},
+}
+
+
+@pytest.mark.parametrize("kind", EVALUATIONS)
+def test_a_broken_evaluation_reply_is_rejected_with_its_clients_name(kind):
+    checks = ReplyChecks(CFG)
+    bad = Message(RecordDict({METRICS: MetricRecord(EVALUATIONS[kind])}), reply_to=_asked(9))
+    assert checks.evaluation_rejection(bad).startswith("node 9 (no client name): evaluation ")
+    for honest in (SUMS, SUMS | dict.fromkeys(DEMAND_SUMS, 2.0), SUMS | {HITS_SUM: -0.5}):
+        fine = Message(RecordDict({METRICS: MetricRecord(honest)}), reply_to=_asked(9))
+        assert checks.evaluation_rejection(fine) is None  # DP noise may make a sum negative
+
+
+def _asked(node: int) -> Message:
+    return Message(RecordDict(), dst_node_id=node, message_type="evaluate")
 
 
 def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_ledger(
     tmp_path, caplog
 ):
     replies = {1: reply(1, "north"), 2: reply(2, "south"), 3: reply(3, "east"),
-               4: BROKEN["scaled update"]()}  # fmt: skip
+               4: BROKEN["scaled update"](), 5: None}  # fmt: skip
     replies[4].content[CLIENT] = ConfigRecord({NAME: "west"})
     # the median the honest three make (strategies consume the replies' arrays)
     expected = np.median([replies[n].content[ARRAYS]["bias"].numpy() for n in (1, 2, 3)], axis=0)
@@ -395,7 +403,7 @@ def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_le
     history: list[dict] = []
     cfg = RunConfig(min_clients=3, num_server_rounds=1, out=str(tmp_path / "run"))
     loop = RoundLoop(
-        grid=_Grid(replies),
+        grid=_Grid(replies, {3: EVALUATIONS["nan"]}),
         strategy=make_strategy(cfg.model_copy(update={"strategy": StrategyName.FEDMEDIAN})),
         shared={},
         out=tmp_path,
@@ -406,10 +414,18 @@ def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_le
         on_round=lambda done: None,
         binder=NodeBinder.for_run(""),
         checks=ReplyChecks(cfg),
+        timeout=30,
     )
     arrays, outcome = loop.run(_record(SENT), 1)
     assert outcome == "completed"
     rows = {r["client"]: r for r in history[0]["clients"]}
+    assert rows["5"]["status"] == "failed"  # sampled, never answered: named, not forgotten
+    assert rows["5"]["error"].startswith("no reply within round-timeout (30 s)")
+    assert "node 5 in round 1: no reply within round-timeout" in caplog.text
+    # east's NaN evaluation is left out of the round's metrics: the other three count.
+    assert history[0]["evaluate"]["hr10"] == pytest.approx(0.3)
+    assert history[0]["evaluate"]["users-sum"] == 30
+    assert "evaluation 1: reply rejected: node 3 (no client name): evaluation metric" in caplog.text
     assert rows["west"]["status"] == "rejected"
     assert rows["west"]["error"].startswith("'west' (node 4): update too large")
     assert {rows[c]["status"] for c in ("north", "south", "east")} == {"trained"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.messages import ARRAYS, METRICS, WEIGHT
 from common.runconfig import RunConfig, StrategyName
@@ -27,10 +26,7 @@ UPDATES = {
 WEIGHTS = {node: 10.0 * node for node in NODES}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside Flower
 
 
 class Nodes:

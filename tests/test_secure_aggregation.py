@@ -9,7 +9,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.secure_aggregation import secure_aggregation
 from common.messages import ARRAYS, CLIENT, DECLINED, METRICS, NAME, WEIGHT
@@ -32,10 +31,7 @@ CLIENTS = {
 SETTINGS = SecureAggregation.from_config(RunConfig(secagg=True))
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside Flower
 
 
 client = ClientApp(mods=[secure_aggregation])

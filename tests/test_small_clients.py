@@ -15,11 +15,10 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
 
 from clients import client_app
-from clients.local_data import NO_USERS, CannotTakePart, load_client_data
+from clients.local_data import NO_USERS, UNREADABLE, CannotTakePart, load_client_data
 from clients.rounds import NO_TRAINING_USER
 from common.data.catalog import Catalog
 from common.data.partition import audit_non_members
@@ -51,10 +50,7 @@ from tests.conftest import RETAIL
 RANKING = {USERS_SUM, HITS_SUM, NDCG_SUM}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside Flower
 
 
 @pytest.fixture
@@ -73,10 +69,10 @@ def deployed(tmp_path, tiny_events):
     model = BehaviorModel(cfg.model, catalog_shape(platform.catalog))
 
     def call(
-        kind: str, events: pd.DataFrame, name: str, demand_start: str = "", **request
+        kind: str, events: pd.DataFrame | None, name: str, demand_start: str = "", **request
     ) -> Message:
         path = tmp_path / f"{name}.parquet"
-        if not path.exists():
+        if events is not None and not path.exists():
             events.to_parquet(path)
         node = {
             "data-path": str(path),
@@ -162,6 +158,23 @@ def test_a_client_whose_only_users_are_audit_non_members_declines_to_train(deplo
     reply = call("train", alone, "alone", audit_holdout=0.3)
     assert set(reply.content) == {REFUSED, CLIENT}
     assert reply.content[REFUSED][REASON] == NO_TRAINING_USER
+
+
+def test_a_client_whose_file_is_missing_or_damaged_declines_and_keeps_why_to_itself(
+    deployed, tiny_events, caplog
+):
+    """The reply says only that the data cannot be read; the node's log says what (a data
+    error can quote the file's rows, which must not reach the server)."""
+    call, _, tmp_path = deployed
+    (tmp_path / "damaged.parquet").write_bytes(b"PAR1 not really")
+    for name in ("damaged", "missing"):
+        path = tmp_path / f"{name}.parquet"
+        for kind in ("train", "evaluate"):
+            reply = call(kind, None, name)
+            assert not reply.has_error() and reply.content[REFUSED][REASON] == UNREADABLE
+            assert str(path) not in str(reply.content)
+        assert str(path) in caplog.text
+    assert UNREADABLE.startswith("cannot take part: ")
 
 
 def test_sampled_ranking_of_a_catalog_of_a_hundred_items_or_fewer():

@@ -8,13 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import pandas as pd
 import typer
 from click.core import ParameterSource
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
+from common.atomic import StorageError
 from common.data.events import DataError
 from common.data.formats import FORMATS
 from common.data.partition import Partition, users_per_part
@@ -22,7 +25,21 @@ from common.data.sequences import MIN_EVENTS
 from common.data.sources import Source, read_source, require_history
 from common.data.synth import SynthConfig
 
+
+class _Commands(TyperGroup):
+    """A file no command could write (disk full, read-only) is one clear line and exit 2,
+    whichever command it was: every writer goes through `common.atomic`, which left the old
+    file as it was."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StorageError as exc:
+            raise fail(str(exc)) from exc
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="fedshop: federated, differentially private training of e-commerce behavior models.",
     no_args_is_help=True,
     rich_markup_mode="rich",
