@@ -75,6 +75,9 @@ class RunConfig(BaseModel):
     )
     min_clients: int = Field(2, ge=1, description="Fewest trained clients a round needs")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Share of clients asked per round")
+    fraction_evaluate: float = Field(
+        1.0, gt=0, le=1, description="Share of clients asked to evaluate per round (DP: each pays)"
+    )
     local_epochs: int = Field(1, ge=1, description="Local epochs per round")
     batch_size: int = Field(64, ge=1, description="Expected users per (Poisson) batch")
     lr: float = Field(5e-3, gt=0, description="Client Adam learning rate")

@@ -83,7 +83,7 @@ class _MultiKrum(MultiKrum):
 def make_strategy(cfg: RunConfig) -> Strategy:
     common = {
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": cfg.fraction_evaluate,
         "min_train_nodes": cfg.min_clients,
         "min_evaluate_nodes": cfg.min_clients,
         "min_available_nodes": cfg.min_clients,

@@ -16,6 +16,7 @@ from privacy.report import find_ledgers
 from privacy.verify import verify_paths
 from server import checkpoint
 from simulations.cli import app
+from simulations.resources import PeakMemory
 from simulations.simulate import _alive, _processes, simulate
 from tests.conftest import TINY
 
@@ -208,3 +209,27 @@ def test_resume_after_an_interrupted_run_continues_from_the_checkpoint(tiny_file
     assert 0 < server.records[0].central_dp["epsilon"] < central["epsilon"]
     html = privacy_report.write(out) and (out / "privacy_report.html").read_text()
     assert f"Client-level ε = <b>{central['epsilon']:.4f}</b>" in html
+
+
+def test_a_hundred_clients_for_five_rounds_a_tenth_asked_each_round(tmp_path):
+    """Load: 100 simulated clients on synthetic data (20 users each), 5 DP rounds, a tenth of
+    the clients asked to train and another tenth to evaluate each round. Memory stays bounded:
+    Ray runs one worker per core whatever the number of clients (`benchmarks/load.py` measures
+    10, 30 and 100 clients in full)."""
+    out = tmp_path / "run"
+    cfg = RunConfig(
+        out=str(out), num_server_rounds=5, fraction_train=0.1, fraction_evaluate=0.1,
+        synth_users=2_000, synth_events=40_000, synth_items=300, hidden=16, layers=1, heads=2,
+        max_len=12, batch_size=8, delta=1e-3, accountant="rdp",
+    )  # fmt: skip
+    memory = PeakMemory(out)
+    result = simulate(cfg, 100, memory.sample, poll_s=0.5)
+    assert result.ok, result.log.read_text()[-3000:]
+    assert result.summary["rounds_completed"] == 5
+    rows = pd.read_csv(out / "clients.csv")
+    assert rows.groupby("round").size().tolist() == [10] * 5  # Flower sampled 10 of 100
+    assert (rows["status"] == "trained").all() and rows["client"].nunique() > 10
+    assert 0 < memory.peak < 6 * 2**30, f"{memory.peak / 2**30:.2f} GiB"
+    reports = verify_paths(find_ledgers(out))  # the clients asked to train or to evaluate
+    assert [r.kind for r in reports].count("client") >= rows["client"].nunique()
+    assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
