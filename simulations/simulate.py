@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,33 @@ def federation_config_arg(clients: int, cpus_per_client: int) -> str:
         f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client} "
         "client-resources-num-gpus=0.0"
     )
+
+
+def ray_env(address: str | None) -> dict[str, str]:
+    """Which Ray cluster the simulation's ClientApps run on, as environment for `flwr run`.
+
+    Flower's federation config has no key for it: its `init-args-*` keys reach `ray.init` only
+    as num_cpus, num_gpus, logging_level and log_to_driver (flwr.simulation.app's
+    `_run_simulation_settings`), and Ray refuses the first two when it attaches. The Ray backend
+    (flwr.server.superlink.fleet.vce.backend.raybackend, `RayBackend.init_ray`) calls
+    `ray.init()` without an address, so Ray looks for one itself: first in RAY_ADDRESS, which
+    the local SuperLink and the simulation process it starts inherit from `flwr run`. Without
+    an address, "local": a Ray of the run's own, even where `ray start` left a cluster on this
+    machine that a bare `ray.init()` would join.
+
+    An address nothing answers at is refused here: `ray.init` would wait for it without end.
+    """
+    if address is None:
+        return {"RAY_ADDRESS": "local"}
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (ValueError, OSError) as exc:
+        raise RuntimeError(
+            f"no Ray cluster answers at {address!r} ({exc}): give the HOST:PORT that "
+            "`ray start --head` printed, of a cluster this machine is a node of"
+        ) from exc
+    return {"RAY_ADDRESS": address}
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -134,8 +162,14 @@ def simulate(
     on_poll: Callable[[list[dict]], None] | None = None,
     poll_s: float = 1.0,
     cpus_per_client: int = 1,
+    ray_address: str | None = None,
 ) -> SimulationResult:
-    """Run the federation to the end; `on_poll(history)` sees the rounds as they finish."""
+    """Run the federation to the end; `on_poll(history)` sees the rounds as they finish.
+
+    `ray_address` (host:port of a running cluster's head) runs the ClientApps as actors on that
+    cluster; by default Flower starts a Ray of its own on this machine. See docs/ray-cluster.md.
+    """
+    ray = ray_env(ray_address)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     home = out / FLOWER_HOME
@@ -160,6 +194,7 @@ def simulate(
         "FLWR_HOME": str(home),
         # Offline: a SuperLink would otherwise try to install the app's dependencies per run.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **ray,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log_path = out / FLOWER_LOG

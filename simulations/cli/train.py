@@ -53,7 +53,7 @@ from simulations.cli.shared import (
     validated,
 )
 from simulations.local_only import train_local_only
-from simulations.simulate import SimulationResult, simulate
+from simulations.simulate import SimulationResult, ray_env, simulate
 
 ClientsOpt = Annotated[
     int | None, typer.Option(min=1, help="Number of clients; default one per region.")
@@ -174,14 +174,32 @@ def simulate_cmd(
     fresh: Annotated[
         bool, typer.Option(help="Delete the run folder first instead of resuming its checkpoint.")
     ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            envvar="RAY_ADDRESS",
+            metavar="HOST:PORT",
+            help="Run the clients as actors on this running Ray cluster: the head's address, "
+            "as `ray start --head` prints it. Default: a Ray of the run's own on this machine. "
+            "Run this command on a node of the cluster; every node needs this Python "
+            "environment and the data and --out folder at the same paths "
+            "(docs/ray-cluster.md).",
+        ),
+    ] = None,
     given: dict | None = None,
 ) -> None:
-    """Simulate the federation on this machine (Flower's simulation engine), DP on by default.
+    """Simulate the federation with Flower's simulation engine, DP on by default: on this
+    machine, or with the clients on a Ray cluster (--ray-address).
 
     Every option below is a key of the Flower run config (pyproject.toml), with its default.
     Ends with the model, metrics, plots and, under DP, the verified privacy report.
     """
     cfg = _run_config(config, given or {})
+    try:  # an unreachable cluster refused before the data are read, not after
+        ray_env(ray_address)
+    except RuntimeError as exc:
+        raise fail(str(exc)) from exc
     try:
         events, _ = run_events(
             cfg.data, cfg.format, cfg.synth.model_dump_json(), cfg.spec, cfg.columns
@@ -218,7 +236,7 @@ def simulate_cmd(
                 )
 
         try:
-            result = simulate(cfg, len(parts), on_poll)
+            result = simulate(cfg, len(parts), on_poll, ray_address=ray_address)
         except RuntimeError as exc:
             raise fail(str(exc)) from exc
     if not result.ok:
