@@ -498,11 +498,6 @@ def test_flower_run_config_names_the_key(key, value):
         RunConfig.from_flower({key: value})
 
 
-def missing(where: str) -> pytest.MarkDecorator:
-    """A check this change could not make: reported, to be made in `where`."""
-    return pytest.mark.xfail(strict=True, reason=f"reported: needs a change in {where}")
-
-
 @pytest.mark.parametrize(
     ("config", "args", "problem"),
     [
