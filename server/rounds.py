@@ -133,12 +133,16 @@ def client_rows(
 
 
 def silent_rows(
-    server_round: int, sent: list[Message], replies: list[Message], why: str
+    server_round: int, sent: list[Message], replies: list[Message], timeout: float | None
 ) -> list[dict]:
-    """Nodes that were sent an instruction and never answered: killed, hung or cut off past the
-    round timeout. Flower's grid returns only the replies that came."""
+    """Nodes that were sent an instruction and did not answer within `timeout` seconds:
+    killed, hung or cut off. Flower's grid returns only the replies that came (without a
+    timeout it waits for every one, errors included, so there are none)."""
+    if not timeout:
+        return []
     node_of = addressee(sent)
     answered = {node_of(m) for m in replies}
+    why = f"no reply within round-timeout ({timeout:g} s): the node is down, hung or cut off"
     return [
         {"round": server_round, "client": str(node), "node": node, "status": "failed", "error": why}
         for node in dict.fromkeys(m.metadata.dst_node_id for m in sent)
@@ -198,14 +202,6 @@ class RoundLoop:
     def _send(self, instructions: list[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(instructions, timeout=self.timeout))
 
-    @property
-    def _silence(self) -> str:
-        return (
-            f"no reply within round-timeout ({self.timeout:g} s): the node is down, hung or cut off"
-            if self.timeout
-            else "no reply: the node left the federation"
-        )
-
     def _stop(self, record: dict, reason: str) -> str:
         log(WARNING, reason)
         record["stopped"] = reason
@@ -232,7 +228,7 @@ class RoundLoop:
                 check = partial(self.checks.rejection, sent=arrays)
             t = triage(replies, self.binder, check)
             node_of = addressee(asked)
-            silent = silent_rows(rnd, asked, replies, self._silence)
+            silent = silent_rows(rnd, asked, replies, self.timeout)
             record = {"round": rnd, "clients": client_rows(rnd, t, node_of) + silent}
             for row in silent:
                 log(WARNING, "node %s in round %s: %s", row["node"], rnd, row["error"])
@@ -301,7 +297,7 @@ class RoundLoop:
             answers = triage(
                 evaluated, self.binder, self.checks and self.checks.evaluation_rejection
             )
-            for row in silent_rows(rnd, asked, evaluated, self._silence):
+            for row in silent_rows(rnd, asked, evaluated, self.timeout):
                 log(WARNING, "evaluation %s: node %s: %s", rnd, row["node"], row["error"])
             for _, why in answers.rejected:
                 log(WARNING, "evaluation %s: reply rejected: %s", rnd, why)

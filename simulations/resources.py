@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.run_files import FLOWER_HOME
-from simulations.simulate import _processes
+from simulations.simulate import _processes, process_tree
 
 KIB = 1024
 
@@ -17,15 +17,8 @@ def federation_rss(out: Path) -> int:
     """Bytes resident in the processes of the simulation whose run folder is `out`."""
     table = _processes()
     marker = str(out / FLOWER_HOME)
-    frontier = [
-        pid for pid, (_, cmd) in table.items() if "flower-superlink" in cmd and marker in cmd
-    ]
-    total = 0
-    while frontier:
-        pid = frontier.pop()
-        total += _rss(pid)
-        frontier.extend(child for child, (ppid, _) in table.items() if ppid == pid)
-    return total
+    roots = [p for p, (_, cmd) in table.items() if "flower-superlink" in cmd and marker in cmd]
+    return sum(_rss(pid) for pid in process_tree(roots, table))
 
 
 def _rss(pid: int) -> int:

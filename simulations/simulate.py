@@ -104,15 +104,21 @@ def _processes() -> dict[int, tuple[int, str]]:
     return table
 
 
-def stop_tree(roots: list[int]) -> list[int]:
-    """Stop processes and everything below them, children first (SIGTERM, then SIGKILL)."""
-    table = _processes()
-    doomed: list[int] = []
+def process_tree(roots: list[int], table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """`roots` and every process below them, each after its parent (`table`: `_processes()`)."""
+    table = _processes() if table is None else table
+    tree: list[int] = []
     frontier = list(roots)
     while frontier:
         pid = frontier.pop()
-        doomed.append(pid)
+        tree.append(pid)
         frontier.extend(child for child, (ppid, _) in table.items() if ppid == pid)
+    return tree
+
+
+def stop_tree(roots: list[int]) -> list[int]:
+    """Stop processes and everything below them, children first (SIGTERM, then SIGKILL)."""
+    doomed = process_tree(roots)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in reversed(doomed):
             with contextlib.suppress(ProcessLookupError):

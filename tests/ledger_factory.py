@@ -7,6 +7,7 @@ from pathlib import Path
 from common.run_files import CLIENT_LEDGER, SERVER_LEDGER
 from privacy.accounting import (
     Budget,
+    Mechanism,
     PrivacyState,
     plan_mechanism,
     release_steps,
@@ -20,14 +21,20 @@ BUDGET = Budget(epsilon=3.0, delta=1e-5)
 COUNT = Release(what="user-count", noise_multiplier=5.0, sensitivity=1.0)
 
 
+def _planned(rounds: int) -> Mechanism:
+    """The factory's clients' mechanism: q 0.05, 20 steps a round, the count released once."""
+    return plan_mechanism(
+        BUDGET, 0.05, 20, rounds=rounds, clip_norm=1.0, noisy_users=400,
+        spent=release_steps([COUNT]),
+    )  # fmt: skip
+
+
 def write_client(folder: Path, keys: Path, name: str = "north", rounds: int = 3) -> Path:
     """A real ledger: planned for 2 rounds, so round 3 is declined; the first round also
     releases the user count, as a client does."""
     key = create_pair(keys / f"{name}.key", overwrite=True)
     state = PrivacyState(client=name, budget=BUDGET)
-    state.mechanism = plan_mechanism(
-        BUDGET, 0.05, 20, rounds=2, clip_norm=1.0, noisy_users=400, spent=release_steps([COUNT])
-    )
+    state.mechanism = _planned(rounds=2)
     path = folder / name / CLIENT_LEDGER
     for rnd in range(1, rounds + 1):
         ok, _ = state.affordable()
@@ -66,9 +73,6 @@ def spend(folder: Path, keys: Path, name: str, server_round: int, run_id: str = 
     spends = entries(path, Spend) if path.exists() else []
     state = restore(name, BUDGET, spends)
     if state.mechanism is None:
-        state.mechanism = plan_mechanism(
-            BUDGET, 0.05, 20, rounds=4, clip_norm=1.0, noisy_users=400,
-            spent=release_steps([COUNT]),
-        )  # fmt: skip
+        state.mechanism = _planned(rounds=4)
     done = state.record(server_round, state.round_steps(), "trained", [] if spends else [COUNT])
     return append(path, spend_fields(state, done, run_id), key, Spend)

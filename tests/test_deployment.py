@@ -28,7 +28,7 @@ from server import checkpoint
 from server.certs import make_certs
 from server.node_registry import Registry
 from simulations.cli import app
-from simulations.simulate import APP_DIR, _alive, _processes, stop_tree
+from simulations.simulate import APP_DIR, _alive, _processes, process_tree, stop_tree
 
 pytestmark = pytest.mark.slow
 PORT = 39291  # SuperLink's HTTP API (Fleet and Control); away from the local simulation's 39091
@@ -347,15 +347,8 @@ def _below(root: int, program: str) -> list[int]:
     """Live processes below `root` running `program` (a SuperNode's ClientApps, a SuperLink's
     ServerApps)."""
     table = _processes()
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, cmd) in table.items():
-            if ppid == parent:
-                frontier.append(pid)
-                if program in cmd and _alive(pid):
-                    found.append(pid)
-    return found
+    below = process_tree([root], table)[1:]
+    return [pid for pid in below if program in table[pid][1] and _alive(pid)]
 
 
 def _kill(pids: list[int]) -> None:
