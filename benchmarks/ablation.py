@@ -13,13 +13,13 @@ import argparse
 import time
 
 import torch
-from opacus import PrivacyEngine
 
 from common.data.formats import load_events
 from common.data.synth import generate
 from common.learning.dataset import prepare
 from common.learning.model import BehaviorModel, ModelConfig
 from common.learning.training import evaluate_ranking, loader, pick_device, train_epoch
+from privacy.engine import PrivacyEngine
 
 DEFAULT = ModelConfig()
 VARIANTS: dict[str, dict] = {

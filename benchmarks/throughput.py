@@ -19,7 +19,6 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from opacus import PrivacyEngine
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -33,6 +32,7 @@ from common.learning.training import loader, pick_device, train_epoch
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
 from privacy.accounting import Mechanism
+from privacy.engine import PrivacyEngine
 from privacy.randomness import torch_generator
 
 # Ta-Feng's shape as prepared (tests/test_real_data.py): 817,741 rows over 4 months, 29,197 users

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from opacus import PrivacyEngine
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset, default_collate
@@ -15,6 +14,7 @@ from common.learning.model import BehaviorModel
 from common.learning.training import loader, train_epoch
 from common.runconfig import RunConfig
 from privacy.accounting import Mechanism, Step
+from privacy.engine import PrivacyEngine
 from privacy.randomness import torch_generator
 
 

@@ -29,7 +29,13 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from common.data.sequences import GAP_BUCKETS, IGNORE, Batch
-from common.learning.packed import PackedEmbedding, PackedLinear, pack, set_users
+from common.learning.packed import (
+    PackedEmbedding,
+    PackedLinear,
+    SparseRowsEmbedding,
+    pack,
+    set_users,
+)
 
 RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year or more
 # Tied parameters under their second name: stored once (safetensors refuses shared tensors,
@@ -97,7 +103,7 @@ class BehaviorModel(nn.Module):
         self.bert = BertModel(bert_cfg, add_pooling_layer=False)
         self.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         h, code = cfg.hidden, cfg.item_dim + 1
-        self.item_code = nn.Embedding(shape.item_rows, code)
+        self.item_code = SparseRowsEmbedding(shape.item_rows, code)
         self.item_in = nn.Linear(code, h)
         self.category = nn.Embedding(shape.categories, h)
         self.dow = nn.Embedding(8, h)
@@ -112,7 +118,7 @@ class BehaviorModel(nn.Module):
         self.category_out = PackedLinear(h, shape.categories)
         self.habit = PackedLinear(h, 1)  # how much the user's own category counts weigh
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
-        self.item_out = PackedEmbedding(shape.item_rows, code)
+        self.item_out = SparseRowsEmbedding(shape.item_rows, code)
         self.absence = PackedEmbedding(RECENCY_BUCKETS, h)  # days since the visit, for demand
         self.demand_head = PackedLinear(h, shape.top_categories)
         self.apply(self._init)
@@ -157,9 +163,10 @@ class BehaviorModel(nn.Module):
 
     def encode(self, b: Batch) -> torch.Tensor:
         """Hidden state per event, [B, L, H]; position i sees only events ≤ i of its window."""
-        width = b.items.shape[1]
+        users, width = b.items.shape
+        owner = torch.arange(users, device=b.items.device).repeat_interleave(width)
         embeds = (
-            self.item_in(self.item_code(b.items))
+            self.item_in(self.item_code(b.items.flatten(), owner).view(users, width, -1))
             + self.category(b.cats)
             + self.dow(b.dow)
             + self.hour(b.hour)

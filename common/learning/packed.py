@@ -6,8 +6,14 @@ heads therefore run on the real positions packed into [P, ·], each tagged with 
 dimension of each module's input, which here would be positions, not users; the grad samplers
 registered below sum each user's positions instead, so clipping still bounds a user's whole
 contribution. Opacus' documented extension point (`register_grad_sampler`) and its
-`max_batch_len` attribute (as its DPLSTM uses for packed sequences) carry this; nothing else of
-Opacus is replaced.
+`max_batch_len` attribute (as its DPLSTM uses for packed sequences) carry this.
+
+The item table is the one exception to dense per-user gradients: a user touches a few hundred of
+its tens of thousands of rows, and a dense [users, rows, dim] gradient per step (zero-filled,
+copied and reduced several times by Opacus) was most of what DP-SGD cost over plain training.
+`SparseRowsEmbedding` keeps each use's per-user gradient as (user, row, vector) entries on the
+weight instead (`take_row_entries`); `privacy.engine` clips the whole per-user gradient with them,
+exactly as Opacus would with the dense tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
+
+_ROW_ENTRIES = "_fedshop_row_entries"
 
 
 def set_users(model: nn.Module, users: int) -> None:
@@ -45,6 +53,17 @@ class PackedEmbedding(nn.Embedding):
 
     def forward(self, index: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         return F.embedding(index, self.weight)
+
+
+class SparseRowsEmbedding(PackedEmbedding):
+    """A `PackedEmbedding` whose per-user gradients stay sparse (see the module docstring)."""
+
+
+def take_row_entries(weight: nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The per-user gradient entries a backward pass recorded on a `SparseRowsEmbedding` weight,
+    (user × rows + row [E], gradient [E, dim]) per use, removed from it; None for any other
+    parameter (or before a backward pass)."""
+    return weight.__dict__.pop(_ROW_ENTRIES, None)
 
 
 @register_grad_sampler(PackedLinear)
@@ -78,3 +97,15 @@ def _embedding_grad_sample(
     grad = torch.zeros(users * rows, dim, device=index.device, dtype=backprops.dtype)
     grad.index_add_(0, owner * rows + index, backprops)
     return {layer.weight: grad.view(users, rows, dim)}
+
+
+@register_grad_sampler(SparseRowsEmbedding)
+def _sparse_rows_grad_sample(
+    layer: SparseRowsEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    index, owner = activations[0], activations[1]
+    rows = layer.weight.shape[0]
+    layer.weight.__dict__.setdefault(_ROW_ENTRIES, []).append((owner * rows + index, backprops))
+    # Opacus still counts this use (tied weights are promoted after their last use): an empty
+    # per-user tensor stands in for the dense one the entries replace.
+    return {layer.weight: backprops.new_zeros(layer.max_batch_len, 0)}

@@ -1,0 +1,81 @@
+"""Opacus' `PrivacyEngine`, with per-user clipping that reads the item table's per-user
+gradients from their non-zero rows.
+
+Everything else is Opacus': the hooks, Poisson sampling, the noise, the accountant. The one
+change is in `clip_and_accumulate`: a `SparseRowsEmbedding` weight (the item table, tens of
+thousands of rows of which a user touches a few hundred) records its per-user gradients as
+(user, row, vector) entries instead of a dense [users, rows, dim] tensor
+(`common.learning.packed`). Summing the entries per (user, row) gives each user's exact gradient
+on that table, so the per-user norm over all parameters, the clipping factor and the clipped sum
+are the ones Opacus computes from dense tensors, at a fraction of the memory traffic.
+"""
+
+from __future__ import annotations
+
+import opacus
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _mark_as_processed
+
+from common.learning.packed import take_row_entries
+
+
+class SparseRowsDPOptimizer(DPOptimizer):
+    """`DPOptimizer` (flat clipping) that also clips parameters with sparse per-user rows."""
+
+    def clip_and_accumulate(self) -> None:
+        sparse = {}
+        for p in self.params:
+            entries = take_row_entries(p)
+            if entries is not None:
+                sparse[p] = _per_user_rows(entries, p.shape[0], p.dtype)
+        dense = [p for p in self.params if p not in sparse]
+        users = len(self._get_flat_grad_sample(self.params[0]))
+        squared = torch.zeros(users, device=self.params[0].device, dtype=self.params[0].dtype)
+        for p in dense:
+            squared += self._get_flat_grad_sample(p).to(p.dtype).reshape(users, -1).square().sum(1)
+        for user, _, grad in sparse.values():
+            squared.index_add_(0, user, grad.square().sum(1))
+        factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            if p in sparse:
+                user, row, grad = sparse[p]
+                clipped = torch.zeros_like(p).index_add_(0, row, grad * factor[user, None])
+            else:
+                clipped = torch.einsum("i,i...", factor, self._get_flat_grad_sample(p).to(p.dtype))
+            p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
+            _mark_as_processed(p.grad_sample)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        for p in self.params:
+            take_row_entries(p)  # a step that never reached clipping must not leak into the next
+
+
+def _per_user_rows(
+    entries: list[tuple[torch.Tensor, torch.Tensor]], rows: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(user, row, gradient) per distinct (user, row), summing every use of the weight."""
+    key = torch.cat([k for k, _ in entries])
+    unique, inverse = torch.unique(key, return_inverse=True)
+    grads = torch.cat([g for _, g in entries]).to(dtype)
+    summed = grads.new_zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)
+    return torch.div(unique, rows, rounding_mode="floor"), unique % rows, summed
+
+
+class PrivacyEngine(opacus.PrivacyEngine):
+    """Opacus' engine whose `make_private` returns a `SparseRowsDPOptimizer`."""
+
+    def _prepare_optimizer(self, **kwargs: object) -> DPOptimizer:
+        built = super()._prepare_optimizer(**kwargs)
+        if type(built) is not DPOptimizer:
+            raise ValueError("fedshop's DP-SGD uses flat clipping in one process (Opacus hooks)")
+        return SparseRowsDPOptimizer(
+            optimizer=built.original_optimizer,
+            noise_multiplier=built.noise_multiplier,
+            max_grad_norm=built.max_grad_norm,
+            expected_batch_size=built.expected_batch_size,
+            loss_reduction=built.loss_reduction,
+            generator=built.generator,
+            secure_mode=built.secure_mode,
+        )
