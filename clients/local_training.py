@@ -86,15 +86,18 @@ def train_private(
     # count gives the same scale without making the update's size a function of the exact one.
     dp_opt.expected_batch_size = max(1, round(mech.noisy_users * mech.sample_rate))
 
-    def empty_step() -> None:
-        engine.accountant.step(noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate)
-
     pull = _proximal_pull(model, cfg.lr, proximal_mu) if proximal_mu > 0 else None
     losses = {}
     try:
         for _ in range(cfg.local_epochs):
             losses = train_epoch(
-                dp_model, dp_loader_, dp_opt, device, cfg.model.demand_weight, pull, empty_step
+                dp_model,
+                dp_loader_,
+                dp_opt,
+                device,
+                cfg.model.demand_weight,
+                pull,
+                dp_opt.empty_step,
             )
     finally:
         dp_model.remove_hooks()  # the caller's model stays a plain module, reusable next round

@@ -33,7 +33,7 @@ class SparseRowsDPOptimizer(DPOptimizer):
         users = len(self._get_flat_grad_sample(self.params[0]))
         squared = torch.zeros(users, device=self.params[0].device, dtype=self.params[0].dtype)
         for p in dense:
-            squared += self._get_flat_grad_sample(p).to(p.dtype).reshape(users, -1).square().sum(1)
+            squared += self._get_flat_grad_sample(p).to(p.dtype).flatten(1).square().sum(1)
         for user, _, grad in sparse.values():
             squared.index_add_(0, user, grad.square().sum(1))
         factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
@@ -45,6 +45,14 @@ class SparseRowsDPOptimizer(DPOptimizer):
                 clipped = torch.einsum("i,i...", factor, self._get_flat_grad_sample(p).to(p.dtype))
             p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
             _mark_as_processed(p.grad_sample)
+
+    def empty_step(self) -> None:
+        """The step of a batch Poisson sampling left empty: no gradient, the noise all the same
+        (and its accounting, through Opacus' step hook). Skipping it would leave a trace in the
+        released update of whether anyone was sampled, which depends on who is in the data."""
+        for p in self.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.step()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         super().zero_grad(set_to_none)

@@ -15,7 +15,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opacus import PrivacyEngine
 
 from clients import client_app
 from clients.local_training import dp_loader
@@ -32,6 +31,7 @@ from privacy.accounting import (
     release_steps,
     spend_fields,
 )
+from privacy.engine import PrivacyEngine
 from privacy.ledger import Release, Spend, append, entries, locked
 from privacy.policy import PrivacyPolicy
 from privacy.randomness import torch_generator
@@ -176,6 +176,24 @@ def test_the_planned_sample_rate_is_the_one_opacus_accounts(users, batch, epochs
     assert 1 / per_epoch == q  # what Opacus derives from a loader of `per_epoch` batches
 
 
+def test_an_empty_poisson_batch_still_takes_a_noisy_accounted_step():
+    """Skipping the step would show in the update whether anyone was sampled."""
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = PrivacyEngine(accountant="rdp")
+    _, opt, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=dp_loader(_Rows(50), _mechanism(0.1, 10), torch_generator()),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+    opt.empty_step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert engine.accountant.history == [(1.0, 0.1, 1)]
+
+
 @pytest.mark.parametrize("per_epoch", [1, 2, 93, 99])
 def test_honest_ledgers_of_real_opacus_rounds_verify(tmp_path, per_epoch):
     """Two rounds through Opacus for batch counts where 1/int(1/q) ≠ q used to break ledgers."""
@@ -206,7 +224,7 @@ def test_honest_ledgers_of_real_opacus_rounds_verify(tmp_path, per_epoch):
                 dp_model(x).sum().backward()
                 opt.step()
             else:
-                engine.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=q)
+                opt.empty_step()
         history = list(engine.accountant.history)
         assert history == [(state.mechanism.noise_multiplier, q, steps)]
         spend = state.record(rnd, history, "trained", [count] if rnd == 1 else [])

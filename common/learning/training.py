@@ -57,8 +57,8 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass; returns mean per-user losses (total, next-item, demand).
 
-    `after_step(users)` runs after every optimizer step; `on_empty()` for a batch that Poisson
-    sampling left empty (DP accounting must still count that step).
+    `after_step(users)` runs after every optimizer step; `on_empty()` steps for a batch that
+    Poisson sampling left empty (DP-SGD still adds its noise and accounts the step there).
     """
     model.train()
     sums, users = np.zeros(3), 0
@@ -67,6 +67,8 @@ def train_epoch(
         if len(batch.items) == 0:
             if on_empty:
                 on_empty()
+                if after_step:
+                    after_step(0)
             continue
         total, rec, dem = per_user_loss(model, batch.trim().to(device), demand_weight)
         optimizer.zero_grad(set_to_none=True)
