@@ -16,8 +16,9 @@ import torch
 
 from common.data.formats import load_events
 from common.data.synth import generate
+from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.learning.training import evaluate_ranking, loader, pick_device, train_epoch
 from privacy.engine import PrivacyEngine
 

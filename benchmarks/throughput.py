@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from clients.local_training import dp_loader
 from common.data.formats import load_events
 from common.data.synth import SynthConfig, generate
+from common.learning.configs import ModelConfig
 from common.learning.dataset import Prepared, prepare
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.learning.training import loader, pick_device, train_epoch
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape

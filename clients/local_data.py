@@ -22,9 +22,8 @@ import numpy as np
 from flwr.common.logger import log
 
 from common.data.catalog import Catalog
-from common.data.events import DataError
+from common.data.events import MIN_EVENTS, DataError
 from common.data.partition import audit_non_members, plan, select
-from common.data.sequences import MIN_EVENTS
 from common.data.sources import read_source, run_events
 from common.learning.dataset import NoHistory, Prepared, prepare
 from common.run_files import CLIENTS

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.data.synth import SynthConfig
-from common.learning.model import ModelConfig
+from common.learning.configs import ModelConfig
 
 
 class StrategyName(StrEnum):

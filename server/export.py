@@ -11,7 +11,8 @@ from safetensors.numpy import save_file
 
 from common.atomic import write_json, write_with
 from common.digest import DIGEST, array_digest
-from common.learning.model import CatalogShape, ModelConfig
+from common.learning.configs import ModelConfig
+from common.learning.model import CatalogShape
 from common.run_files import CARD, CATALOG, MODEL
 
 

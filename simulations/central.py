@@ -12,13 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
+from common.learning.configs import ModelConfig, TrainConfig
 from common.learning.dataset import Prepared
 from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import baseline_scores, score
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.learning.popularity import popularity_results
 from common.learning.training import (
-    TrainConfig,
     evaluate_ranking,
     loader,
     pick_device,

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from common.data.catalog import Catalog
+from common.data.events import MIN_EVENTS
 from common.data.partition import plan, select
-from common.data.sequences import MIN_EVENTS, leave_last_out
+from common.data.sequences import leave_last_out
 from common.learning.dataset import NoHistory, prepare
 from common.learning.demand import PRIMARY, forecast_holdout
 from common.learning.forecasting import score

@@ -33,16 +33,17 @@ from ledger_factory import write_client, write_server
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+import simulations.simulate
 from common.data.catalog import Catalog
 from common.data.partition import plan
+from common.learning.configs import ModelConfig
 from common.learning.dataset import catalog_shape
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.run_files import CARD, CATALOG, CHECKPOINT, MODEL
 from common.runconfig import RunConfig
 from server import checkpoint
 from server.export import export as export_model
 from simulations.cli import app
-from simulations.cli import train as train_cli
 from simulations.cli.shared import check_federation
 
 runner = CliRunner()
@@ -420,7 +421,7 @@ def no_flower(monkeypatch):
     def started(*_args, **_kwargs):
         raise Started
 
-    monkeypatch.setattr(train_cli, "simulate", started)
+    monkeypatch.setattr(simulations.simulate, "simulate", started)
 
 
 # Enough users that every simulated client can fill the default batch (64).

@@ -131,8 +131,9 @@ def test_recommend_and_forecast_from_an_exported_model(tmp_path, tiny_events):
     from safetensors.torch import save_file
 
     from common.data.catalog import Catalog
+    from common.learning.configs import ModelConfig
     from common.learning.dataset import catalog_shape
-    from common.learning.model import BehaviorModel, ModelConfig
+    from common.learning.model import BehaviorModel
 
     catalog = Catalog.build(tiny_events)
     catalog.save(tmp_path / "catalog.json")

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from common.data.catalog import Catalog
 from common.data.events import EventType
+from common.learning.configs import ModelConfig
 from common.learning.dataset import catalog_shape
 from common.learning.forecasting import (
     LEVEL_WINDOWS,
@@ -20,7 +21,7 @@ from common.learning.forecasting import (
     weekly_demand,
 )
 from common.learning.inference import load_exported
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.learning.monitor import monitor, plot_alerts
 from simulations.cli import app
 

@@ -4,8 +4,9 @@ import torch.nn.functional as F
 from opacus.validators import ModuleValidator
 
 from common.data.sequences import IGNORE, Batch
+from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
-from common.learning.model import BehaviorModel, ModelConfig, per_user_loss
+from common.learning.model import BehaviorModel, per_user_loss
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 from privacy.engine import PrivacyEngine
 

@@ -24,10 +24,11 @@ from common.data.catalog import Catalog
 from common.data.partition import audit_non_members
 from common.data.sequences import leave_last_out
 from common.data.sources import read_source
+from common.learning.configs import ModelConfig
 from common.learning.dataset import catalog_shape
 from common.learning.inference import load_exported
 from common.learning.metrics import sampled_ranks
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.messages import (
     CLIENT,
     DEMAND_ACTUAL_SUM,

@@ -7,6 +7,8 @@ from enum import StrEnum
 import numpy as np
 import pandas as pd
 
+MIN_EVENTS = 3  # a user needs a training event, a validation and a test event
+
 REQUIRED = ("user_id", "item_id", "timestamp")
 OPTIONAL = ("region", "category", "quantity", "price", "event_type")
 CANONICAL = (*REQUIRED, *OPTIONAL)
@@ -184,3 +186,10 @@ def summarize(events: pd.DataFrame) -> dict[str, object]:
         "first": str(events["timestamp"].min()),
         "last": str(events["timestamp"].max()),
     }
+
+
+def user_regions(events: pd.DataFrame) -> pd.Series:
+    """A user's region is where most of their events happen (ties: first in sort order)."""
+    counts = events.groupby(["user_id", "region"], observed=True).size().rename("n").reset_index()
+    counts = counts.sort_values(["user_id", "n"], ascending=[True, False], kind="stable")
+    return counts.drop_duplicates("user_id").set_index("user_id")["region"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.data.sequences import user_regions
+from common.data.events import user_regions
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,13 @@ import pandas as pd
 import torch
 
 from common.data.catalog import Catalog
-from common.data.events import EventType, sort_events
+from common.data.events import MIN_EVENTS, EventType, sort_events, user_regions
 
 SPLITS = ("train", "valid", "test")
 GAP_BUCKETS = 24  # 0 pad, 1 first event, 2.. log2 minutes since the previous event
 IGNORE = -100
 DAY_S = 86_400
 MAX_LAG_DAYS = 91  # the longest absence the demand head is trained to forecast after
-
-
-MIN_EVENTS = 3  # a user needs a training event, a validation and a test event
 
 
 def leave_last_out(events: pd.DataFrame, min_events: int = MIN_EVENTS) -> pd.DataFrame:
@@ -34,13 +31,6 @@ def leave_last_out(events: pd.DataFrame, min_events: int = MIN_EVENTS) -> pd.Dat
     from_end = events.groupby("user_id", observed=True).cumcount(ascending=False)
     events["split"] = np.select([from_end == 0, from_end == 1], ["test", "valid"], "train")
     return events
-
-
-def user_regions(events: pd.DataFrame) -> pd.Series:
-    """A user's region is where most of their events happen (ties: first in sort order)."""
-    counts = events.groupby(["user_id", "region"], observed=True).size().rename("n").reset_index()
-    counts = counts.sort_values(["user_id", "n"], ascending=[True, False], kind="stable")
-    return counts.drop_duplicates("user_id").set_index("user_id")["region"]
 
 
 def encode(events: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
-from common.data.events import DataError
+from common.data.events import MIN_EVENTS, DataError
 from common.data.formats import ColumnMap, DatasetSpec, LoadResult, load_events
-from common.data.sequences import MIN_EVENTS
 from common.data.synth import SynthConfig, generate
 
 SYNTH_TOP_CHARS = None  # synthetic categories look like "07.03": the top level is before the dot

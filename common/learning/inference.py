@@ -15,8 +15,9 @@ from common.data.catalog import Catalog
 from common.data.events import sort_events
 from common.data.sequences import encode, history_sequences
 from common.digest import DIGEST, array_digest
+from common.learning.configs import ModelConfig
 from common.learning.dataset import catalog_shape
-from common.learning.model import BehaviorModel, ModelConfig
+from common.learning.model import BehaviorModel
 from common.learning.training import per_batch
 from common.run_files import CARD, CATALOG, MODEL
 

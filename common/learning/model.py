@@ -29,6 +29,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from common.data.sequences import GAP_BUCKETS, IGNORE, Batch
+from common.learning.configs import ModelConfig
 from common.learning.packed import (
     PackedEmbedding,
     PackedLinear,
@@ -41,24 +42,6 @@ RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year 
 # Tied parameters under their second name: stored once (safetensors refuses shared tensors,
 # and a federated update should carry each weight once), re-linked on load.
 TIED = {"category_out.weight": "category.weight", "item_out.weight": "item_code.weight"}
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hidden: int = Field(64, ge=8, description="BERT hidden size.")
-    layers: int = Field(2, ge=1, description="BERT layers.")
-    heads: int = Field(2, ge=1, description="Attention heads (must divide hidden).")
-    intermediate: int = Field(256, ge=8, description="BERT feed-forward size.")
-    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout in the encoder.")
-    max_len: int = Field(50, ge=2, description="Events the encoder attends over at once.")
-    windows: int = Field(2, ge=1, description="Windows of max-len events read per user.")
-    item_dim: int = Field(16, ge=1, description="Trainable coordinates per item (plus a bias).")
-    demand_weight: float = Field(0.5, ge=0, description="Weight of the demand loss.")
-
-    @property
-    def history(self) -> int:
-        """Events per user the model reads (and trains on)."""
-        return self.max_len * self.windows
 
 
 class CatalogShape(BaseModel):

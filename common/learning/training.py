@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,15 +20,6 @@ from common.learning.metrics import (
 from common.learning.model import BehaviorModel, per_user_loss
 
 EVAL_BATCH = 512
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1, description="Training epochs (the best on validation is kept).")
-    batch_size: int = Field(128, ge=1, description="Users per batch.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    seed: int = Field(0, description="Random seed.")
-    device: str = Field("auto", description="auto (CUDA if present), cpu or cuda.")
 
 
 def pick_device(name: str = "auto") -> torch.device:

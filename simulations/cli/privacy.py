@@ -4,18 +4,20 @@ report and the membership-inference audit."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from common.run_files import PRIVACY_REPORT_HTML
-from privacy import report as privacy_report
-from privacy.audit import COLUMNS
-from privacy.audit import audit as run_audit
 from privacy.signing import KeyFileError, create_pair, fingerprint
-from privacy.verify import Verdict, verify_paths
 from simulations.cli.shared import app, console, err, fail
+
+if TYPE_CHECKING:
+    from privacy.verify import Verdict
+
+# Verification, the report and the audit import their accountants and models when they run, not
+# to build the CLI.
 
 privacy_app = typer.Typer(
     help="Verify privacy ledgers, write the compliance report, audit a trained model.",
@@ -82,6 +84,8 @@ def verify(
     miscomputed, changed mid-ledger or missing (a client the server's record names without its
     ledger), 0 when every ledger holds; the last line says whether the keys were pinned.
     """
+    from privacy.verify import Verdict, verify_paths
+
     try:
         reports = verify_paths(ledgers, keys)
     except KeyFileError as exc:
@@ -119,6 +123,8 @@ def verify(
 def _unverifiable(ledgers: list[Path], exc: ValueError) -> Verdict:
     """An altered entry can record a mechanism no accountant evaluates (say δ = 1e-300): the
     ledgers then fail verification, with the reason, like any other alteration."""
+    from privacy.verify import Verdict
+
     where = ", ".join(map(str, ledgers)) or "the run's ledgers"
     problem = f"{where}: cannot recompute ε from the recorded mechanisms ({exc})"
     return Verdict(False, False, "verification FAILED", problem)
@@ -149,6 +155,8 @@ def report(
     keys: KeysOpt = None,
 ) -> None:
     """Write privacy_report.html (self-contained) and privacy_report.json into RUN_DIR."""
+    from privacy import report as privacy_report
+
     try:
         result = privacy_report.write(run_dir, ledger, keys)
     except KeyFileError as exc:
@@ -156,6 +164,8 @@ def report(
     except ValueError as exc:
         _say(_unverifiable([run_dir, *(ledger or [])], exc))
     console.print(f"report: {run_dir / PRIVACY_REPORT_HTML}")
+    from privacy.verify import Verdict
+
     _say(Verdict(**result["verdict"]))
 
 
@@ -184,6 +194,9 @@ def audit(
     ledgers. Evidence, not a proof. Writes audit.json into every run folder; `privacy report`
     shows it.
     """
+    from privacy.audit import COLUMNS
+    from privacy.audit import audit as run_audit
+
     try:
         with console.status(f"training {references} reference models, attacking each run"):
             result = run_audit(runs, references)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import pandas as pd
 import typer
@@ -11,11 +11,12 @@ from rich import box
 from rich.table import Table
 from safetensors import SafetensorError
 
-from common.learning.demand import forecast_next_week
-from common.learning.forecasting import QUANTILES
-from common.learning.inference import Exported, load_exported, recommend
-from common.learning.monitor import monitor, plot_alerts
 from simulations.cli.shared import FormatOpt, MapOpt, SpecOpt, app, console, events_from, fail
+
+if TYPE_CHECKING:
+    from common.learning.inference import Exported
+
+# The commands import the model's stack (torch, transformers) when they run, not to build the CLI.
 
 ModelOpt = Annotated[
     Path,
@@ -29,6 +30,8 @@ EventsOpt = Annotated[
 
 
 def _exported(model: Path) -> Exported:
+    from common.learning.inference import load_exported
+
     try:
         return load_exported(model)
     except ValueError as exc:
@@ -70,6 +73,8 @@ def recommend_cmd(
         frame = frame[frame["user_id"].isin(user)]
     else:
         frame = frame[frame["user_id"].isin(frame["user_id"].drop_duplicates().head(limit))]
+    from common.learning.inference import recommend
+
     recs = recommend(exp, frame, k)
     for uid, rows in recs.groupby("user_id", sort=False):
         table = Table(title=f"user {uid}: top {k}")
@@ -89,6 +94,9 @@ def forecast_cmd(
     maps: MapOpt = None,
 ) -> None:
     """Next week's demand per region × category, its interval, the robust level and 4-week mean."""
+    from common.learning.demand import forecast_next_week
+    from common.learning.forecasting import QUANTILES
+
     exp = _exported(model)
     frame = _events(events, fmt, spec, maps)
     try:
@@ -139,6 +147,8 @@ def monitor_cmd(
 
     Each week is forecast from the data before it, as it would have been at the time.
     """
+    from common.learning.monitor import monitor, plot_alerts
+
     exp = _exported(model)
     frame = _events(events, fmt, spec, maps)
     try:

@@ -18,10 +18,9 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from common.atomic import StorageError
-from common.data.events import DataError
+from common.data.events import MIN_EVENTS, DataError
 from common.data.formats import FORMATS
 from common.data.partition import Partition, users_per_part
-from common.data.sequences import MIN_EVENTS
 from common.data.sources import Source, read_source, require_history
 from common.data.synth import SynthConfig
 

@@ -8,7 +8,7 @@ import math
 import shutil
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -19,9 +19,7 @@ from common.data.catalog import Catalog
 from common.data.events import DataError
 from common.data.partition import plan
 from common.data.sources import Source, run_events
-from common.learning.dataset import NoHistory, Prepared, catalog_shape, prepare
-from common.learning.model import BehaviorModel, ModelConfig
-from common.learning.training import TrainConfig
+from common.learning.configs import ModelConfig, TrainConfig
 from common.messages import (
     DELTA,
     EPSILON,
@@ -35,8 +33,6 @@ from common.messages import (
 )
 from common.run_files import CATALOG, CHECKPOINT, RESULTS, ROUNDS
 from common.runconfig import RunConfig
-from server import checkpoint
-from simulations.central import CentralConfig, baselines, save_run, train_central
 from simulations.cli.shared import (
     DataOpt,
     FormatOpt,
@@ -52,8 +48,14 @@ from simulations.cli.shared import (
     options_of,
     validated,
 )
-from simulations.local_only import train_local_only
-from simulations.simulate import SimulationResult, ray_env, simulate
+
+if TYPE_CHECKING:
+    from common.learning.dataset import Prepared
+    from simulations.central import CentralConfig
+    from simulations.simulate import SimulationResult
+
+# Each command imports the model's stack (torch, transformers, Opacus) when it runs: building the
+# CLI, and so `fedshop --help`, needs only the configs.
 
 ClientsOpt = Annotated[
     int | None, typer.Option(min=1, help="Number of clients; default one per region.")
@@ -69,6 +71,8 @@ def baselines_cmd(
     out: OutOpt = Path("runs/baselines"),
 ) -> None:
     """Popularity, repeat-aware and forecasting baselines under the evaluation protocol."""
+    from simulations.central import baselines, save_run
+
     src = events_from(data, fmt, spec, maps)
     with console.status("computing baselines"):
         prepared = _prepared(src)
@@ -94,6 +98,8 @@ def train_central_cmd(
     given: dict | None = None,
 ) -> None:
     """Train the BERT behavior model centrally, without privacy; compare it with the baselines."""
+    from simulations.central import baselines, save_run, train_central
+
     cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("preparing sequences"):
@@ -135,6 +141,9 @@ def train_local_cmd(
     given: dict | None = None,
 ) -> None:
     """Each region trains alone on its own users (no federation, no DP): the floor to beat."""
+    from common.learning.dataset import NoHistory
+    from simulations.local_only import train_local_only
+
     cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("training every region alone"):
@@ -195,6 +204,8 @@ def simulate_cmd(
     Every option below is a key of the Flower run config (pyproject.toml), with its default.
     Ends with the model, metrics, plots and, under DP, the verified privacy report.
     """
+    from simulations.simulate import ray_env, simulate
+
     cfg = _run_config(config, given or {})
     try:  # an unreachable cluster refused before the data are read, not after
         ray_env(ray_address)
@@ -214,6 +225,10 @@ def simulate_cmd(
     if fresh and out.exists():
         shutil.rmtree(out)
     if cfg.resume and (out / CHECKPOINT).exists():
+        from common.learning.dataset import catalog_shape
+        from common.learning.model import BehaviorModel
+        from server import checkpoint
+
         try:  # a bad checkpoint named here, not as a traceback at the end of Flower's log
             shape = catalog_shape(Catalog.load(out / CATALOG))
             checkpoint.load(out, BehaviorModel(cfg.model, shape).state_dict())
@@ -249,6 +264,8 @@ def simulate_cmd(
 
 def _prepared(src: Source, **options: int) -> Prepared:
     """The command's data prepared; data no head can use is a named error (exit 2)."""
+    from common.learning.dataset import NoHistory, prepare
+
     try:
         return prepare(src.events, top_category_chars=src.top_category_chars, **options)
     except NoHistory as exc:
@@ -257,6 +274,8 @@ def _prepared(src: Source, **options: int) -> Prepared:
 
 def _central_config(given: dict) -> CentralConfig:
     """The model's and the trainer's settings given on the command line, validated."""
+    from simulations.central import CentralConfig
+
     return CentralConfig(
         model=validated(ModelConfig, only(ModelConfig, given)),
         train=validated(TrainConfig, only(TrainConfig, given)),
