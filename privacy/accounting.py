@@ -204,7 +204,9 @@ def plan_mechanism(
             f"budget ε = {budget.epsilon:g} cannot cover the other releases "
             f"(already spent and reserved per round) even without any training"
         )
-    low, high = 0.0, _rdp_sigma(fixed, sample_rate, steps_per_round * rounds, budget, accountant)
+    low, high = 0.0, 20.0
+    if accountant != "rdp":
+        high = _rdp_sigma(budget, sample_rate, steps_per_round, rounds, clip_norm, spent, per_round)
     eps_high = eps(high)
     while eps_high > budget.epsilon:
         high *= 2
@@ -232,24 +234,29 @@ def plan_mechanism(
 
 
 def _rdp_sigma(
-    fixed: list[Step], sample_rate: float, steps: int, budget: Budget, accountant: str
+    budget: Budget,
+    sample_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    clip_norm: float,
+    spent: list[Step] | None,
+    per_round: list[Step] | None,
 ) -> float:
-    """Where to start the search: the σ that RDP's looser bound needs (its calls take
-    milliseconds), 20 for RDP itself or where RDP cannot cover the other releases."""
-    if accountant == "rdp" or replay([*fixed, (MAX_SIGMA, 1.0, 1)], budget.delta, "rdp") > (
-        budget.epsilon
-    ):
+    """Where a tighter accountant's search starts: RDP's own plan (its calls take milliseconds,
+    and its looser bound needs at least the σ a tighter one does); 20 where RDP cannot plan."""
+    try:
+        return plan_mechanism(
+            budget,
+            sample_rate,
+            steps_per_round,
+            rounds,
+            clip_norm,
+            "rdp",
+            spent=spent,
+            per_round=per_round,
+        ).noise_multiplier
+    except ValueError:
         return 20.0
-    low, high = 0.0, 20.0
-    while replay([*fixed, (high, sample_rate, steps)], budget.delta, "rdp") > budget.epsilon:
-        low, high = high, high * 2
-        if high > MAX_SIGMA:
-            return 20.0
-    while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        fits = replay([*fixed, (mid, sample_rate, steps)], budget.delta, "rdp") <= budget.epsilon
-        low, high = (low, mid) if fits else (mid, high)
-    return high
 
 
 def _next_sigma(tried: list[tuple[float, float]], low: float, high: float, target: float) -> float:

@@ -24,16 +24,17 @@ class SparseRowsDPOptimizer(DPOptimizer):
     """`DPOptimizer` (flat clipping) that also clips parameters with sparse per-user rows."""
 
     def clip_and_accumulate(self) -> None:
-        sparse = {}
+        sparse, dense = {}, {}
         for p in self.params:
             entries = take_row_entries(p)
             if entries is not None:
                 sparse[p] = _per_user_rows(entries, p.shape[0], p.dtype)
-        dense = [p for p in self.params if p not in sparse]
+            else:
+                dense[p] = self._get_flat_grad_sample(p).to(p.dtype)
         users = len(self._get_flat_grad_sample(self.params[0]))
         squared = torch.zeros(users, device=self.params[0].device, dtype=self.params[0].dtype)
-        for p in dense:
-            squared += self._get_flat_grad_sample(p).to(p.dtype).flatten(1).square().sum(1)
+        for grad in dense.values():
+            squared += grad.flatten(1).square().sum(1)
         for user, _, grad in sparse.values():
             squared.index_add_(0, user, grad.square().sum(1))
         factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
@@ -42,7 +43,7 @@ class SparseRowsDPOptimizer(DPOptimizer):
                 user, row, grad = sparse[p]
                 clipped = torch.zeros_like(p).index_add_(0, row, grad * factor[user, None])
             else:
-                clipped = torch.einsum("i,i...", factor, self._get_flat_grad_sample(p).to(p.dtype))
+                clipped = torch.einsum("i,i...", factor, dense[p])
             p.summed_grad = clipped if p.summed_grad is None else p.summed_grad + clipped
             _mark_as_processed(p.grad_sample)
 

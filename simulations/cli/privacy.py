@@ -156,6 +156,7 @@ def report(
 ) -> None:
     """Write privacy_report.html (self-contained) and privacy_report.json into RUN_DIR."""
     from privacy import report as privacy_report
+    from privacy.verify import Verdict
 
     try:
         result = privacy_report.write(run_dir, ledger, keys)
@@ -164,8 +165,6 @@ def report(
     except ValueError as exc:
         _say(_unverifiable([run_dir, *(ledger or [])], exc))
     console.print(f"report: {run_dir / PRIVACY_REPORT_HTML}")
-    from privacy.verify import Verdict
-
     _say(Verdict(**result["verdict"]))
 
 

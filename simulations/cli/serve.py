@@ -64,6 +64,8 @@ def recommend_cmd(
     limit: Annotated[int, typer.Option(help="Users shown when no --user is given.")] = 5,
 ) -> None:
     """Top-k next items (with categories) for users, from their most recent events."""
+    from common.learning.inference import recommend
+
     exp = _exported(model)
     frame = _events(events, fmt, spec, maps)
     if user:
@@ -73,8 +75,6 @@ def recommend_cmd(
         frame = frame[frame["user_id"].isin(user)]
     else:
         frame = frame[frame["user_id"].isin(frame["user_id"].drop_duplicates().head(limit))]
-    from common.learning.inference import recommend
-
     recs = recommend(exp, frame, k)
     for uid, rows in recs.groupby("user_id", sort=False):
         table = Table(title=f"user {uid}: top {k}")
