@@ -122,6 +122,22 @@ def test_encoder_is_causal_within_windows(prepared):
     assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5)
 
 
+def test_demand_reads_the_last_window_only_and_keeps_user_order(prepared):
+    """expected_units encodes only each user's last max_len events, which give the same last
+    state as the whole history; predict_demand batches users by length and returns them in
+    their own order."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    seqs = prepared.forecast_inputs[0]
+    batch = Batch(*seqs.tensors()).trim()
+    assert (batch.length > TINY_MODEL.max_len).any() and (batch.length < TINY_MODEL.max_len).any()
+    with torch.no_grad():
+        _, last = model.last_state(batch)
+        rows = torch.arange(len(last))
+        whole = model._log_rate(last, rows, batch.lag[rows, batch.length - 1]).exp()
+    served = torch.from_numpy(predict_demand(model, seqs, torch.device("cpu")))
+    assert torch.allclose(served, whole, rtol=1e-4, atol=1e-6)
+
+
 def test_repeat_component_scores_the_users_own_items(prepared):
     """A user's past items get the repeat mass; an item never seen gets explore mass only."""
     model = BehaviorModel(TINY_MODEL, prepared.shape).eval()

@@ -102,6 +102,23 @@ class Batch(NamedTuple):
         width = int(self.length.max().clamp_min(1))
         return Batch(*(t[:, :width] if t.dim() >= 2 else t for t in self))
 
+    def tail(self, n: int) -> Batch:
+        """Each row's last `n` events, still right-padded (rows of `n` or fewer are unchanged)."""
+        batch = self.trim()
+        if batch.items.shape[1] <= n:
+            return batch
+        width = batch.items.shape[1]
+        start = (batch.length - n).clamp_min(0)
+        slots = start[:, None] + torch.arange(n, device=start.device)[None, :]
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() < 2 or t.shape[1] != width:  # per user, or a field this batch lacks
+                return t
+            index = slots.view(*slots.shape, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+            return t.gather(1, index)
+
+        return Batch(*(cut(t) for t in batch))._replace(length=batch.length.clamp_max(n))
+
 
 @dataclass
 class Sequences:

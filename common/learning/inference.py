@@ -63,16 +63,18 @@ def user_histories(exp: Exported, events: pd.DataFrame):
 def recommend(exp: Exported, events: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """Top-k items per user from each user's most recent events."""
     seqs = user_histories(exp, events)
-    rows, start = [], 0
-    device = torch.device("cpu")
-    for log_p, _ in per_batch(exp.model.score_items, seqs, device):
+    rows = []
+    for log_p, _, users in per_batch(exp.model.score_items, seqs, torch.device("cpu")):
         scores, items = log_p.exp().topk(k, dim=1)
-        for i in range(len(log_p)):
-            user = seqs.users[start + i]
+        for i, row in enumerate(users.tolist()):
             for rank, (item, score) in enumerate(
                 zip(items[i].tolist(), scores[i].tolist(), strict=True)
             ):
                 category = exp.catalog.categories[exp.catalog.item_category[item]]
-                rows.append((user, rank + 1, exp.catalog.items[item], category, score))
-        start += len(log_p)
-    return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "category", "score"])
+                rows.append(
+                    (row, seqs.users[row], rank + 1, exp.catalog.items[item], category, score)
+                )
+    columns = ["row", "user_id", "rank", "item_id", "category", "score"]
+    # Users in the order of their histories, as given; evaluation batches them by length.
+    table = pd.DataFrame(rows, columns=columns).sort_values(["row", "rank"], kind="stable")
+    return table.drop(columns="row").reset_index(drop=True)

@@ -357,6 +357,9 @@ class BehaviorModel(nn.Module):
     def expected_units(self, b: Batch) -> torch.Tensor:
         """Expected units per top category over the demand horizon after each user's last
         event, [B, C]."""
+        # The last state attends only over its own window, the last max_len events: the rest
+        # of a long history would cost encoder time and change nothing.
+        b = b.tail(self.cfg.max_len)
         _, last = self.last_state(b)
         rows = torch.arange(len(last), device=last.device)
         return self._log_rate(last, rows, b.lag[rows, b.length - 1]).exp()

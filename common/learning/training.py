@@ -76,11 +76,16 @@ def train_epoch(
 @torch.no_grad()
 def per_batch(
     fn: Callable[[Batch], torch.Tensor], seqs: Sequences, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(fn(batch), held-out target [B]) per evaluation batch, in user order."""
-    for batch in loader(seqs, EVAL_BATCH, shuffle=False):
-        b = Batch(*batch).trim().to(device)
-        yield fn(b), b.target
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(fn(batch), held-out target [B], the batch's rows of `seqs` [B]) per evaluation batch.
+
+    Rows are batched in order of history length: a batch pads to its own longest history, and
+    most are far shorter than the longest."""
+    tensors = seqs.tensors()
+    order = torch.argsort(tensors.length, stable=True)
+    for rows in order.split(EVAL_BATCH):
+        b = Batch(*(t[rows] for t in tensors)).trim().to(device)
+        yield fn(b), b.target, rows
 
 
 def rank_metrics(
@@ -106,7 +111,8 @@ def evaluate_ranking(
     model: BehaviorModel, seqs: Sequences, device: torch.device, k: int = 10
 ) -> dict[str, object]:
     model.eval()
-    return rank_metrics(per_batch(model.score_items, seqs, device), k)
+    batches = per_batch(model.score_items, seqs, device)
+    return rank_metrics(((scores, target) for scores, target, _ in batches), k)
 
 
 @torch.no_grad()
@@ -114,7 +120,7 @@ def predict_demand(model: BehaviorModel, seqs: Sequences, device: torch.device) 
     """Expected units per user and top category over the model's horizon, [N, C]; N may be 0
     (a cut before any of a client's users arrived)."""
     model.eval()
-    rates = [units.cpu() for units, _ in per_batch(model.expected_units, seqs, device)]
-    if not rates:
-        return np.zeros((0, model.shape.top_categories), dtype=np.float32)
-    return torch.cat(rates).numpy()
+    rates = torch.zeros(len(seqs), model.shape.top_categories)
+    for units, _, rows in per_batch(model.expected_units, seqs, device):
+        rates[rows] = units.cpu()
+    return rates.numpy()
