@@ -18,6 +18,7 @@ from clients.secure_aggregation import secured
 from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import moving_average
 from common.learning.model import BehaviorModel
+from common.learning.popularity import user_spread
 from common.learning.training import evaluate_ranking, pick_device
 from common.messages import (
     ARRAYS,
@@ -39,6 +40,7 @@ from common.messages import (
     EPSILON,
     EPSILON_BUDGET,
     HITS_SUM,
+    ITEM_POPULARITY,
     LEDGER_ENTRY,
     LEDGER_HASH,
     LEDGER_HEADS,
@@ -48,6 +50,7 @@ from common.messages import (
     NAME,
     NDCG_SUM,
     NOISE_MULTIPLIER,
+    POPULARITY,
     PROXIMAL_MU,
     REASON,
     REFUSED,
@@ -128,7 +131,8 @@ NO_TRAINING_USER = "cannot train: every user is held out as an audit non-member"
 
 def train(msg: Message, context: Context) -> Message:
     """One round. Released: the update (DP-SGD), the noisy user count as the FedAvg weight and
-    the mechanism's parameters, derived from that count; never losses or exact counts."""
+    the mechanism's parameters, derived from that count, and with the first round the noisy
+    item-popularity histogram; never losses or exact counts."""
     try:
         cfg, data, model, device = _setup(msg, context)
     except CannotTakePart as why:
@@ -139,15 +143,20 @@ def train(msg: Message, context: Context) -> Message:
     if len(train_seqs) == 0:
         return _refused(msg, data.name, NO_TRAINING_USER)
     policy = _policy(context, cfg)
+
+    def popularity() -> np.ndarray:
+        events, items = data.prepared.train_events, model.shape.items
+        return user_spread(events, train_seqs.users, items)
+
     try:
         policy.check_aggregation(secured(msg))
         if not cfg.dp:
             policy.answer(cfg, None)  # refuses unless the policy allows it
             result = train_plain(model, train_seqs, cfg, server_round, device, mu)
             metrics = {WEIGHT: len(train_seqs), EPSILON: float("inf")}
-            return _update(msg, model, metrics, _client(data.name))
+            return _update(msg, model, metrics, _client(data.name), popularity())
         with _account(msg, context, cfg, data, policy) as account:
-            mech = account.mechanism(len(train_seqs))
+            mech = account.mechanism(len(train_seqs), popularity)
             if not account.can_train():
                 line = account.decline(server_round)
                 metrics = {DECLINED: 1, WEIGHT: 0}
@@ -168,16 +177,24 @@ def train(msg: Message, context: Context) -> Message:
         SAMPLE_RATE: mech.sample_rate,
         STEPS: result.metrics[STEPS],
     }
-    return _update(msg, model, metrics, _client(data.name, line))
+    return _update(msg, model, metrics, _client(data.name, line), account.popularity)
 
 
-def _update(msg: Message, model: BehaviorModel, metrics: dict, client: ConfigRecord) -> Message:
+def _update(
+    msg: Message,
+    model: BehaviorModel,
+    metrics: dict,
+    client: ConfigRecord,
+    popularity: np.ndarray | None,
+) -> Message:
     metrics = {DECLINED: 0, UNIFORM: 1.0, **metrics}
     content = {
         ARRAYS: ArrayRecord(model.cpu().state_dict()),
         METRICS: MetricRecord(metrics),
         CLIENT: client,
     }
+    if popularity is not None:  # a config record: SecAgg+'s mod empties every array record
+        content[POPULARITY] = ConfigRecord({ITEM_POPULARITY: popularity.tolist()})
     return Message(RecordDict(content), reply_to=msg)
 
 

@@ -24,6 +24,10 @@ LEDGER_ENTRY = "ledger-entry"  # the entry's canonical JSON, so the server can c
 LEDGER_SIGNATURE = "ledger-signature"  # base64 Ed25519 signature over LEDGER_ENTRY
 REFUSED = "refused"  # the client would not act on the request; holds only the reason
 REASON = "reason"
+# A client's item-popularity histogram (DP: released once, with its first trained round), as
+# one array under the name of the model's popularity buffer, which the server fills with the sum
+POPULARITY = "popularity"
+ITEM_POPULARITY = "item_popularity"
 
 # Training reply metrics (all inside the client's ε, or derived from what is)
 WEIGHT = "num-examples"  # the FedAvg weight: a client's released (noisy) user count

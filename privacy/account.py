@@ -8,7 +8,7 @@ releases then), and writes every release to the signed ledger before anything le
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,8 @@ class PrivacyAccount:
     cap: float
     run_id: str
     pending: list[Release]
+    # The noisy item-popularity histogram released with the first training round, None after
+    popularity: np.ndarray | None = None
 
     @classmethod
     @contextmanager
@@ -85,14 +87,15 @@ class PrivacyAccount:
             state = restore(client, budget, spends)
             yield cls(client, path, key_path, policy, request, state, cap, str(run_id), [])
 
-    def mechanism(self, users: int) -> Mechanism:
+    def mechanism(self, users: int, popularity: Callable[[], np.ndarray]) -> Mechanism:
         """The DP-SGD mechanism: the ledger's, or planned now around a fresh noisy count of
-        `users` (released with the first training entry). `Refused` if this request's batch
+        `users` and with the noisy `popularity()` histogram (each user's part of L2 norm ≤ 1;
+        both released with the first training entry). `Refused` if this request's batch
         size or schedule would change the one the ledger fixed, or breaks the policy's limits.
         More rounds than planned change nothing: the fixed mechanism runs until the budget
         declines them."""
         if self.state.mechanism is None:
-            self.state.mechanism = self._plan(users)
+            self.state.mechanism = self._plan(users, popularity)
         mech = self.state.mechanism
         q, steps = mechanism_shape(mech.noisy_users, self.request)
         asked = (q, steps, self.request.clip_norm)
@@ -105,8 +108,11 @@ class PrivacyAccount:
             )
         return mech
 
-    def _plan(self, users: int) -> Mechanism:
+    def _plan(self, users: int, popularity: Callable[[], np.ndarray]) -> Mechanism:
         count = Release(what="user-count", noise_multiplier=self.policy.count_noise, sensitivity=1)
+        items = Release(
+            what="item-popularity", noise_multiplier=self.policy.popularity_noise, sensitivity=1
+        )
         noisy = max(1, round(float(gaussian_release(np.array(users), self.policy.count_noise))))
         if self.state.budget.delta >= 1 / noisy:
             raise Refused(  # no count in the message: this one was never released
@@ -122,7 +128,7 @@ class PrivacyAccount:
             self.request.clip_norm,
             self.policy.accountant.value,
             noisy_users=noisy,
-            spent=[*self.state.history, *release_steps([count])],
+            spent=[*self.state.history, *release_steps([count, items])],
             per_round=release_steps([self._evaluation_release()]),
         )
         if (
@@ -134,7 +140,8 @@ class PrivacyAccount:
                 f"{self.policy.max_sample_rate:g}, noise multiplier ≥ "
                 f"{self.policy.min_noise_multiplier:g})"
             )
-        self.pending = [count]
+        self.pending = [count, items]
+        self.popularity = gaussian_release(popularity(), self.policy.popularity_noise)
         return mech
 
     def _evaluation_release(self) -> Release:

@@ -48,7 +48,7 @@ class Release(BaseModel):
     Opacus' history step (noise_multiplier, sample rate 1, 1 step): an unsampled Gaussian."""
 
     model_config = ConfigDict(extra="forbid")
-    what: Literal["user-count", "evaluation"]
+    what: Literal["user-count", "item-popularity", "evaluation"]
     noise_multiplier: float = Field(gt=0)
     sensitivity: float = Field(gt=0)
 

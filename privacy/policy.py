@@ -38,6 +38,12 @@ class PrivacyPolicy(BaseModel):
     count_noise: float = Field(
         10.0, gt=0, description="σ of the released user count (users; sensitivity 1)"
     )
+    popularity_noise: float = Field(
+        3.0,
+        gt=0,
+        description="σ of the released item-popularity histogram (each user's distinct items "
+        "scaled to L2 norm 1, so sensitivity 1)",
+    )
     evaluation_noise: float = Field(
         10.0, gt=0, description="σ of each evaluation release, in units of its sensitivity"
     )

@@ -223,7 +223,8 @@ def _problems(s: Spend, first: Spend, before: float, eps: dict[str, float | None
 def _fixed(lines: list[Line], spends: list[Spend]) -> list[Finding]:
     """The first entry's budget, δ and mechanism hold along the ledger; each kind of Gaussian
     release keeps one noise multiplier and sensitivity; the user count is released exactly
-    once, with the first trained round (it sets the sample rate and leaves with that update)."""
+    once, with the first trained round (it sets the sample rate and leaves with that update),
+    and the item-popularity histogram at most once, with that same round."""
     findings = []
     first = spends[0]
     trained = next((i for i, s in enumerate(spends) if s.status == "trained"), None)
@@ -268,6 +269,15 @@ def _fixed(lines: list[Line], spends: list[Spend]) -> list[Finding]:
         elif counts > 1:
             findings.append(
                 Finding(line.number, s.seq, f"the user count is released {counts} times")
+            )
+        elif sum(r.what == "item-popularity" for r in s.releases) > (index == trained):
+            findings.append(
+                Finding(
+                    line.number,
+                    s.seq,
+                    "an item-popularity release outside the first trained entry, or twice: "
+                    "the histogram is released at most once, with the first training round",
+                )
             )
         elif index == trained and not counts:
             findings.append(

@@ -14,7 +14,10 @@ A reply from a broken or hostile client is rejected, with its client's name in t
   not follow from its own released user count the way every client derives them
   (`privacy.account.mechanism_shape`);
 - its update (reply arrays − the arrays the server sent) moves some coordinate further than the
-  client's local training can move it (`adam_displacement`, below).
+  client's local training can move it (`adam_displacement`, below);
+- its item-popularity histogram (sent with a client's first round) is not one finite array of
+  the catalogue's items. Its values are noisy and cannot be bounded further: the server keeps
+  the sum, and a client can skew the popularity prior as it can skew an update.
 
 Under SecAgg+ (`RunConfig.secagg`) none of this can run: the server only ever sees the masked
 sum, never one client's arrays. That is why the run config refuses the robust strategies with
@@ -61,7 +64,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from common.messages import (
     ARRAYS,
@@ -72,9 +75,11 @@ from common.messages import (
     DEMAND_SUMS,
     EPSILON,
     EPSILON_BUDGET,
+    ITEM_POPULARITY,
     METRICS,
     NAME,
     NOISE_MULTIPLIER,
+    POPULARITY,
     RANKING_SUMS,
     SAMPLE_RATE,
     STEPS,
@@ -227,6 +232,10 @@ class ReplyChecks:
         array_records = list(content.array_records)
         if array_records != [ARRAYS]:
             return f"expected one ArrayRecord {ARRAYS!r}, got {array_records}"
+        if POPULARITY in content.config_records and ITEM_POPULARITY in sent:
+            why = _popularity(content[POPULARITY], sent[ITEM_POPULARITY])
+            if why:
+                return why
         return self._arrays(content[ARRAYS], sent, steps)
 
     def steps(self, metrics) -> int | str:
@@ -291,6 +300,22 @@ class ReplyChecks:
                 f"{self.cfg.lr:g} move none by more than {limit:.3g} (bound incl. {SLACK:g}× slack)"
             )
         return None
+
+
+def _popularity(reply: ConfigRecord, sent: Array) -> str | None:
+    """Why a popularity histogram cannot join the sum: not one finite value per catalogue
+    item. Its values are noisy counts, negative ones included."""
+    if list(reply) != [ITEM_POPULARITY]:
+        return f"popularity record holds {list(reply)[:3]}, not one list {ITEM_POPULARITY!r}"
+    try:
+        value = np.asarray(reply[ITEM_POPULARITY], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        return f"popularity is not a list of numbers ({exc})"
+    if value.shape != tuple(sent.shape):
+        return f"popularity holds {list(value.shape)} values, the catalogue {list(sent.shape)}"
+    if not np.isfinite(value).all():
+        return "popularity holds NaN or Inf"
+    return None
 
 
 def rejections(

@@ -25,6 +25,7 @@ from server.aggregation import aggregate_evaluation
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
 from server.node_registry import NodeBinder
+from server.popularity import Popularity
 from server.reply_checks import ReplyChecks
 from server.secure_aggregation import SecureAggregation, SecureAggregationError, SecureRound
 
@@ -212,10 +213,12 @@ class RoundLoop:
     def run(self, arrays: ArrayRecord, first_round: int) -> tuple[ArrayRecord, str]:
         """Run rounds `first_round..last_round`; returns the final arrays and why it ended."""
         grid, strategy, central = self.grid, self.strategy, self.central
+        popularity = Popularity(self.history)
         for rnd in range(first_round, self.last_round + 1):
             log(INFO, "[ROUND %s/%s]", rnd, self.last_round)
             started = time.monotonic()
             heads = {LEDGER_HEADS: self.ledger.heads_json()}
+            sent = arrays
             try:
                 replies, asked, secure = self._train(rnd, arrays, ConfigRecord(self.shared | heads))
             except SecureAggregationError as exc:
@@ -283,6 +286,7 @@ class RoundLoop:
                     central.released()
             else:
                 log(WARNING, "round %s: no aggregate (the model is unchanged)", rnd)
+            arrays = popularity.install(arrays, sent, t.trained, record["clients"])
             self.ledger.record(
                 rnd,
                 t.trained,

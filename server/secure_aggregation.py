@@ -33,12 +33,12 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from common.messages import ARRAY_NAMES, ARRAYS, CLIENT, CONFIG, METRICS, REFUSED
+from common.messages import ARRAY_NAMES, ARRAYS, CLIENT, CONFIG, METRICS, POPULARITY, REFUSED
 from common.runconfig import RunConfig
 from server.node_registry import NodeBinder
 
 PROTOCOL = "secagg+"
-KEPT = (METRICS, CLIENT, REFUSED)  # what a client's reply keeps once the protocol is done
+KEPT = (METRICS, CLIENT, REFUSED, POPULARITY)  # what a client's reply keeps after the protocol
 
 
 class SecureAggregationError(ValueError):

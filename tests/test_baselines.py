@@ -13,6 +13,7 @@ from common.learning.popularity import (
     choose_repeat_weights,
     item_counts,
     repeat_scores,
+    user_spread,
 )
 
 # Twelve popular items, bought four times each by other users: plain popularity ranks
@@ -121,3 +122,16 @@ def test_baseline_scores_include_the_robust_levels():
     assert scores["trimmed_mean_level"]["wape"] == 0.0
     assert scores["moving_average_4w"]["wape"] > 0.5
     assert scores["median_level_backtested"]["wape"] == 0.0
+
+
+def test_user_spread_counts_buyers_and_one_user_moves_it_by_at_most_one():
+    rows = [("u1", "a", 0), ("u1", "a", 1), ("u1", "b", 1), ("u2", "a", 0), ("u3", "c", 0)]
+    enc = encode(sort_events(_events(rows)), catalog := Catalog.build(_events(rows)))
+    width = len(catalog.items)
+    everyone = user_spread(enc, np.array(["u1", "u2", "u3"]), width)
+    a, b, c = (catalog.items.index(i) for i in "abc")
+    # u1 bought two distinct items (a twice): 1/√2 on each; u2 and u3 one item each
+    assert everyone[[a, b, c]] == pytest.approx([1 + 2**-0.5, 2**-0.5, 1.0])
+    for user in ("u1", "u2", "u3"):
+        without = user_spread(enc, np.array([u for u in ("u1", "u2", "u3") if u != user]), width)
+        assert np.linalg.norm(everyone - without) == pytest.approx(1.0)

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -97,7 +98,10 @@ def test_first_entry_fixes_budget_and_mechanism_and_releases_only_accounted_valu
     reply = call("train", 1)  # asks ε = 6, below the client's 8: the ledger fixes 6
     spends = _ledger(clients)
     assert [s.status for s in spends] == ["trained"] and spends[0].budget_epsilon == 6.0
-    assert [r.what for r in spends[0].releases] == ["user-count"]
+    assert [r.what for r in spends[0].releases] == ["user-count", "item-popularity"]
+    histogram = np.array(reply.content["popularity"]["item_popularity"])  # noisy, not exact
+    assert histogram.shape == reply.content["arrays"]["item_popularity"].numpy().shape
+    assert (histogram < 0).any() and (histogram % 1 != 0).all()
     metrics = dict(reply.content["metrics"])
     # the FedAvg weight is the released noisy count, never the exact one; no losses leave
     assert metrics["num-examples"] == spends[0].noisy_users
@@ -112,6 +116,7 @@ def test_first_entry_fixes_budget_and_mechanism_and_releases_only_accounted_valu
     assert [s.status for s in spends] == ["trained", "evaluated"]
     assert spends[1].epsilon_after > spends[1].epsilon_before
     assert [r.what for r in spends[1].releases] == ["evaluation"]
+    assert "popularity" not in call("train", 2).content  # released once, with the first round
     assert all(r.ok for r in verify_paths([p for p in clients.glob(f"*/{CLIENT_LEDGER}")]))
 
 

@@ -41,6 +41,7 @@ from common.messages import (
     NAME,
     NDCG_SUM,
     NOISE_MULTIPLIER,
+    POPULARITY,
     SAMPLE_RATE,
     STEPS,
     UNIFORM,
@@ -128,6 +129,27 @@ BROKEN = {
     "no metrics": lambda: reply(9, "mallory", content={METRICS: ConfigRecord({"x": 1})}),
     "second array record": lambda: reply(9, "mallory", content={"more": _record(SENT)}),
 }
+
+
+POPULARITIES = {  # a first round's histogram the server cannot sum; the catalogue has 3 items
+    "too short": ([1.0, 2.0], "popularity holds [2] values, the catalogue [3]"),
+    "nan": ([1.0, float("nan"), 0.0], "popularity holds NaN or Inf"),
+    "text": (["a", "b", "c"], "popularity is not a list of numbers"),
+}
+
+
+@pytest.mark.parametrize("kind", list(POPULARITIES))
+def test_a_broken_popularity_histogram_is_rejected(kind):
+    values, why = POPULARITIES[kind]
+    sent = _record({**SENT, "item_popularity": np.zeros(3, np.float32)})
+    arrays = {**SENT, "item_popularity": np.zeros(3, np.float32)}
+    checks = ReplyChecks(CFG)
+    bad = reply(
+        9, "mallory", arrays, content={POPULARITY: ConfigRecord({"item_popularity": values})}
+    )
+    assert checks.rejection(bad, sent=sent).startswith(f"'mallory' (node 9): {why}")
+    noisy = ConfigRecord({"item_popularity": [-1.5, 0.0, 7.25]})  # noise may go below 0
+    assert checks.rejection(reply(9, "ok", arrays, content={POPULARITY: noisy}), sent=sent) is None
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))

@@ -21,6 +21,13 @@ def prepared(tiny_events):
     return prepare(tiny_events, top_category_chars=None, history_len=TINY_MODEL.history)
 
 
+def _released(model: BehaviorModel) -> BehaviorModel:
+    """`model` with a popularity as the server installs it: noisy, some counts negative."""
+    with torch.no_grad():
+        model.item_popularity.copy_(torch.rand(model.shape.items) * 40 - 5)
+    return model
+
+
 def _batch(prepared, n: int, start: int = 0) -> Batch:
     return Batch(*next(iter(loader(prepared.train.subset(range(start, start + n)), n, False))))
 
@@ -57,18 +64,35 @@ def test_output_weights_are_the_input_embeddings(prepared):
     assert again.item_out.weight is again.item_code.weight
 
 
+def test_released_popularity_travels_with_the_model_and_starts_as_its_prior(prepared):
+    """The popularity buffer is in the exchanged state (never trained); with nothing else
+    learned, p(item | category) is proportional to 1 + its released count."""
+    model = _released(BehaviorModel(TINY_MODEL, prepared.shape).eval())
+    state = model.state_dict()
+    assert torch.equal(state["item_popularity"], model.item_popularity)
+    assert "item_popularity" not in dict(model.named_parameters())
+    with torch.no_grad():
+        model.item_code.weight.zero_()
+        model.popularity_weight.weight.zero_()
+    log_p = model._explore_all(torch.zeros(1, TINY_MODEL.hidden), torch.zeros(1, 1))[0]
+    members = (model.item_category == model.item_category[0]).nonzero().squeeze(1)
+    prior = torch.log1p(model.item_popularity[members].clamp_min(0))
+    within = log_p[members] - log_p[members].logsumexp(0)
+    assert torch.allclose(within, prior - prior.logsumexp(0), atol=1e-5)
+
+
 def test_factorised_softmax_is_exact(prepared):
     """The training loss's explore term equals a full softmax over every item of the catalog
     scored as p(category) · p(item | category)."""
     torch.manual_seed(0)
-    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    model = _released(BehaviorModel(TINY_MODEL, prepared.shape).eval())
     state = torch.randn(5, TINY_MODEL.hidden)
     owner = torch.arange(5)
     target = torch.tensor([0, 3, 7, 11, prepared.shape.items - 1])
     model.category_out.max_batch_len = model.item_query.max_batch_len = 5
     model.item_out.max_batch_len = 5
     counts = torch.randint(0, 3, (5, prepared.shape.categories)).float()
-    model.habit.max_batch_len = 5
+    model.habit.max_batch_len = model.popularity_weight.max_batch_len = 5
     fast = model._explore_log_prob(state, owner, counts, owner, target)
     full = model._explore_all(state, counts)
     assert torch.allclose(fast, full.gather(1, target[:, None]).squeeze(1), atol=1e-5)
@@ -76,9 +100,15 @@ def test_factorised_softmax_is_exact(prepared):
     assert torch.allclose(full.exp().sum(1), torch.ones(5), atol=1e-5)
     # Brute force, category by category.
     code = F.pad(model.item_query(state, owner), (0, 1), value=1.0)
+    weight = model.popularity_weight(state, owner)
+    popularity = model.item_popularity.clamp_min(0)
+    in_category = torch.zeros(prepared.shape.categories)
+    in_category = in_category.index_add(0, model.item_category, model.item_popularity)
     items = code @ model.item_code.weight[prepared.shape.special_rows :].T
+    items = items + weight[:, :1] * torch.log1p(popularity)
     habit = F.softplus(model.habit(state, owner))
     logits = model.category_out(state, owner) + habit * torch.log1p(counts)
+    logits = logits + weight[:, 1:] * torch.log1p(in_category.clamp_min(0))
     used = torch.tensor([c in set(model.item_category.tolist()) for c in range(logits.shape[1])])
     cats = logits - logits[:, used].logsumexp(1, keepdim=True)
     for i, t in enumerate(target.tolist()):
@@ -93,6 +123,7 @@ def test_training_loss_is_the_served_distribution(prepared):
     equals what `score_items` serves for the same prefix."""
     torch.manual_seed(0)
     model = BehaviorModel(TINY_MODEL.model_copy(update={"dropout": 0.0}), prepared.shape).eval()
+    _released(model)
     with torch.no_grad():
         model.basket_penalty.bias.fill_(2.0)
     length = prepared.train.length
@@ -161,7 +192,7 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
     weight) and the item table's sparse rows, clipped over all parameters together."""
     torch.manual_seed(0)
     cfg = TINY_MODEL.model_copy(update={"dropout": 0.0})
-    model = BehaviorModel(cfg, prepared.shape)
+    model = _released(BehaviorModel(cfg, prepared.shape))
     long_user = int(prepared.train.length.argmax())
     batch = _batch(prepared, 5, start=max(long_user - 2, 0)).trim()
     assert batch.length.max() > cfg.max_len  # one user spans two windows

@@ -1,15 +1,17 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.messages import CLIENT, ITEM_POPULARITY, NAME, POPULARITY
 from common.run_files import CHECKPOINT
 from common.runconfig import RunConfig
 from server import checkpoint, run_tables
 from server.aggregation import aggregate_evaluation, make_strategy
 from server.central_dp import wrap
+from server.popularity import Popularity
 
 
 def test_evaluation_adds_up_sums_hit_rate_and_wape():
@@ -171,3 +173,33 @@ def test_central_dp_releases_nothing_from_fewer_clients_than_its_noise_assumes(m
 def test_central_dp_refuses_a_weighted_server_optimizer():
     with pytest.raises(ValueError, match="central-dp needs"):
         RunConfig(central_dp="fixed", strategy="fedadam")
+
+
+@pytest.mark.usefixtures("task_identity")  # messages built outside Flower
+def test_the_popularity_sums_each_clients_histogram_once_and_survives_a_resume():
+    sent = ArrayRecord(
+        {"w": Array(np.zeros(2, np.float32)), ITEM_POPULARITY: Array(np.ones(3, np.float32))}
+    )
+
+    def released(name: str, values: list[float]) -> Message:
+        content = RecordDict({CLIENT: ConfigRecord({NAME: name})})
+        content[POPULARITY] = ConfigRecord({ITEM_POPULARITY: values})
+        return Message(content, dst_node_id=1, message_type="train")
+
+    averaged = ArrayRecord(
+        {"w": Array(np.ones(2, np.float32)), ITEM_POPULARITY: Array(np.full(3, 0.9, np.float32))}
+    )
+    rows = [{"client": c, "status": "trained"} for c in ("a", "b")]
+    popularity = Popularity([])
+    out = popularity.install(
+        averaged, sent, [released("a", [1, 2, -1]), released("b", [0, 1, 1])], rows
+    )
+    np.testing.assert_array_equal(out[ITEM_POPULARITY].numpy(), [2, 4, 1])  # sent + both
+    np.testing.assert_array_equal(out["w"].numpy(), [1, 1])  # the rest as aggregated
+    assert all(row["popularity"] for row in rows)
+    # a resumed loop knows from the round table who is in the sum: a repeat adds nothing
+    again = Popularity([{"round": 1, "clients": rows}])
+    later = again.install(
+        out, out, [released("a", [5, 5, 5])], [{"client": "a", "status": "trained"}]
+    )
+    np.testing.assert_array_equal(later[ITEM_POPULARITY].numpy(), [2, 4, 1])

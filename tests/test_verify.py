@@ -270,6 +270,21 @@ def test_a_release_kind_keeps_its_mechanism_and_the_count_is_released_once(run: 
     assert any(p.startswith("the first trained entry releases no user count") for p in found)
 
 
+def test_the_popularity_histogram_leaves_only_with_the_first_trained_round(run: Path) -> None:
+    def later(bodies: Bodies) -> Bodies:
+        popularity = {"what": "item-popularity", "noise_multiplier": 3.0, "sensitivity": 1.0}
+        bodies[1]["releases"] = [popularity]
+        return bodies
+
+    edit_client(run, "north", later)
+    found = [(f.line, f.problem) for f in verify_paths([ledger(run, "north")])[0].findings]
+    assert (
+        2,
+        "an item-popularity release outside the first trained entry, or twice: the histogram "
+        "is released at most once, with the first training round",
+    ) in found
+
+
 def test_extra_ledgers_add_to_those_found_once_each(run: Path, tmp_path_factory) -> None:
     """Deployment: client ledgers collected elsewhere are checked with the run's own record."""
     elsewhere = tmp_path_factory.mktemp("collected")

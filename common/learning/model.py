@@ -37,6 +37,7 @@ from common.learning.packed import (
     pack,
     set_users,
 )
+from common.messages import ITEM_POPULARITY
 
 RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year or more
 # Tied parameters under their second name: stored once (safetensors refuses shared tensors,
@@ -101,14 +102,21 @@ class BehaviorModel(nn.Module):
         self.category_out = PackedLinear(h, shape.categories)
         self.habit = PackedLinear(h, 1)  # how much the user's own category counts weigh
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
+        # How much the released popularity weighs: of the item within its category, and of
+        # the category (its items' sum); 1 at the start, i.e. p ∝ popularity, the count's MLE.
+        self.popularity_weight = PackedLinear(h, 2)
         self.item_out = SparseRowsEmbedding(shape.item_rows, code)
         self.absence = PackedEmbedding(RECENCY_BUCKETS, h)  # days since the visit, for demand
         self.demand_head = PackedLinear(h, shape.top_categories)
         self.apply(self._init)
+        nn.init.ones_(self.popularity_weight.bias)
         # Tied after init: one parameter, two uses; Opacus sums both uses' per-user gradients.
         self.category_out.weight = self.category.weight
         self.item_out.weight = self.item_code.weight
         self._buffers_for(shape)
+        # Noisy count of users buying each item, summed from the clients' DP releases by the
+        # server (it travels with the model, but is never trained); 0 until released.
+        self.register_buffer(ITEM_POPULARITY, torch.zeros(shape.items))
         self.register_state_dict_post_hook(_drop_tied)
         self.register_load_state_dict_pre_hook(_link_tied)
 
@@ -190,8 +198,17 @@ class BehaviorModel(nn.Module):
         """log p(category) [S, C]: the state's own scores plus a learned weight on how often
         the user bought each category so far (their whole history, not one window)."""
         weight = F.softplus(self.habit(state, owner))
-        logits = self.category_out(state, owner) + weight * torch.log1p(counts)
+        popular = self.popularity_weight(state, owner)[:, 1:] * self._log_popularity()[1]
+        logits = self.category_out(state, owner) + weight * torch.log1p(counts) + popular
         return (logits + self.category_mask).log_softmax(-1)
+
+    def _log_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """log1p of the released popularity of each item [V] and category [C]; noise can make
+        a count negative, read as 0."""
+        items = self.item_popularity
+        categories = torch.zeros(self.shape.categories, device=items.device, dtype=items.dtype)
+        categories = categories.index_add(0, self.item_category, items)
+        return torch.log1p(items.clamp_min(0)), torch.log1p(categories.clamp_min(0))
 
     def _category_counts(self, b: Batch, rows: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
         """[S, C]: events per category in row `rows[s]` at slots ≤ `upto[s]`."""
@@ -224,7 +241,8 @@ class BehaviorModel(nn.Module):
         member = self.items_by_category[self.category_start[cat][pair] + within]
         where = at[pair]
         codes = self.item_out(member + self.shape.special_rows, owner[where])
-        score = (query[where] * codes).sum(-1)
+        weight = self.popularity_weight(state, owner)[:, 0]
+        score = (query[where] * codes).sum(-1) + weight[where] * self._log_popularity()[0][member]
         top = torch.zeros(len(item), dtype=score.dtype, device=score.device).scatter_reduce(
             0, pair, score.detach(), "amax", include_self=False
         )
@@ -238,6 +256,7 @@ class BehaviorModel(nn.Module):
         log_cat = self._category_log_prob(state, owner, counts)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         score = query @ self.item_code.weight[self.shape.special_rows :].T
+        score = score + self.popularity_weight(state, owner)[:, :1] * self._log_popularity()[0]
         index = self.item_category.expand_as(score)
         top = torch.full_like(log_cat, float("-inf")).scatter_reduce(1, index, score, "amax")
         top = top.nan_to_num(neginf=0.0)

@@ -31,6 +31,16 @@ def item_counts(events: pd.DataFrame, n_items: int) -> np.ndarray:
     return np.bincount(classes[classes >= 0], minlength=n_items).astype(np.float64)
 
 
+def user_spread(events: pd.DataFrame, users: np.ndarray, n_items: int) -> np.ndarray:
+    """How many of `users` bought each vocabulary item, each user's distinct items weighted
+    1/√k (k of them), so that one user moves the vector by at most 1 in L2 norm: the
+    sensitivity a Gaussian release of it needs."""
+    known = events[(events["item_class"] >= 0) & events["user_id"].isin(users)]
+    pairs = known[["user_id", "item_class"]].drop_duplicates()
+    k = pairs.groupby("user_id")["item_class"].transform("size").to_numpy()
+    return np.bincount(pairs["item_class"].to_numpy(), 1 / np.sqrt(k), minlength=n_items)
+
+
 def region_counts(events: pd.DataFrame, n_items: int, n_regions: int) -> np.ndarray:
     known = events[events["item_class"] >= 0]
     counts = np.zeros((n_regions, n_items))
