@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,7 +156,7 @@ def test_client_rounds_through_opacus_accumulate_epsilon_and_decline_at_the_budg
         with PrivacyAccount.open(
             "all", tmp_path, tmp_path / "k.key", policy, TINY_RUN, None, 1
         ) as acc:
-            mech = acc.mechanism(len(prepared.train))
+            mech = acc.mechanism(len(prepared.train), lambda: np.zeros(prepared.shape.items))
             if acc.can_train():
                 result = train_private(model, prepared.train, TINY_RUN, mech, device)
                 assert result.metrics["steps"] == mech.steps_per_round

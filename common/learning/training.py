@@ -83,7 +83,8 @@ def per_batch(
     most are far shorter than the longest."""
     tensors = seqs.tensors()
     order = torch.argsort(tensors.length, stable=True)
-    for rows in order.split(EVAL_BATCH):
+    for start in range(0, len(order), EVAL_BATCH):
+        rows = order[start : start + EVAL_BATCH]
         b = Batch(*(t[rows] for t in tensors)).trim().to(device)
         yield fn(b), b.target, rows
 
