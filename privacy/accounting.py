@@ -261,11 +261,13 @@ def _rdp_sigma(
 
 def _next_sigma(tried: list[tuple[float, float]], low: float, high: float, target: float) -> float:
     """The σ where the secant through the last two (log σ, log ε) tried reaches `target` (slope
-    −1 from the first alone); bisection of the bracket where that lands outside it."""
+    −1 from the first alone); bisection of the bracket where that lands outside it or in its
+    lowest sixteenth. Where the other releases dominate ε, the curve is nearly flat at large σ
+    and the secant can land at σ ≈ 1e-168, which the accountants cannot evaluate."""
     (s1, e1), (s0, e0) = tried[-1], tried[-2] if len(tried) > 1 else (0.0, 0.0)
     slope = math.log(e1 / e0) / math.log(s1 / s0) if s0 > 0 and s0 != s1 and e0 != e1 else -1.0
     guess = s1 * math.exp(math.log(target / e1) / slope) if slope < 0 else 0.0
-    return guess if low < guess < high else (low + high) / 2
+    return guess if low + (high - low) / 16 < guess < high else (low + high) / 2
 
 
 def _from_spend(model: type[Part], spend: Spend) -> Part:

@@ -166,3 +166,25 @@ def test_client_rounds_through_opacus_accumulate_epsilon_and_decline_at_the_budg
             eps.append(acc.state.epsilon())
     assert statuses == ["trained", "trained", "declined"]
     assert 0 < eps[0] < eps[1] <= 4.0 and eps[2] == eps[1]
+
+
+def test_planning_where_the_other_releases_dominate_epsilon_at_large_sigma():
+    """A Ta-Feng-sized area (q = 0.01, 100 steps a round) beside the count, the popularity
+    histogram and three evaluations: ε is nearly flat in σ from 20 up, so the secant once
+    jumped to σ ≈ 1e-168, where Opacus' RDP divides by σ² = 0."""
+    spent = release_steps(
+        [
+            Release(what="user-count", noise_multiplier=10.0, sensitivity=1.0),
+            Release(what="item-popularity", noise_multiplier=3.0, sensitivity=1.0),
+        ]
+    )
+    evaluation = release_steps(
+        [Release(what="evaluation", noise_multiplier=10.0, sensitivity=3**0.5)]
+    )
+    budget = Budget(epsilon=8.0, delta=1e-5)
+    for accountant in ("rdp", "prv"):
+        mech = plan_mechanism(
+            budget, 0.01, 100, 3, 1.0, accountant, spent=spent, per_round=evaluation
+        )
+        history = [*spent, *evaluation * 3, *mech.round_steps() * 3]
+        assert 7.99 <= replay(history, budget.delta, accountant) <= 8.0
