@@ -27,8 +27,9 @@ restart: the model updates (DP-SGD with Opacus: Poisson sampling of users, per-u
 clipping, Gaussian noise), the user count it released once with Gaussian noise (it sets the
 sample rate and is the FedAvg weight), its item-popularity histogram released once with
 Gaussian noise (each user's items weigh at most 1 in L2 norm) and, per evaluation, its
-(users, hits@10, NDCG@10) sums with Gaussian noise. Whatever these reveal would have been about as likely (within a factor
-e<sup>ε</sup>, plus probability δ) had any one of the client's users never been in its data.
+(users, hits@10, NDCG@10) sums with Gaussian noise. Whatever these reveal would have been
+about as likely (within a factor e<sup>ε</sup>, plus probability δ) had any one of the client's
+users never been in its data.
 The client's own policy sets the budget, δ and whether DP is required; its ledger's first entry
 fixes them. A server asking for more, or for no DP, is refused and receives nothing; a round or
 an evaluation that would pass the budget is declined.
