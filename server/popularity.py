@@ -29,15 +29,17 @@ class Popularity:
         central DP would noise it. Arrays without the buffer pass unchanged."""
         if ITEM_POPULARITY not in sent:
             return arrays
-        total = sent[ITEM_POPULARITY].numpy().astype("float64")
+        before = sent[ITEM_POPULARITY].numpy()
+        total, added = before.astype("float64"), set()
         for m in trained:
             name = str(m.content[CLIENT][NAME])
-            if POPULARITY not in m.content or name in self.counted:
+            if POPULARITY not in m.content or name in self.counted | added:
                 continue
             total += np.asarray(m.content[POPULARITY][ITEM_POPULARITY], dtype="float64")
-            self.counted.add(name)
-            for row in rows:
-                if row["client"] == name and row["status"] == "trained":
-                    row[COUNTED] = True
-        installed = Array(total.astype(sent[ITEM_POPULARITY].numpy().dtype))
+            added.add(name)
+        self.counted |= added
+        for row in rows:
+            if row["client"] in added and row["status"] == "trained":
+                row[COUNTED] = True
+        installed = Array(total.astype(before.dtype))
         return ArrayRecord({**dict(arrays.items()), ITEM_POPULARITY: installed})

@@ -193,22 +193,27 @@ class BehaviorModel(nn.Module):
     # explore component ---------------------------------------------------------------------
 
     def _category_log_prob(
-        self, state: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor
+        self, state: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor
     ) -> torch.Tensor:
         """log p(category) [S, C]: the state's own scores plus a learned weight on how often
-        the user bought each category so far (their whole history, not one window)."""
+        the user bought each category so far (their whole history, not one window), plus the
+        popularity `prior` [S, C]."""
         weight = F.softplus(self.habit(state, owner))
-        popular = self.popularity_weight(state, owner)[:, 1:] * self._log_popularity()[1]
-        logits = self.category_out(state, owner) + weight * torch.log1p(counts) + popular
+        logits = self.category_out(state, owner) + weight * torch.log1p(counts) + prior
         return (logits + self.category_mask).log_softmax(-1)
 
-    def _log_popularity(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """log1p of the released popularity of each item [V] and category [C]; noise can make
+    def _popularity_prior(
+        self, state: torch.Tensor, owner: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each state's weight on an item's log popularity [S], log1p of the released
+        popularity of each item [V], the categories' prior per state [S, C]); noise can make
         a count negative, read as 0."""
+        weight = self.popularity_weight(state, owner)
         items = self.item_popularity
         categories = torch.zeros(self.shape.categories, device=items.device, dtype=items.dtype)
         categories = categories.index_add(0, self.item_category, items)
-        return torch.log1p(items.clamp_min(0)), torch.log1p(categories.clamp_min(0))
+        category_prior = weight[:, 1:] * torch.log1p(categories.clamp_min(0))
+        return weight[:, 0], torch.log1p(items.clamp_min(0)), category_prior
 
     def _category_counts(self, b: Batch, rows: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
         """[S, C]: events per category in row `rows[s]` at slots ≤ `upto[s]`."""
@@ -231,7 +236,8 @@ class BehaviorModel(nn.Module):
     ) -> torch.Tensor:
         """log p_explore(item[q] | state[at[q]]) = log p(category) + log p(item | category),
         normalised exactly over that category's items only; `owner` is each state's user."""
-        log_cat = self._category_log_prob(state, owner, counts)
+        weight, log_popularity, category_prior = self._popularity_prior(state, owner)
+        log_cat = self._category_log_prob(state, owner, counts, category_prior)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         cat = self.item_category[item]
         sizes = self.category_size[cat]
@@ -241,8 +247,7 @@ class BehaviorModel(nn.Module):
         member = self.items_by_category[self.category_start[cat][pair] + within]
         where = at[pair]
         codes = self.item_out(member + self.shape.special_rows, owner[where])
-        weight = self.popularity_weight(state, owner)[:, 0]
-        score = (query[where] * codes).sum(-1) + weight[where] * self._log_popularity()[0][member]
+        score = (query[where] * codes).sum(-1) + weight[where] * log_popularity[member]
         top = torch.zeros(len(item), dtype=score.dtype, device=score.device).scatter_reduce(
             0, pair, score.detach(), "amax", include_self=False
         )
@@ -253,10 +258,11 @@ class BehaviorModel(nn.Module):
     def _explore_all(self, state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """log p_explore of every item for each state [B, H] → [B, V] (evaluation)."""
         owner = torch.arange(len(state), device=state.device)
-        log_cat = self._category_log_prob(state, owner, counts)
+        weight, log_popularity, category_prior = self._popularity_prior(state, owner)
+        log_cat = self._category_log_prob(state, owner, counts, category_prior)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         score = query @ self.item_code.weight[self.shape.special_rows :].T
-        score = score + self.popularity_weight(state, owner)[:, :1] * self._log_popularity()[0]
+        score = score + weight[:, None] * log_popularity
         index = self.item_category.expand_as(score)
         top = torch.full_like(log_cat, float("-inf")).scatter_reduce(1, index, score, "amax")
         top = top.nan_to_num(neginf=0.0)
