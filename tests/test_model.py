@@ -174,12 +174,48 @@ def test_repeat_component_scores_the_users_own_items(prepared):
     model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
     with torch.no_grad():
         model.gate.bias.fill_(8.0)  # nearly all mass on repeating
+        model.repeat_habit.weight.zero_()
     batch = _batch(prepared, 4).trim()
     scores = model.score_items(batch)
     for row in range(4):
         seen = batch.items[row, : batch.length[row]] - prepared.shape.special_rows
         seen = seen[seen >= 0].unique()
         assert scores[row].exp()[seen].sum() > 0.99
+
+
+def test_the_gate_starts_as_the_users_smoothed_repeat_share(prepared):
+    """The gate reads, at each position, the user's share of purchases so far that repeat an
+    earlier one (Laplace-smoothed) and their distinct items so far; out-of-vocabulary events
+    and padding count as nothing. At initialisation p(repeat) is that share."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    special = prepared.shape.special_rows
+    with torch.no_grad():
+        model.gate.weight.zero_()
+    batch = _batch(prepared, 1)
+    items = torch.tensor([[3, 5, 3, 3, 7, 0]]) + special
+    items[0, 4] = 1  # an out-of-vocabulary bucket
+    items[0, 5] = 0  # padding
+    batch = batch._replace(**{k: getattr(batch, k)[:, :6] for k in ("cats", "dow", "hour", "gap")})
+    batch = batch._replace(
+        items=items,
+        day=torch.zeros_like(items),
+        lag=torch.zeros_like(items),
+        next_item=torch.full_like(items, IGNORE),
+        demand=batch.demand[:, :6],
+        demand_mask=batch.demand_mask[:, :6],
+        length=torch.tensor([5]),
+    )
+    repeats, events = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([1, 2, 3, 4, 4])
+    share = (repeats + 1) / (events + 2)
+    with torch.no_grad():
+        h = model.encode(batch)
+        p_repeat = torch.sigmoid(model._gate(h, batch))
+    assert p_repeat[0, :5].tolist() == pytest.approx(share.tolist(), abs=1e-6)
+    with torch.no_grad():
+        model.repeat_habit.weight.copy_(torch.tensor([[0.0, 1.0]]))
+        gate = model._gate(h, batch)
+    distinct = torch.log1p((events - repeats).float())
+    assert gate[0, :5].tolist() == pytest.approx(distinct.tolist(), abs=1e-6)
 
 
 def test_opacus_validator_accepts_the_model(prepared):

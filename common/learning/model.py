@@ -39,6 +39,7 @@ from common.learning.packed import (
 )
 from common.messages import ITEM_POPULARITY
 
+HABIT_FEATURES = 2  # the gate's direct inputs: see `_habit_features`
 RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year or more
 # Tied parameters under their second name: stored once (safetensors refuses shared tensors,
 # and a federated update should carry each weight once), re-linked on load.
@@ -98,6 +99,10 @@ class BehaviorModel(nn.Module):
         self.copy_key = nn.Linear(h, h)
         self.recency = nn.Embedding(RECENCY_BUCKETS, 1)
         self.gate = nn.Linear(h, 1)
+        # The user's repeat habit read directly from the history (see `_habit_features`):
+        # under DP a gate on the state alone stayed at one value for every Ta-Feng user
+        # (0.09), while their repeat rate runs from 3 % to 23 % with exactly these features.
+        self.repeat_habit = nn.Linear(HABIT_FEATURES, 1)
         self.basket_penalty = nn.Linear(h, 1)  # β ≥ 0 after softplus: damps today's basket
         self.category_out = PackedLinear(h, shape.categories)
         self.habit = PackedLinear(h, 1)  # how much the user's own category counts weigh
@@ -110,6 +115,10 @@ class BehaviorModel(nn.Module):
         self.demand_head = PackedLinear(h, shape.top_categories)
         self.apply(self._init)
         nn.init.ones_(self.popularity_weight.bias)
+        # Starts as the user's own smoothed repeat share: the prior a count alone gives.
+        nn.init.zeros_(self.repeat_habit.weight)
+        with torch.no_grad():
+            self.repeat_habit.weight[0, 0] = 1.0
         # Tied after init: one parameter, two uses; Opacus sums both uses' per-user gradients.
         self.category_out.weight = self.category.weight
         self.item_out.weight = self.item_code.weight
@@ -189,6 +198,11 @@ class BehaviorModel(nn.Module):
         key = i[None, None, :]
         allowed = (key <= i[None, :, None]) & (key < b.length[:, None, None])
         return scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+
+    def _gate(self, h: torch.Tensor, b: Batch) -> torch.Tensor:
+        """Logit of p(repeat) at every position, [B, L]."""
+        habit = _habit_features(b, self.shape.special_rows).to(h.dtype)
+        return (self.gate(h) + self.repeat_habit(habit))[..., 0]
 
     # explore component ---------------------------------------------------------------------
 
@@ -319,7 +333,7 @@ class BehaviorModel(nn.Module):
             torch.cat([queries, in_at]),
             torch.cat([y, b.items[rows[in_at], in_slot] - special]),
         )
-        gate = self.gate(h)[rows, cols, 0]
+        gate = self._gate(h, b)[rows, cols]
         is_y = b.items[rows] == (y + special)[:, None]
         repeat_y = (attention[rows, cols] * is_y).sum(-1)
         # Probability space for the repeat part: a target never seen before has no term.
@@ -367,7 +381,7 @@ class BehaviorModel(nn.Module):
         repeat = torch.zeros(len(h), self.shape.items, device=h.device, dtype=h.dtype)
         owner = rows[:, None].expand_as(item)[known]
         repeat.index_put_((owner, item[known]), attention[known], accumulate=True)
-        gate = self.gate(last)
+        gate = self._gate(h, b)[rows, end, None]
         log_p = torch.logaddexp(
             F.logsigmoid(gate) + repeat.log(),
             F.logsigmoid(-gate) + self._explore_all(last, self._category_counts(b, rows, end)),
@@ -400,6 +414,20 @@ def _days_bucket(days: torch.Tensor) -> torch.Tensor:
     days = days.clamp_min(0).float()
     bucket = torch.where(days > 0, 1 + torch.log2(days.clamp_min(1)).floor(), 0)
     return bucket.long().clamp_max(RECENCY_BUCKETS - 1)
+
+
+def _habit_features(b: Batch, special: int) -> torch.Tensor:
+    """[B, L, 2] per position, over the user's whole row up to it: the logit of their share of
+    purchases that repeat an earlier one (Laplace-smoothed, so a short history says little),
+    and log1p of the distinct items they bought."""
+    width = b.items.shape[1]
+    i = torch.arange(width, device=b.items.device)
+    known = (b.items >= special) & (i[None, :] < b.length[:, None])
+    earlier = (b.items[:, :, None] == b.items[:, None, :]) & (i[None, None, :] < i[None, :, None])
+    repeats = (earlier.any(-1) & known).cumsum(1)
+    events = known.cumsum(1)
+    share = (repeats + 1) / (events + 2)
+    return torch.stack([torch.logit(share), torch.log1p(events - repeats)], -1)
 
 
 def _drop_tied(module: nn.Module, state: dict, prefix: str, _meta: object) -> None:
