@@ -6,7 +6,8 @@ The encoder runs causally over windows of `max_len` events; a user's history of 
 `windows × max_len` events sits in one row, split into windows aligned to its end, so every
 target of a long history trains while the user stays one row, i.e. one DP unit.
 
-Next item = a mixture, gated per position (as in RepeatNet, Ren et al. 2019):
+Next item = a mixture, gated per position (as in RepeatNet, Ren et al. 2019) by the state and
+the user's repeat habit so far:
 - **repeat**: attention from the current state over the user's own past events (any window),
   biased by how many days ago each happened; an item's probability is the attention mass on its
   occurrences, so counts, recency and "already in today's basket" are all learnable.
