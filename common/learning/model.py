@@ -271,19 +271,25 @@ class BehaviorModel(nn.Module):
         return log_cat[at, cat] + hit - norm
 
     def _explore_all(self, state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """log p_explore of every item for each state [B, H] → [B, V] (evaluation)."""
+        """log p_explore of every item for each state [B, H] → [B, V] (evaluation).
+
+        [B, V] is the catalog for every user, so the passes over it are what evaluation costs:
+        the popularity term rides in the matmul and the category terms are joined per [B, C]."""
         owner = torch.arange(len(state), device=state.device)
         weight, log_popularity, category_prior = self._popularity_prior(state, owner)
         log_cat = self._category_log_prob(state, owner, counts, category_prior)
-        query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
-        score = query @ self.item_code.weight[self.shape.special_rows :].T
-        score = score + weight[:, None] * log_popularity
+        ones = torch.ones_like(weight)[:, None]
+        query = torch.cat([self.item_query(state, owner), ones, weight[:, None]], 1)
+        codes = self.item_code.weight[self.shape.special_rows :]
+        score = query @ torch.cat([codes, log_popularity[:, None]], 1).T
         index = self.item_category.expand_as(score)
         top = torch.full_like(log_cat, float("-inf")).scatter_reduce(1, index, score, "amax")
         top = top.nan_to_num(neginf=0.0)
-        norm = torch.zeros_like(log_cat).scatter_add(1, index, (score - top.gather(1, index)).exp())
+        # In place where possible: fresh [B, V] tensors cost page faults.
+        shifted = top.gather(1, index).neg_().add_(score).exp_()
+        norm = torch.zeros_like(log_cat).scatter_add(1, index, shifted)
         norm = norm.clamp_min(torch.finfo(norm.dtype).tiny).log() + top
-        return log_cat.gather(1, index) + score - norm.gather(1, index)
+        return score.add_((log_cat - norm).gather(1, index))
 
     # training ------------------------------------------------------------------------------
 
@@ -376,23 +382,25 @@ class BehaviorModel(nn.Module):
         h, last = self.last_state(b)
         rows = torch.arange(len(h), device=h.device)
         end = b.length - 1
+        gate = self._gate(h, b)[rows, end]
+        counts = self._category_counts(b, rows, end)
+        log_p = self._explore_all(last, counts).add_(F.logsigmoid(-gate)[:, None])
+        # The repeat part and the basket touch only each user's own items: sparse updates.
         attention = self._copy_attention(h, b)[rows, end].exp()
         item = b.items - self.shape.special_rows
+        owner = rows[:, None].expand_as(item)
         known = (item >= 0) & (attention > 0)
-        repeat = torch.zeros(len(h), self.shape.items, device=h.device, dtype=h.dtype)
-        owner = rows[:, None].expand_as(item)[known]
-        repeat.index_put_((owner, item[known]), attention[known], accumulate=True)
-        gate = self._gate(h, b)[rows, end, None]
-        log_p = torch.logaddexp(
-            F.logsigmoid(gate) + repeat.log(),
-            F.logsigmoid(-gate) + self._explore_all(last, self._category_counts(b, rows, end)),
-        )
-        basket = self._baskets(b)[rows, end]
-        in_basket = torch.zeros_like(log_p, dtype=torch.bool)
-        in_basket[rows[:, None].expand_as(item)[basket], item[basket]] = True
-        beta = F.softplus(self.basket_penalty(last))
-        mass = (log_p.exp() * in_basket).sum(1, keepdim=True)
-        return log_p - beta * in_basket - torch.log1p(-(1 - torch.exp(-beta)) * mass)
+        cell, at = torch.unique(owner[known] * self.shape.items + item[known], return_inverse=True)
+        r, j = cell // self.shape.items, cell % self.shape.items
+        repeat = torch.zeros(len(cell), dtype=h.dtype, device=h.device)
+        repeat = repeat.index_add(0, at, attention[known])
+        log_p[r, j] = torch.logaddexp(log_p[r, j], F.logsigmoid(gate[r]) + repeat.log())
+        basket = self._baskets(b)[rows, end]  # each basket item once
+        r, j = owner[basket], item[basket]
+        beta = F.softplus(self.basket_penalty(last))[:, 0]
+        mass = torch.zeros_like(beta).index_add(0, r, log_p[r, j].exp())
+        log_p[r, j] = log_p[r, j] - beta[r]
+        return log_p.sub_(torch.log1p(-(1 - torch.exp(-beta)) * mass)[:, None])
 
     def expected_units(self, b: Batch) -> torch.Tensor:
         """Expected units per top category over the demand horizon after each user's last
