@@ -6,7 +6,7 @@ from opacus.validators import ModuleValidator
 from common.data.sequences import IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
-from common.learning.model import BehaviorModel, per_user_loss
+from common.learning.model import Basket, BehaviorModel, per_user_loss
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 from privacy.engine import PrivacyEngine
 
@@ -74,7 +74,9 @@ def test_released_popularity_travels_with_the_model_and_starts_as_its_prior(prep
     with torch.no_grad():
         model.item_code.weight.zero_()
         model.popularity_weight.weight.zero_()
-    log_p = model._explore_all(torch.zeros(1, TINY_MODEL.hidden), torch.zeros(1, 1))[0]
+    nothing = torch.zeros(0, dtype=torch.long)
+    empty = Basket(nothing, nothing, torch.zeros(1), torch.zeros(1))
+    log_p = model._explore_all(torch.zeros(1, TINY_MODEL.hidden), torch.zeros(1, 1), empty)[0]
     members = (model.item_category == model.item_category[0]).nonzero().squeeze(1)
     prior = torch.log1p(model.item_popularity[members].clamp_min(0))
     within = log_p[members] - log_p[members].logsumexp(0)
@@ -83,7 +85,8 @@ def test_released_popularity_travels_with_the_model_and_starts_as_its_prior(prep
 
 def test_factorised_softmax_is_exact(prepared):
     """The training loss's explore term equals a full softmax over every item of the catalog
-    scored as p(category) · p(item | category)."""
+    scored as p(category) · p(item | category), today's basket damped within its categories
+    and counted per category."""
     torch.manual_seed(0)
     model = _released(BehaviorModel(TINY_MODEL, prepared.shape).eval())
     state = torch.randn(5, TINY_MODEL.hidden)
@@ -93,8 +96,16 @@ def test_factorised_softmax_is_exact(prepared):
     model.item_out.max_batch_len = 5
     counts = torch.randint(0, 3, (5, prepared.shape.categories)).float()
     model.habit.max_batch_len = model.popularity_weight.max_batch_len = 5
-    fast = model._explore_log_prob(state, owner, counts, owner, target)
-    full = model._explore_all(state, counts)
+    # The targets' own items and their category neighbours in some baskets, others elsewhere.
+    neighbour = (model.item_category == model.item_category[3]).nonzero().squeeze(1)
+    basket = Basket(
+        torch.tensor([0, 1, 1, 2, 4, 4]),
+        torch.tensor([0, 3, int(neighbour[-1]), 20, 5, 6]),
+        torch.tensor([0.5, 2.0, 0.0, 1.0, 3.0]),
+        torch.tensor([0.3, -1.0, 0.0, 2.0, 0.7]),
+    )
+    fast = model._explore_log_prob(state, owner, counts, target, basket)
+    full = model._explore_all(state, counts, basket)
     assert torch.allclose(fast, full.gather(1, target[:, None]).squeeze(1), atol=1e-5)
     # … and it is a proper distribution over the whole catalog.
     assert torch.allclose(full.exp().sum(1), torch.ones(5), atol=1e-5)
@@ -109,6 +120,15 @@ def test_factorised_softmax_is_exact(prepared):
     habit = F.softplus(model.habit(state, owner))
     logits = model.category_out(state, owner) + habit * torch.log1p(counts)
     logits = logits + weight[:, 1:] * torch.log1p(in_category.clamp_min(0))
+    in_basket, share = torch.zeros_like(counts), torch.zeros_like(counts)
+    for s, item in zip(basket.state.tolist(), basket.item.tolist(), strict=True):
+        items[s, item] -= basket.beta[s]
+        c = model.item_category[item]
+        in_basket[s, c] += 1
+        neighbours = model.item_category == c
+        share[s, c] += (1 + popularity[item]) / (1 + popularity[neighbours]).sum()
+    left = 1 - (1 - torch.exp(-basket.beta))[:, None] * share
+    logits = logits + basket.weight[:, None] * torch.log1p(in_basket) + left.log()
     used = torch.tensor([c in set(model.item_category.tolist()) for c in range(logits.shape[1])])
     cats = logits - logits[:, used].logsumexp(1, keepdim=True)
     for i, t in enumerate(target.tolist()):
@@ -119,13 +139,13 @@ def test_factorised_softmax_is_exact(prepared):
 
 
 def test_training_loss_is_the_served_distribution(prepared):
-    """−log p(target) in training (basket damping and its exact renormalisation included)
-    equals what `score_items` serves for the same prefix."""
+    """−log p(target) in training (basket damping included) equals what `score_items` serves
+    for the same prefix."""
     torch.manual_seed(0)
     model = BehaviorModel(TINY_MODEL.model_copy(update={"dropout": 0.0}), prepared.shape).eval()
     _released(model)
     with torch.no_grad():
-        model.basket_penalty.bias.fill_(2.0)
+        model.basket.bias.copy_(torch.tensor([2.0, 1.0, -0.5]))
     length = prepared.train.length
     short = ((length <= TINY_MODEL.max_len) & (length >= 4)).nonzero()[0][:6]
     batch = Batch(*loader(prepared.train.subset(short), 6, False).dataset.tensors).trim()

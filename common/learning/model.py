@@ -10,10 +10,17 @@ Next item = a mixture, gated per position (as in RepeatNet, Ren et al. 2019) by 
 the user's repeat habit so far:
 - **repeat**: attention from the current state over the user's own past events (any window),
   biased by how many days ago each happened; an item's probability is the attention mass on its
-  occurrences, so counts, recency and "already in today's basket" are all learnable.
+  occurrences, so counts and recency are learnable.
 - **explore**: an exact factorised softmax, p(category) · p(item | category). Category vectors
   are tied to the input category embedding; items are tied low-rank codes plus a popularity bias.
   Training touches only the target's category, so its cost does not grow with the catalog.
+
+Items already in today's basket are damped inside each part, where its own softmax renormalises
+them exactly: a learned bias on their occurrences in the repeat attention, another on their
+scores within their category, and a learned weight on how many basket items each category holds.
+Damping the mixture as a whole would need every basket item's explore probability, i.e. its
+category's normaliser, at every position of the day: on Ta-Feng that was 87 % of a step's
+(position, item) pairs.
 
 Every parameter is shared across many users' signal, which matters under DP: an item's own
 trainable coordinates are `item_dim + 1`, not `hidden`.
@@ -22,6 +29,7 @@ trainable coordinates are `item_dim + 1`, not `hidden`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +49,9 @@ from common.learning.packed import (
 from common.messages import ITEM_POPULARITY
 
 HABIT_FEATURES = 2  # the gate's direct inputs: see `_habit_features`
+# Per position, how today's basket is damped: β in the repeat attention, β within the item's
+# category (both ≥ 0 after softplus), and the weight on log1p(basket items per category).
+BASKET_TERMS = 3
 RECENCY_BUCKETS = 10  # 0 = same day, b = 2^(b-1) ≤ days < 2^b, last = a year or more
 # Tied parameters under their second name: stored once (safetensors refuses shared tensors,
 # and a federated update should carry each weight once), re-linked on load.
@@ -62,6 +73,15 @@ class CatalogShape(BaseModel):
     @property
     def special_rows(self) -> int:
         return self.item_rows - self.items
+
+
+class Basket(NamedTuple):
+    """Today's basket at each query state (each basket item once) and how the states damp it."""
+
+    state: torch.Tensor  # [K] the query state of each basket entry
+    item: torch.Tensor  # [K] its vocabulary index
+    beta: torch.Tensor  # [S] ≥ 0: log-factor on basket items within their category
+    weight: torch.Tensor  # [S] weight on log1p(basket items per category) in p(category)
 
 
 class BehaviorModel(nn.Module):
@@ -104,7 +124,7 @@ class BehaviorModel(nn.Module):
         # under DP a gate on the state alone stayed at one value for every Ta-Feng user
         # (0.09), while their repeat rate runs from 3 % to 23 % with exactly these features.
         self.repeat_habit = nn.Linear(HABIT_FEATURES, 1)
-        self.basket_penalty = nn.Linear(h, 1)  # β ≥ 0 after softplus: damps today's basket
+        self.basket = nn.Linear(h, BASKET_TERMS)  # damps today's basket: see BASKET_TERMS
         self.category_out = PackedLinear(h, shape.categories)
         self.habit = PackedLinear(h, 1)  # how much the user's own category counts weigh
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
@@ -190,11 +210,17 @@ class BehaviorModel(nn.Module):
 
     # repeat component ----------------------------------------------------------------------
 
-    def _copy_attention(self, h: torch.Tensor, b: Batch) -> torch.Tensor:
-        """log attention of each position over the user's events up to it, [B, L, L]."""
+    def _copy_attention(
+        self, h: torch.Tensor, b: Batch, baskets: torch.Tensor, beta: torch.Tensor
+    ) -> torch.Tensor:
+        """log attention of each position over the user's events up to it, [B, L, L]; events
+        whose item is in the position's basket (`_baskets`) are damped by `beta` [B, L]."""
         width = h.shape[1]
         scores = self.copy_query(h) @ self.copy_key(h).transpose(1, 2) / math.sqrt(h.shape[-1])
         scores = scores + self.recency(_days_bucket(b.day[:, :, None] - b.day[:, None, :]))[..., 0]
+        same = (b.items[:, :, None] == b.items[:, None, :]).to(h.dtype)
+        in_basket = (baskets.to(h.dtype) @ same) > 0
+        scores = scores - beta[:, :, None] * in_basket
         i = torch.arange(width, device=h.device)
         key = i[None, None, :]
         allowed = (key <= i[None, :, None]) & (key < b.length[:, None, None])
@@ -208,14 +234,39 @@ class BehaviorModel(nn.Module):
     # explore component ---------------------------------------------------------------------
 
     def _category_log_prob(
-        self, state: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor, prior: torch.Tensor
+        self,
+        state: torch.Tensor,
+        owner: torch.Tensor,
+        counts: torch.Tensor,
+        prior: torch.Tensor,
+        basket: Basket,
     ) -> torch.Tensor:
         """log p(category) [S, C]: the state's own scores plus a learned weight on how often
         the user bought each category so far (their whole history, not one window), plus the
-        popularity `prior` [S, C]."""
+        popularity `prior` [S, C], plus two basket terms:
+        - a learned weight on log1p(basket items in the category);
+        - log(1 − (1 − e^−β) · share): the category's mass left once its basket items are
+          damped by e^−β, where share is their part of the category under the popularity
+          prior. With the state's own item scores in place of the prior this would be the
+          exact renormalisation, but it would need every basket category's normaliser."""
         weight = F.softplus(self.habit(state, owner))
+        where = (basket.state, self.item_category[basket.item])
+        items = torch.zeros_like(counts).index_put_(
+            where, torch.ones_like(basket.item, dtype=counts.dtype), accumulate=True
+        )
+        share = torch.zeros_like(counts).index_put_(
+            where, self._popularity_share()[basket.item].to(counts.dtype), accumulate=True
+        )
+        damped = -torch.expm1(-basket.beta)[:, None] * share.clamp_max(1.0)
         logits = self.category_out(state, owner) + weight * torch.log1p(counts) + prior
+        logits = logits + basket.weight[:, None] * torch.log1p(items) + torch.log1p(-damped)
         return (logits + self.category_mask).log_softmax(-1)
+
+    def _popularity_share(self) -> torch.Tensor:
+        """[V]: each item's share of its category under the prior p ∝ 1 + released count."""
+        prior = 1 + self.item_popularity.clamp_min(0)
+        total = torch.zeros(self.shape.categories, device=prior.device, dtype=prior.dtype)
+        return prior / total.index_add(0, self.item_category, prior)[self.item_category]
 
     def _popularity_prior(
         self, state: torch.Tensor, owner: torch.Tensor
@@ -246,13 +297,13 @@ class BehaviorModel(nn.Module):
         state: torch.Tensor,
         owner: torch.Tensor,
         counts: torch.Tensor,
-        at: torch.Tensor,
         item: torch.Tensor,
+        basket: Basket,
     ) -> torch.Tensor:
-        """log p_explore(item[q] | state[at[q]]) = log p(category) + log p(item | category),
+        """log p_explore(item[s] | state[s]) = log p(category) + log p(item | category),
         normalised exactly over that category's items only; `owner` is each state's user."""
         weight, log_popularity, category_prior = self._popularity_prior(state, owner)
-        log_cat = self._category_log_prob(state, owner, counts, category_prior)
+        log_cat = self._category_log_prob(state, owner, counts, category_prior, basket)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         cat = self.item_category[item]
         sizes = self.category_size[cat]
@@ -260,28 +311,33 @@ class BehaviorModel(nn.Module):
         first = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
         within = torch.arange(len(pair), device=item.device) - first
         member = self.items_by_category[self.category_start[cat][pair] + within]
-        where = at[pair]
-        codes = self.item_out(member + self.shape.special_rows, owner[where])
-        score = (query[where] * codes).sum(-1) + weight[where] * log_popularity[member]
+        codes = self.item_out(member + self.shape.special_rows, owner[pair])
+        score = (query[pair] * codes).sum(-1) + weight[pair] * log_popularity[member]
+        items = self.shape.items
+        damped = torch.isin(pair * items + member, basket.state * items + basket.item)
+        score = score - basket.beta[pair] * damped
         top = torch.zeros(len(item), dtype=score.dtype, device=score.device).scatter_reduce(
             0, pair, score.detach(), "amax", include_self=False
         )
         norm = torch.zeros_like(top).index_add(0, pair, (score - top[pair]).exp()).log() + top
         hit = torch.zeros_like(top).index_add(0, pair, score * (member == item[pair]))
-        return log_cat[at, cat] + hit - norm
+        return log_cat[torch.arange(len(item), device=item.device), cat] + hit - norm
 
-    def _explore_all(self, state: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _explore_all(
+        self, state: torch.Tensor, counts: torch.Tensor, basket: Basket
+    ) -> torch.Tensor:
         """log p_explore of every item for each state [B, H] → [B, V] (evaluation).
 
         [B, V] is the catalog for every user, so the passes over it are what evaluation costs:
         the popularity term rides in the matmul and the category terms are joined per [B, C]."""
         owner = torch.arange(len(state), device=state.device)
         weight, log_popularity, category_prior = self._popularity_prior(state, owner)
-        log_cat = self._category_log_prob(state, owner, counts, category_prior)
+        log_cat = self._category_log_prob(state, owner, counts, category_prior, basket)
         ones = torch.ones_like(weight)[:, None]
         query = torch.cat([self.item_query(state, owner), ones, weight[:, None]], 1)
         codes = self.item_code.weight[self.shape.special_rows :]
         score = query @ torch.cat([codes, log_popularity[:, None]], 1).T
+        score[basket.state, basket.item] -= basket.beta[basket.state]
         index = self.item_category.expand_as(score)
         top = torch.full_like(log_cat, float("-inf")).scatter_reduce(1, index, score, "amax")
         top = top.nan_to_num(neginf=0.0)
@@ -318,43 +374,31 @@ class BehaviorModel(nn.Module):
         owner: torch.Tensor,
         slot: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """−log p(next item) at every packed position that has a target, and its user.
-
-        p = the gated repeat/explore mixture, with the items already in the current day's
-        basket damped by a learned factor e^−β and the rest renormalised exactly (the basket
-        is small, so its items' probabilities are computed directly)."""
+        """−log p(next item) at every packed position that has a target, and its user."""
         special = self.shape.special_rows
         target = b.next_item[owner, slot]
         at = (target != IGNORE).nonzero().squeeze(1)
         rows, cols, y = owner[at], slot[at], target[at]
-        attention = self._copy_attention(h, b).exp()
-        same = (b.items[:, :, None] == b.items[:, None, :]).to(attention.dtype)
-        repeat_of = (attention @ same)[rows, cols]  # repeat mass of the item in each slot
-        basket = self._baskets(b)[rows, cols]
-        in_at, in_slot = basket.nonzero(as_tuple=True)
-        queries = torch.arange(len(at), device=at.device)
+        damp = self.basket(h)
+        baskets = self._baskets(b)
+        attention = self._copy_attention(h, b, baskets, F.softplus(damp[..., 0]))
+        is_y = b.items[rows] == (y + special)[:, None]
+        repeat_y = (attention[rows, cols].exp() * is_y).sum(-1)
+        in_at, in_slot = baskets[rows, cols].nonzero(as_tuple=True)
+        damp = damp[rows, cols]
+        basket = Basket(
+            in_at, b.items[rows[in_at], in_slot] - special, F.softplus(damp[:, 1]), damp[:, 2]
+        )
         log_explore = self._explore_log_prob(
-            state[at],
-            rows,
-            self._category_counts(b, rows, cols),
-            torch.cat([queries, in_at]),
-            torch.cat([y, b.items[rows[in_at], in_slot] - special]),
+            state[at], rows, self._category_counts(b, rows, cols), y, basket
         )
         gate = self._gate(h, b)[rows, cols]
-        is_y = b.items[rows] == (y + special)[:, None]
-        repeat_y = (attention[rows, cols] * is_y).sum(-1)
         # Probability space for the repeat part: a target never seen before has no term.
         log_y = torch.logaddexp(
             F.logsigmoid(gate) + repeat_y.clamp_min(torch.finfo(h.dtype).tiny).log(),
-            F.logsigmoid(-gate) + log_explore[: len(at)],
+            F.logsigmoid(-gate) + log_explore,
         )
-        g = torch.sigmoid(gate)[in_at]
-        p_basket = g * repeat_of[in_at, in_slot] + (1 - g) * log_explore[len(at) :].exp()
-        beta = F.softplus(self.basket_penalty(h))[rows, cols, 0]
-        mass = torch.zeros_like(beta).index_add(0, in_at, p_basket)
-        log_norm = torch.log1p(-(1 - torch.exp(-beta)) * mass)
-        damped = (basket & is_y).any(-1)
-        return -(log_y - beta * damped - log_norm), rows
+        return -log_y, rows
 
     def _baskets(self, b: Batch) -> torch.Tensor:
         """[B, L, L]: slot k holds a known item bought on the day of position t, at or before
@@ -382,25 +426,30 @@ class BehaviorModel(nn.Module):
         h, last = self.last_state(b)
         rows = torch.arange(len(h), device=h.device)
         end = b.length - 1
-        gate = self._gate(h, b)[rows, end]
-        counts = self._category_counts(b, rows, end)
-        log_p = self._explore_all(last, counts).add_(F.logsigmoid(-gate)[:, None])
-        # The repeat part and the basket touch only each user's own items: sparse updates.
-        attention = self._copy_attention(h, b)[rows, end].exp()
+        damp = self.basket(h)
+        baskets = self._baskets(b)
         item = b.items - self.shape.special_rows
         owner = rows[:, None].expand_as(item)
+        in_basket = baskets[rows, end]  # each basket item once
+        basket = Basket(
+            owner[in_basket],
+            item[in_basket],
+            F.softplus(damp[rows, end, 1]),
+            damp[rows, end, 2],
+        )
+        gate = self._gate(h, b)[rows, end]
+        counts = self._category_counts(b, rows, end)
+        log_p = self._explore_all(last, counts, basket).add_(F.logsigmoid(-gate)[:, None])
+        # The repeat part touches only each user's own items: a sparse update.
+        attention = self._copy_attention(h, b, baskets, F.softplus(damp[..., 0]))
+        attention = attention[rows, end].exp()
         known = (item >= 0) & (attention > 0)
         cell, at = torch.unique(owner[known] * self.shape.items + item[known], return_inverse=True)
         r, j = cell // self.shape.items, cell % self.shape.items
         repeat = torch.zeros(len(cell), dtype=h.dtype, device=h.device)
         repeat = repeat.index_add(0, at, attention[known])
         log_p[r, j] = torch.logaddexp(log_p[r, j], F.logsigmoid(gate[r]) + repeat.log())
-        basket = self._baskets(b)[rows, end]  # each basket item once
-        r, j = owner[basket], item[basket]
-        beta = F.softplus(self.basket_penalty(last))[:, 0]
-        mass = torch.zeros_like(beta).index_add(0, r, log_p[r, j].exp())
-        log_p[r, j] = log_p[r, j] - beta[r]
-        return log_p.sub_(torch.log1p(-(1 - torch.exp(-beta)) * mass)[:, None])
+        return log_p
 
     def expected_units(self, b: Batch) -> torch.Tensor:
         """Expected units per top category over the demand horizon after each user's last
