@@ -6,7 +6,7 @@ from opacus.validators import ModuleValidator
 from common.data.sequences import IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
-from common.learning.model import Basket, BehaviorModel, per_user_loss
+from common.learning.model import Basket, BehaviorModel, Seen, per_user_loss
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 from privacy.engine import PrivacyEngine
 
@@ -76,7 +76,8 @@ def test_released_popularity_travels_with_the_model_and_starts_as_its_prior(prep
         model.popularity_weight.weight.zero_()
     nothing = torch.zeros(0, dtype=torch.long)
     empty = Basket(nothing, nothing, torch.zeros(1), torch.zeros(1))
-    log_p = model._explore_all(torch.zeros(1, TINY_MODEL.hidden), torch.zeros(1, 1), empty)[0]
+    none_seen = Seen(nothing, nothing)
+    log_p = model._explore_all(torch.zeros(1, TINY_MODEL.hidden), none_seen, empty)[0]
     members = (model.item_category == model.item_category[0]).nonzero().squeeze(1)
     prior = torch.log1p(model.item_popularity[members].clamp_min(0))
     within = log_p[members] - log_p[members].logsumexp(0)
@@ -104,8 +105,11 @@ def test_factorised_softmax_is_exact(prepared):
         torch.tensor([0.5, 2.0, 0.0, 1.0, 3.0]),
         torch.tensor([0.3, -1.0, 0.0, 2.0, 0.7]),
     )
-    fast = model._explore_log_prob(state, owner, counts, target, basket)
-    full = model._explore_all(state, counts, basket)
+    s, c = counts.nonzero(as_tuple=True)
+    times = counts[s, c].long()
+    seen = Seen(s.repeat_interleave(times), c.repeat_interleave(times))
+    fast = model._explore_log_prob(state, owner, seen, target, basket)
+    full = model._explore_all(state, seen, basket)
     assert torch.allclose(fast, full.gather(1, target[:, None]).squeeze(1), atol=1e-5)
     # … and it is a proper distribution over the whole catalog.
     assert torch.allclose(full.exp().sum(1), torch.ones(5), atol=1e-5)

@@ -75,6 +75,13 @@ class CatalogShape(BaseModel):
         return self.item_rows - self.items
 
 
+class Seen(NamedTuple):
+    """The categories a query state's user bought so far: one entry per past event."""
+
+    state: torch.Tensor  # [E] the query state
+    category: torch.Tensor  # [E] the event's category
+
+
 class Basket(NamedTuple):
     """Today's basket at each query state (each basket item once) and how the states damp it."""
 
@@ -237,30 +244,39 @@ class BehaviorModel(nn.Module):
         self,
         state: torch.Tensor,
         owner: torch.Tensor,
-        counts: torch.Tensor,
+        seen: Seen,
         prior: torch.Tensor,
         basket: Basket,
     ) -> torch.Tensor:
-        """log p(category) [S, C]: the state's own scores plus a learned weight on how often
-        the user bought each category so far (their whole history, not one window), plus the
-        popularity `prior` [S, C], plus two basket terms:
+        """log p(category) [S, C]: the state's own scores, plus the popularity `prior` [S, C],
+        plus terms on the (state, category) cells the user bought from so far:
+        - a learned weight on log1p(the user's events in the category so far: their whole
+          history, not one window);
         - a learned weight on log1p(basket items in the category);
         - log(1 − (1 − e^−β) · share): the category's mass left once its basket items are
           damped by e^−β, where share is their part of the category under the popularity
           prior. With the state's own item scores in place of the prior this would be the
-          exact renormalisation, but it would need every basket category's normaliser."""
-        weight = F.softplus(self.habit(state, owner))
-        where = (basket.state, self.item_category[basket.item])
-        items = torch.zeros_like(counts).index_put_(
-            where, torch.ones_like(basket.item, dtype=counts.dtype), accumulate=True
+          exact renormalisation, but it would need every basket category's normaliser.
+
+        The cells are few against [S, C], so these terms are computed on them alone."""
+        categories = self.shape.categories
+        events = seen.state * categories + seen.category
+        in_basket = basket.state * categories + self.item_category[basket.item]
+        cell, at = torch.unique(torch.cat([events, in_basket]), return_inverse=True)
+        cells = torch.zeros(3, len(cell), device=cell.device, dtype=state.dtype)
+        share = self._popularity_share()[basket.item].to(state.dtype)
+        cells[0].index_add_(0, at[: len(events)], torch.ones_like(events, dtype=state.dtype))
+        cells[1].index_add_(0, at[len(events) :], torch.ones_like(share))
+        cells[2].index_add_(0, at[len(events) :], share)
+        s, c = torch.div(cell, categories, rounding_mode="floor"), cell % categories
+        habit = F.softplus(self.habit(state, owner))[:, 0]
+        term = (
+            habit[s] * torch.log1p(cells[0])
+            + basket.weight[s] * torch.log1p(cells[1])
+            + torch.log1p(torch.expm1(-basket.beta[s]) * cells[2].clamp_max(1.0))
         )
-        share = torch.zeros_like(counts).index_put_(
-            where, self._popularity_share()[basket.item].to(counts.dtype), accumulate=True
-        )
-        damped = -torch.expm1(-basket.beta)[:, None] * share.clamp_max(1.0)
-        logits = self.category_out(state, owner) + weight * torch.log1p(counts) + prior
-        logits = logits + basket.weight[:, None] * torch.log1p(items) + torch.log1p(-damped)
-        return (logits + self.category_mask).log_softmax(-1)
+        logits = self.category_out(state, owner) + prior + self.category_mask
+        return logits.index_put((s, c), term, accumulate=True).log_softmax(-1)
 
     def _popularity_share(self) -> torch.Tensor:
         """[V]: each item's share of its category under the prior p ∝ 1 + released count."""
@@ -281,29 +297,26 @@ class BehaviorModel(nn.Module):
         category_prior = weight[:, 1:] * torch.log1p(categories.clamp_min(0))
         return weight[:, 0], torch.log1p(items.clamp_min(0)), category_prior
 
-    def _category_counts(self, b: Batch, rows: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
-        """[S, C]: events per category in row `rows[s]` at slots ≤ `upto[s]`."""
+    def _seen(self, b: Batch, rows: torch.Tensor, upto: torch.Tensor) -> Seen:
+        """The categories of row `rows[s]`'s events at slots ≤ `upto[s]`, per query s."""
         width = b.cats.shape[1]
         s, i = (torch.arange(width, device=rows.device)[None, :] <= upto[:, None]).nonzero(
             as_tuple=True
         )
-        counts = torch.zeros(len(rows), self.shape.categories, device=rows.device)
-        return counts.index_put_(
-            (s, b.cats[rows[s], i]), torch.ones_like(s, dtype=counts.dtype), accumulate=True
-        )
+        return Seen(s, b.cats[rows[s], i])
 
     def _explore_log_prob(
         self,
         state: torch.Tensor,
         owner: torch.Tensor,
-        counts: torch.Tensor,
+        seen: Seen,
         item: torch.Tensor,
         basket: Basket,
     ) -> torch.Tensor:
         """log p_explore(item[s] | state[s]) = log p(category) + log p(item | category),
         normalised exactly over that category's items only; `owner` is each state's user."""
         weight, log_popularity, category_prior = self._popularity_prior(state, owner)
-        log_cat = self._category_log_prob(state, owner, counts, category_prior, basket)
+        log_cat = self._category_log_prob(state, owner, seen, category_prior, basket)
         query = F.pad(self.item_query(state, owner), (0, 1), value=1.0)
         cat = self.item_category[item]
         sizes = self.category_size[cat]
@@ -323,16 +336,14 @@ class BehaviorModel(nn.Module):
         hit = torch.zeros_like(top).index_add(0, pair, score * (member == item[pair]))
         return log_cat[torch.arange(len(item), device=item.device), cat] + hit - norm
 
-    def _explore_all(
-        self, state: torch.Tensor, counts: torch.Tensor, basket: Basket
-    ) -> torch.Tensor:
+    def _explore_all(self, state: torch.Tensor, seen: Seen, basket: Basket) -> torch.Tensor:
         """log p_explore of every item for each state [B, H] → [B, V] (evaluation).
 
         [B, V] is the catalog for every user, so the passes over it are what evaluation costs:
         the popularity term rides in the matmul and the category terms are joined per [B, C]."""
         owner = torch.arange(len(state), device=state.device)
         weight, log_popularity, category_prior = self._popularity_prior(state, owner)
-        log_cat = self._category_log_prob(state, owner, counts, category_prior, basket)
+        log_cat = self._category_log_prob(state, owner, seen, category_prior, basket)
         ones = torch.ones_like(weight)[:, None]
         query = torch.cat([self.item_query(state, owner), ones, weight[:, None]], 1)
         codes = self.item_code.weight[self.shape.special_rows :]
@@ -389,9 +400,7 @@ class BehaviorModel(nn.Module):
         basket = Basket(
             in_at, b.items[rows[in_at], in_slot] - special, F.softplus(damp[:, 1]), damp[:, 2]
         )
-        log_explore = self._explore_log_prob(
-            state[at], rows, self._category_counts(b, rows, cols), y, basket
-        )
+        log_explore = self._explore_log_prob(state[at], rows, self._seen(b, rows, cols), y, basket)
         gate = self._gate(h, b)[rows, cols]
         # Probability space for the repeat part: a target never seen before has no term.
         log_y = torch.logaddexp(
@@ -438,8 +447,8 @@ class BehaviorModel(nn.Module):
             damp[rows, end, 2],
         )
         gate = self._gate(h, b)[rows, end]
-        counts = self._category_counts(b, rows, end)
-        log_p = self._explore_all(last, counts, basket).add_(F.logsigmoid(-gate)[:, None])
+        seen = self._seen(b, rows, end)
+        log_p = self._explore_all(last, seen, basket).add_(F.logsigmoid(-gate)[:, None])
         # The repeat part touches only each user's own items: a sparse update.
         attention = self._copy_attention(h, b, baskets, F.softplus(damp[..., 0]))
         attention = attention[rows, end].exp()
