@@ -40,6 +40,7 @@ from transformers import BertConfig, BertModel
 from common.data.sequences import GAP_BUCKETS, IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.packed import (
+    BucketBias,
     PackedEmbedding,
     PackedLinear,
     SparseRowsEmbedding,
@@ -125,7 +126,7 @@ class BehaviorModel(nn.Module):
         self.region = nn.Embedding(shape.regions, h)
         self.copy_query = nn.Linear(h, h)
         self.copy_key = nn.Linear(h, h)
-        self.recency = nn.Embedding(RECENCY_BUCKETS, 1)
+        self.recency = BucketBias(RECENCY_BUCKETS)
         self.gate = nn.Linear(h, 1)
         # The user's repeat habit read directly from the history (see `_habit_features`):
         # under DP a gate on the state alone stayed at one value for every Ta-Feng user
@@ -161,7 +162,10 @@ class BehaviorModel(nn.Module):
         # BERT's own scale for everything summed into its input, so no feature drowns the
         # item: PyTorch's N(0, 1) default embeddings would be 50× BERT's 0.02.
         std = self.bert.config.initializer_range
-        if isinstance(module, nn.Embedding | nn.Linear) and module not in self.bert.modules():
+        if (
+            isinstance(module, nn.Embedding | nn.Linear | BucketBias)
+            and module not in self.bert.modules()
+        ):
             nn.init.normal_(module.weight, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)

@@ -59,6 +59,34 @@ class SparseRowsEmbedding(PackedEmbedding):
     """A `PackedEmbedding` whose per-user gradients stay sparse (see the module docstring)."""
 
 
+class BucketBias(nn.Module):
+    """A learned scalar per bucket, looked up for bucket ids [B, ...] → [B, ..., 1]: the same
+    function and weight shape as `nn.Embedding(buckets, 1)`, with gradients (plain and per
+    user) as bincounts. Looked up at every (user, position, position) of a batch, the
+    embedding's backward was the largest single op of a training step."""
+
+    def __init__(self, buckets: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(buckets, 1))
+
+    def forward(self, bucket: torch.Tensor) -> torch.Tensor:
+        return _BucketLookup.apply(self.weight, bucket)
+
+
+class _BucketLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bucket)
+        ctx.buckets = weight.shape[0]
+        return weight[bucket]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (bucket,) = ctx.saved_tensors
+        summed = torch.bincount(bucket.flatten(), grad.flatten(), minlength=ctx.buckets)
+        return summed.to(grad.dtype)[:, None], None
+
+
 def take_row_entries(weight: nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """The per-user gradient entries a backward pass recorded on a `SparseRowsEmbedding` weight,
     (user × rows + row [E], gradient [E, dim]) per use, removed from it; None for any other
@@ -109,3 +137,15 @@ def _sparse_rows_grad_sample(
     # Opacus still counts this use (tied weights are promoted after their last use): an empty
     # per-user tensor stands in for the dense one the entries replace.
     return {layer.weight: backprops.new_zeros(layer.max_batch_len, 0)}
+
+
+@register_grad_sampler(BucketBias)
+def _bucket_grad_sample(
+    layer: BucketBias, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    bucket = activations[0]
+    users, buckets = bucket.shape[0], layer.weight.shape[0]
+    user = torch.arange(users, device=bucket.device)[:, None]
+    key = (user * buckets + bucket.reshape(users, -1)).flatten()
+    summed = torch.bincount(key, backprops.flatten(), minlength=users * buckets)
+    return {layer.weight: summed.to(backprops.dtype).view(users, buckets, 1)}
