@@ -7,6 +7,7 @@ from common.data.sequences import IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
 from common.learning.model import Basket, BehaviorModel, Seen, per_user_loss
+from common.learning.packed import BucketBias
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 from privacy.engine import PrivacyEngine
 
@@ -240,6 +241,21 @@ def test_the_gate_starts_as_the_users_smoothed_repeat_share(prepared):
         gate = model._gate(h, batch)
     distinct = torch.log1p((events - repeats).float())
     assert gate[0, :5].tolist() == pytest.approx(distinct.tolist(), abs=1e-6)
+
+
+def test_bucket_bias_is_an_embedding_with_bincount_gradients():
+    """The days-ago bias looks up and differentiates exactly like `nn.Embedding(n, 1)`."""
+    torch.manual_seed(0)
+    bias, reference = BucketBias(10), torch.nn.Embedding(10, 1)
+    with torch.no_grad():
+        bias.weight.normal_()
+        reference.weight.copy_(bias.weight)
+    bucket = torch.randint(0, 10, (3, 7, 7))
+    upstream = torch.randn(3, 7, 7, 1)
+    (bias(bucket) * upstream).sum().backward()
+    (reference(bucket) * upstream).sum().backward()
+    assert torch.equal(bias(bucket), reference(bucket))
+    assert torch.allclose(bias.weight.grad, reference.weight.grad, atol=1e-6)
 
 
 def test_opacus_validator_accepts_the_model(prepared):
