@@ -17,7 +17,8 @@ the user's repeat habit so far:
 
 Items already in today's basket are damped inside each part, where its own softmax renormalises
 them exactly: a learned bias on their occurrences in the repeat attention, another on their
-scores within their category, and a learned weight on how many basket items each category holds.
+scores within their category, and in p(category) a learned weight on how many basket items each
+category holds plus the category's mass left once they are damped (under the popularity prior).
 Damping the mixture as a whole would need every basket item's explore probability, i.e. its
 category's normaliser, at every position of the day: on Ta-Feng that was 87 % of a step's
 (position, item) pairs.
@@ -399,11 +400,7 @@ class BehaviorModel(nn.Module):
         attention = self._copy_attention(h, b, baskets, F.softplus(damp[..., 0]))
         is_y = b.items[rows] == (y + special)[:, None]
         repeat_y = (attention[rows, cols].exp() * is_y).sum(-1)
-        in_at, in_slot = baskets[rows, cols].nonzero(as_tuple=True)
-        damp = damp[rows, cols]
-        basket = Basket(
-            in_at, b.items[rows[in_at], in_slot] - special, F.softplus(damp[:, 1]), damp[:, 2]
-        )
+        basket = self._basket_at(b, baskets, damp, rows, cols)
         log_explore = self._explore_log_prob(state[at], rows, self._seen(b, rows, cols), y, basket)
         gate = self._gate(h, b)[rows, cols]
         # Probability space for the repeat part: a target never seen before has no term.
@@ -412,6 +409,21 @@ class BehaviorModel(nn.Module):
             F.logsigmoid(-gate) + log_explore,
         )
         return -log_y, rows
+
+    def _basket_at(
+        self,
+        b: Batch,
+        baskets: torch.Tensor,
+        damp: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> Basket:
+        """The basket of each query position (row `rows[s]`, slot `cols[s]`), from `_baskets`
+        and the basket head's output `damp` [B, L, BASKET_TERMS]."""
+        query, slot = baskets[rows, cols].nonzero(as_tuple=True)
+        damp = damp[rows, cols]
+        item = b.items[rows[query], slot] - self.shape.special_rows
+        return Basket(query, item, F.softplus(damp[:, 1]), damp[:, 2])
 
     def _baskets(self, b: Batch) -> torch.Tensor:
         """[B, L, L]: slot k holds a known item bought on the day of position t, at or before
@@ -441,21 +453,15 @@ class BehaviorModel(nn.Module):
         end = b.length - 1
         damp = self.basket(h)
         baskets = self._baskets(b)
-        item = b.items - self.shape.special_rows
-        owner = rows[:, None].expand_as(item)
-        in_basket = baskets[rows, end]  # each basket item once
-        basket = Basket(
-            owner[in_basket],
-            item[in_basket],
-            F.softplus(damp[rows, end, 1]),
-            damp[rows, end, 2],
-        )
+        basket = self._basket_at(b, baskets, damp, rows, end)
         gate = self._gate(h, b)[rows, end]
         seen = self._seen(b, rows, end)
         log_p = self._explore_all(last, seen, basket).add_(F.logsigmoid(-gate)[:, None])
         # The repeat part touches only each user's own items: a sparse update.
         attention = self._copy_attention(h, b, baskets, F.softplus(damp[..., 0]))
         attention = attention[rows, end].exp()
+        item = b.items - self.shape.special_rows
+        owner = rows[:, None].expand_as(item)
         known = (item >= 0) & (attention > 0)
         cell, at = torch.unique(owner[known] * self.shape.items + item[known], return_inverse=True)
         r, j = cell // self.shape.items, cell % self.shape.items
