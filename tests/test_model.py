@@ -178,6 +178,25 @@ def test_encoder_is_causal_within_windows(prepared):
     assert torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5)
 
 
+def test_encoder_reads_each_window_alone(prepared):
+    """The encoder runs on windows, not padded rows: a user's last window encodes the same as
+    those events alone (neither the earlier window nor other users reach it), and padding
+    gets no state."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    long_user = int(prepared.train.length.argmax())
+    batch = _batch(prepared, 5, start=max(long_user - 2, 0)).trim()
+    states = model.encode(batch)
+    size = TINY_MODEL.max_len
+    long_rows = (batch.length > size).nonzero().flatten().tolist()
+    assert long_rows and (batch.length < batch.items.shape[1]).any()
+    for row in long_rows:
+        end = int(batch.length[row])
+        alone = Batch(*(t[row : row + 1] for t in batch)).tail(size).trim()
+        assert torch.allclose(model.encode(alone)[0], states[row, end - size : end], atol=1e-5)
+    padding = torch.arange(batch.items.shape[1])[None, :] >= batch.length[:, None]
+    assert (states[padding] == 0).all()
+
+
 def test_demand_reads_the_last_window_only_and_keeps_user_order(prepared):
     """expected_units encodes only each user's last max_len events, which give the same last
     state as the whole history; predict_demand batches users by length and returns them in
@@ -264,8 +283,9 @@ def test_opacus_validator_accepts_the_model(prepared):
 
 def test_dp_sgd_clips_each_users_exact_gradient(prepared):
     """DP-SGD's clipped sum (noise off) equals Σ_u clip(g_u) over each user's own gradient
-    computed alone: per-user gradients from Opacus (the packed heads, both uses of each tied
-    weight) and the item table's sparse rows, clipped over all parameters together."""
+    computed alone: per-user gradients from Opacus (the packed heads, the encoder's windows
+    summed per user, both uses of each tied weight) and the item table's sparse rows, clipped
+    over all parameters together."""
     torch.manual_seed(0)
     cfg = TINY_MODEL.model_copy(update={"dropout": 0.0})
     model = _released(BehaviorModel(cfg, prepared.shape))

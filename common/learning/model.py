@@ -3,8 +3,9 @@ an explore component for the next item and a per-user demand head.
 
 Each event embeds its item, category, day-of-week, hour and log time-gap, plus the user's region.
 The encoder runs causally over windows of `max_len` events; a user's history of up to
-`windows × max_len` events sits in one row, split into windows aligned to its end, so every
-target of a long history trains while the user stays one row, i.e. one DP unit.
+`windows × max_len` events sits in one row, split into windows aligned to its end. The encoder
+sees only the windows that hold events (its per-sample gradients are summed per user), so every
+target of a long history trains while the user stays one DP unit.
 
 Next item = a mixture, gated per position (as in RepeatNet, Ren et al. 2019) by the state and
 the user's repeat habit so far:
@@ -47,6 +48,7 @@ from common.learning.packed import (
     SparseRowsEmbedding,
     pack,
     set_users,
+    set_window_users,
 )
 from common.messages import ITEM_POPULARITY
 
@@ -186,16 +188,25 @@ class BehaviorModel(nn.Module):
 
     # encoder -------------------------------------------------------------------------------
 
-    def _layout(self, length: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window id and position within the window per slot; windows align to the row's end."""
-        i = torch.arange(width, device=length.device)[None, :]
-        from_end = length[:, None] - 1 - i
-        window = torch.div(from_end, self.cfg.max_len, rounding_mode="floor")  # pads: -1
-        start = (length[:, None] - (window + 1) * self.cfg.max_len).clamp_min(0)
-        return window, (i - start).clamp(0, self.cfg.max_len - 1)
+    def _windows(
+        self, length: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each real event sits once the batch is cut into windows: (its index in the flat
+        [B·L] batch, its index in the flat [W·max_len] windows, the user of each window [W]).
+        A user's windows align to the end of their history and follow in time order."""
+        size = self.cfg.max_len
+        count = torch.div(length + size - 1, size, rounding_mode="floor")
+        users = torch.arange(len(length), device=length.device)
+        owner, slot = pack(length, width)
+        back = torch.div(length[owner] - 1 - slot, size, rounding_mode="floor")  # 0 = the last
+        start = (length[owner] - (back + 1) * size).clamp_min(0)
+        row = torch.cumsum(count, 0)[owner] - 1 - back
+        return owner * width + slot, row * size + slot - start, users.repeat_interleave(count)
 
     def encode(self, b: Batch) -> torch.Tensor:
-        """Hidden state per event, [B, L, H]; position i sees only events ≤ i of its window."""
+        """Hidden state per event, [B, L, H] (zero at padding); position i sees only events ≤ i
+        of its window. The encoder runs on the windows that hold events, not on the padded
+        rows: most Ta-Feng users fill a fraction of one window."""
         users, width = b.items.shape
         owner = torch.arange(users, device=b.items.device).repeat_interleave(width)
         embeds = (
@@ -205,20 +216,21 @@ class BehaviorModel(nn.Module):
             + self.hour(b.hour)
             + self.gap(b.gap)
             + self.region(b.region)[:, None, :]
-        )
-        window, position = self._layout(b.length, width)
-        i = torch.arange(width, device=b.items.device)
-        allowed = (window[:, :, None] == window[:, None, :]) & (i[None, :] <= i[:, None])
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[:, None]
-        # Per-sample position/type ids of shape [B, L]: a broadcast [1, L] breaks Opacus's
-        # per-sample gradients of those embeddings (opacus issue 841).
-        return self.bert(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position.contiguous(),
-            token_type_ids=torch.zeros_like(b.items),
-        ).last_hidden_state
+        ).flatten(0, 1)
+        at_batch, at_window, window_user = self._windows(b.length, width)
+        size, windows = self.cfg.max_len, len(window_user)
+        inputs = embeds.new_zeros(windows * size, embeds.shape[1])
+        inputs = inputs.index_copy(0, at_window, embeds[at_batch]).view(windows, size, -1)
+        set_window_users(self.bert, window_user, users)
+        # Per-sample position/type ids of shape [W, max_len]: a broadcast [1, L] breaks
+        # Opacus's per-sample gradients of those embeddings (opacus issue 841). Padding only
+        # follows a window's events, so the causal mask alone keeps it out of them.
+        position = torch.arange(size, device=b.items.device).expand(windows, size).contiguous()
+        out = self.bert(
+            inputs_embeds=inputs, position_ids=position, token_type_ids=torch.zeros_like(position)
+        ).last_hidden_state.flatten(0, 1)
+        h = torch.zeros_like(embeds).index_copy(0, at_batch, out[at_window])
+        return h.view(users, width, -1)
 
     # repeat component ----------------------------------------------------------------------
 

@@ -8,6 +8,12 @@ registered below sum each user's positions instead, so clipping still bounds a u
 contribution. Opacus' documented extension point (`register_grad_sampler`) and its
 `max_batch_len` attribute (as its DPLSTM uses for packed sequences) carry this.
 
+The encoder runs on windows, not users: a user's history of up to `windows × max_len` events
+is cut into its windows and the empty ones are dropped, so a batch row of the encoder is one
+window. `set_window_users` tags the encoder's modules with the user of each window, and the
+grad samplers of the layer types inside it (Opacus' own, wrapped below) sum a user's windows
+into one per-user gradient.
+
 The item table is the one exception to dense per-user gradients: a user touches a few hundred of
 its tens of thousands of rows, and a dense [users, rows, dim] gradient per step (zero-filled,
 copied and reduced several times by Opacus) was most of what DP-SGD cost over plain training.
@@ -18,12 +24,15 @@ exactly as Opacus would with the dense tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import GradSampleModule, register_grad_sampler
 from torch import nn
 
 _ROW_ENTRIES = "_fedshop_row_entries"
+_WINDOW_USER = "_fedshop_window_user"
 
 
 def set_users(model: nn.Module, users: int) -> None:
@@ -31,6 +40,15 @@ def set_users(model: nn.Module, users: int) -> None:
     to scale and size per-sample gradients; their own inputs only count positions)."""
     for module in model.modules():
         if isinstance(module, PackedLinear | PackedEmbedding):
+            module.max_batch_len = users
+
+
+def set_window_users(encoder: nn.Module, window_user: torch.Tensor, users: int) -> None:
+    """Tell the encoder's layers that batch row w of their input is a window of user
+    `window_user[w]`, of `users` in the batch: their per-sample gradients are then per user."""
+    for module in encoder.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            setattr(module, _WINDOW_USER, window_user)
             module.max_batch_len = users
 
 
@@ -149,3 +167,29 @@ def _bucket_grad_sample(
     key = (user * buckets + bucket.reshape(users, -1)).flatten()
     summed = torch.bincount(key, backprops.flatten(), minlength=users * buckets)
     return {layer.weight: summed.to(backprops.dtype).view(users, buckets, 1)}
+
+
+_Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+
+
+def _summed_over_windows(sampler: _Sampler) -> _Sampler:
+    """Opacus' grad sampler for a layer type, with a tagged layer's per-window gradients summed
+    per user (`set_window_users`); untagged layers keep Opacus' per-row gradients."""
+
+    def per_user(
+        layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+    ) -> dict[nn.Parameter, torch.Tensor]:
+        samples = sampler(layer, activations, backprops)
+        window_user = getattr(layer, _WINDOW_USER, None)
+        if window_user is None:
+            return samples
+        return {
+            p: g.new_zeros(layer.max_batch_len, *g.shape[1:]).index_add_(0, window_user, g)
+            for p, g in samples.items()
+        }
+
+    return per_user
+
+
+for _layer in (nn.Linear, nn.LayerNorm, nn.Embedding):
+    register_grad_sampler(_layer)(_summed_over_windows(GradSampleModule.GRAD_SAMPLERS[_layer]))
