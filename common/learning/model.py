@@ -192,16 +192,17 @@ class BehaviorModel(nn.Module):
         self, length: torch.Tensor, width: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where each real event sits once the batch is cut into windows: (its index in the flat
-        [B·L] batch, its index in the flat [W·max_len] windows, the user of each window [W]).
-        A user's windows align to the end of their history and follow in time order."""
-        size = self.cfg.max_len
+        [B·L] batch, its index in the flat [W·span] windows, the user of each window [W]), with
+        span = min(max_len, L) slots per window. A user's windows align to the end of their
+        history and follow in time order."""
+        size, span = self.cfg.max_len, min(self.cfg.max_len, width)
         count = torch.div(length + size - 1, size, rounding_mode="floor")
         users = torch.arange(len(length), device=length.device)
         owner, slot = pack(length, width)
         back = torch.div(length[owner] - 1 - slot, size, rounding_mode="floor")  # 0 = the last
         start = (length[owner] - (back + 1) * size).clamp_min(0)
         row = torch.cumsum(count, 0)[owner] - 1 - back
-        return owner * width + slot, row * size + slot - start, users.repeat_interleave(count)
+        return owner * width + slot, row * span + slot - start, users.repeat_interleave(count)
 
     def encode(self, b: Batch) -> torch.Tensor:
         """Hidden state per event, [B, L, H] (zero at padding); position i sees only events ≤ i
@@ -218,14 +219,14 @@ class BehaviorModel(nn.Module):
             + self.region(b.region)[:, None, :]
         ).flatten(0, 1)
         at_batch, at_window, window_user = self._windows(b.length, width)
-        size, windows = self.cfg.max_len, len(window_user)
-        inputs = embeds.new_zeros(windows * size, embeds.shape[1])
-        inputs = inputs.index_copy(0, at_window, embeds[at_batch]).view(windows, size, -1)
+        span, windows = min(self.cfg.max_len, width), len(window_user)
+        inputs = embeds.new_zeros(windows * span, embeds.shape[1])
+        inputs = inputs.index_copy(0, at_window, embeds[at_batch]).view(windows, span, -1)
         set_window_users(self.bert, window_user, users)
-        # Per-sample position/type ids of shape [W, max_len]: a broadcast [1, L] breaks
+        # Per-sample position/type ids of shape [W, span]: a broadcast [1, span] breaks
         # Opacus's per-sample gradients of those embeddings (opacus issue 841). Padding only
         # follows a window's events, so the causal mask alone keeps it out of them.
-        position = torch.arange(size, device=b.items.device).expand(windows, size).contiguous()
+        position = torch.arange(span, device=b.items.device).expand(windows, span).contiguous()
         out = self.bert(
             inputs_embeds=inputs, position_ids=position, token_type_ids=torch.zeros_like(position)
         ).last_hidden_state.flatten(0, 1)
