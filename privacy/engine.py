@@ -4,10 +4,12 @@ gradients from their non-zero rows.
 Everything else is Opacus': the hooks, Poisson sampling, the noise, the accountant. The one
 change is in `clip_and_accumulate`: a `SparseRowsEmbedding` weight (the item table, tens of
 thousands of rows of which a user touches a few hundred) records its per-user gradients as
-(user, row, vector) entries instead of a dense [users, rows, dim] tensor
-(`common.learning.packed`). Summing the entries per (user, row) gives each user's exact gradient
-on that table, so the per-user norm over all parameters, the clipping factor and the clipped sum
-are the ones Opacus computes from dense tensors, at a fraction of the memory traffic.
+(user, row, vector) entries instead of a dense [users, rows, dim] tensor, and a weight also used
+densely (the category table, through a `RowsLinear`) records that use's [users, rows, dim]
+gradient beside the entries (`common.learning.packed`). Summing the entries per (user, row), or
+adding them to the dense part, gives each user's exact gradient on that table, so the per-user
+norm over all parameters, the clipping factor and the clipped sum are the ones Opacus computes
+from its own tensors, at a fraction of the memory traffic.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _mark_as_processed
 
-from common.learning.packed import take_row_entries
+from common.learning.packed import take_user_rows
 
 
 class SparseRowsDPOptimizer(DPOptimizer):
@@ -26,15 +28,17 @@ class SparseRowsDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self) -> None:
         sparse, dense = {}, {}
         for p in self.params:
-            entries = take_row_entries(p)
-            if entries is not None:
-                sparse[p] = _per_user_rows(entries, p.shape[0], p.dtype)
-            else:
+            recorded = take_user_rows(p)
+            if recorded is None:
                 dense[p] = self._get_flat_grad_sample(p).to(p.dtype)
+            elif recorded.dense is None:
+                sparse[p] = _per_user_rows(recorded.entries, p.shape[0], p.dtype)
+            else:
+                dense[p] = _with_entries(recorded.dense, recorded.entries)
         users = len(self._get_flat_grad_sample(self.params[0]))
         squared = torch.zeros(users, device=self.params[0].device, dtype=self.params[0].dtype)
         for grad in dense.values():
-            squared += grad.flatten(1).square().sum(1)
+            squared += torch.linalg.vector_norm(grad.flatten(1), dim=1).square()
         for user, _, grad in sparse.values():
             squared.index_add_(0, user, grad.square().sum(1))
         factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
@@ -58,7 +62,17 @@ class SparseRowsDPOptimizer(DPOptimizer):
     def zero_grad(self, set_to_none: bool = False) -> None:
         super().zero_grad(set_to_none)
         for p in self.params:
-            take_row_entries(p)  # a step that never reached clipping must not leak into the next
+            take_user_rows(p)  # a step that never reached clipping must not leak into the next
+
+
+def _with_entries(
+    dense: torch.Tensor, entries: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """The dense per-user gradient [users, rows, dim] with the sparse uses' entries added."""
+    flat = dense.view(-1, dense.shape[-1])
+    for key, grad in entries:
+        flat.index_add_(0, key, grad.to(dense.dtype))
+    return dense
 
 
 def _per_user_rows(

@@ -7,7 +7,7 @@ from common.data.sequences import IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
 from common.learning.model import Basket, BehaviorModel, Seen, per_user_loss
-from common.learning.packed import BucketBias
+from common.learning.packed import BucketBias, UserRows, take_user_rows
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 from privacy.engine import PrivacyEngine
 
@@ -310,21 +310,32 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
         max_grad_norm=clip,
         poisson_sampling=True,
     )
-    optimizer.zero_grad()
-    per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
-    for name, param in trainable.items():
-        if name != "item_code.weight":  # the item table's gradients are kept sparse instead
-            assert param.grad_sample.shape == (5, *param.shape), name
-            for user in range(5):
-                assert torch.allclose(
-                    param.grad_sample[user], alone[user][name], atol=1e-5, rtol=1e-4
-                ), f"{name}, user {user}"
+    for check_per_user in (True, False):
+        optimizer.zero_grad()
+        per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
+        if check_per_user:
+            for name, param in trainable.items():
+                recorded = take_user_rows(param)  # the item and category tables keep their own
+                per_user = param.grad_sample if recorded is None else _dense(recorded, param, 5)
+                assert per_user.shape == (5, *param.shape), name
+                for user in range(5):
+                    assert torch.allclose(
+                        per_user[user], alone[user][name], atol=1e-5, rtol=1e-4
+                    ), f"{name}, user {user}"
     optimizer.clip_and_accumulate()
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
     for name, param in trainable.items():
         expected = sum(f * a[name] for f, a in zip(factor, alone, strict=True))
         assert torch.allclose(param.summed_grad, expected, atol=1e-5, rtol=1e-4), name
     dp_model.remove_hooks()
+
+
+def _dense(recorded: UserRows, param: torch.Tensor, users: int) -> torch.Tensor:
+    """The per-user gradient [users, rows, dim] that `recorded` stands for."""
+    dense = torch.zeros(users, *param.shape) if recorded.dense is None else recorded.dense.clone()
+    for key, grad in recorded.entries:
+        dense.view(-1, param.shape[1]).index_add_(0, key, grad)
+    return dense
 
 
 def test_every_target_of_a_long_history_trains(prepared):

@@ -45,6 +45,7 @@ from common.learning.packed import (
     BucketBias,
     PackedEmbedding,
     PackedLinear,
+    RowsLinear,
     SparseRowsEmbedding,
     pack,
     set_users,
@@ -122,7 +123,7 @@ class BehaviorModel(nn.Module):
         h, code = cfg.hidden, cfg.item_dim + 1
         self.item_code = SparseRowsEmbedding(shape.item_rows, code)
         self.item_in = nn.Linear(code, h)
-        self.category = nn.Embedding(shape.categories, h)
+        self.category = SparseRowsEmbedding(shape.categories, h)
         self.dow = nn.Embedding(8, h)
         self.hour = nn.Embedding(25, h)
         self.gap = nn.Embedding(GAP_BUCKETS, h)
@@ -136,7 +137,7 @@ class BehaviorModel(nn.Module):
         # (0.09), while their repeat rate runs from 3 % to 23 % with exactly these features.
         self.repeat_habit = nn.Linear(HABIT_FEATURES, 1)
         self.basket = nn.Linear(h, BASKET_TERMS)  # damps today's basket: see BASKET_TERMS
-        self.category_out = PackedLinear(h, shape.categories)
+        self.category_out = RowsLinear(h, shape.categories)
         self.habit = PackedLinear(h, 1)  # how much the user's own category counts weigh
         self.item_query = PackedLinear(h, cfg.item_dim, bias=False)
         # How much the released popularity weighs: of the item within its category, and of
@@ -212,7 +213,7 @@ class BehaviorModel(nn.Module):
         owner = torch.arange(users, device=b.items.device).repeat_interleave(width)
         embeds = (
             self.item_in(self.item_code(b.items.flatten(), owner).view(users, width, -1))
-            + self.category(b.cats)
+            + self.category(b.cats.flatten(), owner).view(users, width, -1)
             + self.dow(b.dow)
             + self.hour(b.hour)
             + self.gap(b.gap)

@@ -18,13 +18,17 @@ The item table is the one exception to dense per-user gradients: a user touches 
 its tens of thousands of rows, and a dense [users, rows, dim] gradient per step (zero-filled,
 copied and reduced several times by Opacus) was most of what DP-SGD cost over plain training.
 `SparseRowsEmbedding` keeps each use's per-user gradient as (user, row, vector) entries on the
-weight instead (`take_row_entries`); `privacy.engine` clips the whole per-user gradient with them,
-exactly as Opacus would with the dense tensor.
+weight instead (`take_user_rows`); `privacy.engine` clips the whole per-user gradient with them,
+exactly as Opacus would with the dense tensor. The category table is dense in one use (the
+category output, `RowsLinear`) and sparse in the other (the input embedding): its dense per-user
+gradient is written once into a buffer the layer reuses, the sparse entries are added to it at
+clipping, and Opacus never zero-fills, copies or sums a [users, 2,006, 64] tensor of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,8 @@ from opacus.grad_sample import GradSampleModule, register_grad_sampler
 from torch import nn
 
 _ROW_ENTRIES = "_fedshop_row_entries"
+_DENSE_ROWS = "_fedshop_dense_rows"
+_BUFFER = "_fedshop_buffer"
 _WINDOW_USER = "_fedshop_window_user"
 
 
@@ -77,6 +83,11 @@ class SparseRowsEmbedding(PackedEmbedding):
     """A `PackedEmbedding` whose per-user gradients stay sparse (see the module docstring)."""
 
 
+class RowsLinear(PackedLinear):
+    """A `PackedLinear` whose weight is tied to a `SparseRowsEmbedding`: its per-user weight
+    gradients go to the weight's `UserRows.dense`, where the table's entries join them."""
+
+
 class BucketBias(nn.Module):
     """A learned scalar per bucket, looked up for bucket ids [B, ...] → [B, ..., 1]: the same
     function and weight shape as `nn.Embedding(buckets, 1)`, with gradients (plain and per
@@ -105,11 +116,52 @@ class _BucketLookup(torch.autograd.Function):
         return summed.to(grad.dtype)[:, None], None
 
 
-def take_row_entries(weight: nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """The per-user gradient entries a backward pass recorded on a `SparseRowsEmbedding` weight,
-    (user × rows + row [E], gradient [E, dim]) per use, removed from it; None for any other
-    parameter (or before a backward pass)."""
-    return weight.__dict__.pop(_ROW_ENTRIES, None)
+class UserRows(NamedTuple):
+    """A weight's per-user gradient as a backward pass recorded it outside Opacus: the sum of its
+    dense uses [users, rows, dim] (None without one) and, per sparse use, entries
+    (user × rows + row [E], gradient [E, dim])."""
+
+    dense: torch.Tensor | None
+    entries: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def take_user_rows(weight: nn.Parameter) -> UserRows | None:
+    """The per-user gradient recorded on a `SparseRowsEmbedding` / `RowsLinear` weight, removed
+    from it; None for any other parameter (or before a backward pass)."""
+    dense, entries = weight.__dict__.pop(_DENSE_ROWS, None), weight.__dict__.pop(_ROW_ENTRIES, None)
+    if dense is None and entries is None:
+        return None
+    return UserRows(dense, entries or [])
+
+
+def _per_user_products(
+    x: torch.Tensor, owner: torch.Tensor, backprops: torch.Tensor, into: torch.Tensor
+) -> torch.Tensor:
+    """Adds each user's Σ backprops ⊗ x over their positions into `into[user]` [users, out, in]."""
+    bounds = torch.searchsorted(owner, torch.arange(len(into) + 1, device=owner.device)).tolist()
+    for user in range(len(into)):
+        start, end = bounds[user], bounds[user + 1]
+        if end > start:
+            into[user].addmm_(backprops[start:end].T, x[start:end])
+    return into
+
+
+def _bias_per_user(
+    layer: PackedLinear, owner: torch.Tensor, backprops: torch.Tensor
+) -> torch.Tensor:
+    bias = backprops.new_zeros(layer.max_batch_len, layer.out_features)
+    return bias.index_add_(0, owner, backprops)
+
+
+def _reused_zeros(layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A zeroed [shape] tensor from a buffer the layer keeps between steps: a fresh tensor this
+    large is fresh pages from the OS, and faulting them in cost three times the zeroing. The
+    buffer grows with headroom, as Poisson batches vary in size."""
+    buffer = layer.__dict__.get(_BUFFER)
+    if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:]:
+        buffer = like.new_empty((shape[0] * 3 // 2 + 1, *shape[1:]))
+        layer.__dict__[_BUFFER] = buffer
+    return buffer[: shape[0]].zero_()
 
 
 @register_grad_sampler(PackedLinear)
@@ -117,19 +169,29 @@ def _linear_grad_sample(
     layer: PackedLinear, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     x, owner = activations[0], activations[1]
-    users = layer.max_batch_len
     out = {}
     if layer.weight.requires_grad:
-        bounds = torch.searchsorted(owner, torch.arange(users + 1, device=owner.device)).tolist()
-        grad = torch.zeros(users, *layer.weight.shape, device=x.device, dtype=backprops.dtype)
-        for user in range(users):
-            start, end = bounds[user], bounds[user + 1]
-            if end > start:
-                grad[user] = backprops[start:end].T @ x[start:end]
-        out[layer.weight] = grad
+        grad = backprops.new_zeros(layer.max_batch_len, *layer.weight.shape)
+        out[layer.weight] = _per_user_products(x, owner, backprops, grad)
     if layer.bias is not None and layer.bias.requires_grad:
-        bias = torch.zeros(users, layer.out_features, device=x.device, dtype=backprops.dtype)
-        out[layer.bias] = bias.index_add_(0, owner, backprops)
+        out[layer.bias] = _bias_per_user(layer, owner, backprops)
+    return out
+
+
+@register_grad_sampler(RowsLinear)
+def _rows_linear_grad_sample(
+    layer: RowsLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    x, owner = activations[0], activations[1]
+    users = layer.max_batch_len
+    kept = layer.weight.__dict__
+    if kept.get(_DENSE_ROWS) is None:
+        kept[_DENSE_ROWS] = _reused_zeros(layer, (users, *layer.weight.shape), backprops)
+    _per_user_products(x, owner, backprops, kept[_DENSE_ROWS])
+    # As for the sparse table: an empty per-user tensor stands in for Opacus' dense one.
+    out = {layer.weight: backprops.new_zeros(users, 0)}
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = _bias_per_user(layer, owner, backprops)
     return out
 
 
