@@ -146,13 +146,6 @@ def _per_user_products(
     return into
 
 
-def _bias_per_user(
-    layer: PackedLinear, owner: torch.Tensor, backprops: torch.Tensor
-) -> torch.Tensor:
-    bias = backprops.new_zeros(layer.max_batch_len, layer.out_features)
-    return bias.index_add_(0, owner, backprops)
-
-
 def _reused_zeros(layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """A zeroed [shape] tensor from a buffer the layer keeps between steps: a fresh tensor this
     large is fresh pages from the OS, and faulting them in cost three times the zeroing. The
@@ -164,35 +157,34 @@ def _reused_zeros(layer: nn.Module, shape: tuple[int, ...], like: torch.Tensor) 
     return buffer[: shape[0]].zero_()
 
 
-@register_grad_sampler(PackedLinear)
+@register_grad_sampler([PackedLinear, RowsLinear])
 def _linear_grad_sample(
     layer: PackedLinear, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     x, owner = activations[0], activations[1]
     out = {}
     if layer.weight.requires_grad:
-        grad = backprops.new_zeros(layer.max_batch_len, *layer.weight.shape)
-        out[layer.weight] = _per_user_products(x, owner, backprops, grad)
+        out[layer.weight] = _weight_per_user(layer, x, owner, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _bias_per_user(layer, owner, backprops)
+        bias = backprops.new_zeros(layer.max_batch_len, layer.out_features)
+        out[layer.bias] = bias.index_add_(0, owner, backprops)
     return out
 
 
-@register_grad_sampler(RowsLinear)
-def _rows_linear_grad_sample(
-    layer: RowsLinear, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    x, owner = activations[0], activations[1]
+def _weight_per_user(
+    layer: PackedLinear, x: torch.Tensor, owner: torch.Tensor, backprops: torch.Tensor
+) -> torch.Tensor:
+    """The weight's per-user gradients for Opacus; a `RowsLinear` keeps them on the weight
+    (`take_user_rows`) and gives Opacus an empty per-user tensor, as the sparse table does."""
     users = layer.max_batch_len
+    if not isinstance(layer, RowsLinear):
+        grad = backprops.new_zeros(users, *layer.weight.shape)
+        return _per_user_products(x, owner, backprops, grad)
     kept = layer.weight.__dict__
     if kept.get(_DENSE_ROWS) is None:
         kept[_DENSE_ROWS] = _reused_zeros(layer, (users, *layer.weight.shape), backprops)
     _per_user_products(x, owner, backprops, kept[_DENSE_ROWS])
-    # As for the sparse table: an empty per-user tensor stands in for Opacus' dense one.
-    out = {layer.weight: backprops.new_zeros(users, 0)}
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _bias_per_user(layer, owner, backprops)
-    return out
+    return backprops.new_zeros(users, 0)
 
 
 @register_grad_sampler(PackedEmbedding)
