@@ -284,8 +284,8 @@ def test_opacus_validator_accepts_the_model(prepared):
 def test_dp_sgd_clips_each_users_exact_gradient(prepared):
     """DP-SGD's clipped sum (noise off) equals Σ_u clip(g_u) over each user's own gradient
     computed alone: per-user gradients from Opacus (the packed heads, the encoder's windows
-    summed per user, both uses of each tied weight) and the item table's sparse rows, clipped
-    over all parameters together."""
+    summed per user, both uses of each tied weight) and the item and category tables' own
+    records, clipped over all parameters together."""
     torch.manual_seed(0)
     cfg = TINY_MODEL.model_copy(update={"dropout": 0.0})
     model = _released(BehaviorModel(cfg, prepared.shape))

@@ -190,13 +190,13 @@ class BehaviorModel(nn.Module):
     # encoder -------------------------------------------------------------------------------
 
     def _windows(
-        self, length: torch.Tensor, width: int
+        self, length: torch.Tensor, width: int, span: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Where each real event sits once the batch is cut into windows: (its index in the flat
-        [B·L] batch, its index in the flat [W·span] windows, the user of each window [W]), with
-        span = min(max_len, L) slots per window. A user's windows align to the end of their
-        history and follow in time order."""
-        size, span = self.cfg.max_len, min(self.cfg.max_len, width)
+        """Where each real event sits once the batch is cut into windows of `span` slots: (its
+        index in the flat [B·L] batch, its index in the flat [W·span] windows, the user of each
+        window [W]). A user's windows align to the end of their history and follow in time
+        order."""
+        size = self.cfg.max_len
         count = torch.div(length + size - 1, size, rounding_mode="floor")
         users = torch.arange(len(length), device=length.device)
         owner, slot = pack(length, width)
@@ -219,8 +219,9 @@ class BehaviorModel(nn.Module):
             + self.gap(b.gap)
             + self.region(b.region)[:, None, :]
         ).flatten(0, 1)
-        at_batch, at_window, window_user = self._windows(b.length, width)
-        span, windows = min(self.cfg.max_len, width), len(window_user)
+        span = min(self.cfg.max_len, width)  # a narrow batch needs no wider windows
+        at_batch, at_window, window_user = self._windows(b.length, width, span)
+        windows = len(window_user)
         inputs = embeds.new_zeros(windows * span, embeds.shape[1])
         inputs = inputs.index_copy(0, at_window, embeds[at_batch]).view(windows, span, -1)
         set_window_users(self.bert, window_user, users)
