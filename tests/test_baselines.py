@@ -9,9 +9,11 @@ from common.learning.forecasting import DemandSeries, baseline_scores, robust_le
 from common.learning.metrics import full_ranks, hit_ndcg
 from common.learning.popularity import (
     REPEAT_GRID,
+    TRANSITION_WEIGHTS,
     RepeatWeights,
     choose_repeat_weights,
     item_counts,
+    item_transitions,
     repeat_scores,
     user_spread,
 )
@@ -19,7 +21,8 @@ from common.learning.popularity import (
 # Twelve popular items, bought four times each by other users: plain popularity ranks
 # the repeat items 10th or lower.
 POPULAR = [f"p{i:02d}" for i in range(12)]
-CATEGORY = {"a": "01.1", "b": "01.1", "c": "02.1", "x": "03.1", **dict.fromkeys(POPULAR, "09.1")}
+CATEGORY = {"a": "01.1", "b": "01.1", "c": "02.1", "x": "03.1", "y": "04.1"}
+CATEGORY |= dict.fromkeys(POPULAR, "09.1")
 
 
 def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
@@ -41,23 +44,26 @@ def _events(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
 
 
 def _setup(history_rows, target_rows):
-    """(users' sequences with targets, their encoded history, item counts, catalog)."""
+    """(users' sequences with targets, their encoded history, item counts, catalog, and the
+    item transitions of every user's history)."""
     crowd = [(f"o{i}", item, 0) for i, item in enumerate(POPULAR) for _ in range(4)]
     crowd.append(("ob", "b", 0))  # b is in the vocabulary, bought once
+    crowd += [(f"f{i}", item, day) for i in range(3) for day, item in enumerate("yx")]  # y, x
     history = _events(crowd + history_rows)
     catalog = Catalog.build(history)
     enc = encode(sort_events(history), catalog)
     counts = item_counts(enc, len(catalog.items))
+    transitions = item_transitions(enc, len(catalog.items))
     enc = enc[enc["user_id"].isin({u for u, _, _ in target_rows})].reset_index(drop=True)
     targets = encode(sort_events(_events(target_rows)), catalog)
     seqs = history_sequences(enc, len(catalog.top_categories), 10, targets)
-    return seqs, enc, counts, catalog
+    return seqs, enc, counts, catalog, transitions
 
 
 def _ranks(history_rows, target_rows, weights: RepeatWeights) -> dict[str, int]:
-    """Rank of each user's target under the repeat-aware scores (0 = first)."""
-    seqs, enc, counts, catalog = _setup(history_rows, target_rows)
-    scores, target = next(repeat_scores(seqs, enc, counts, catalog, weights))
+    """Rank of each user's target under the repeat- or transition-aware scores (0 = first)."""
+    seqs, enc, counts, catalog, transitions = _setup(history_rows, target_rows)
+    scores, target = next(repeat_scores(seqs, enc, counts, catalog, weights, transitions))
     return dict(zip(seqs.users, full_ranks(scores, target).tolist(), strict=True))
 
 
@@ -85,6 +91,27 @@ def test_last_day_basket_items_are_pushed_down():
     assert _ranks(history, [("u", "a", 5)], RepeatWeights())["u"] == 0
 
 
+def test_what_others_bought_right_after_the_last_item_lifts_it():
+    # Three users bought x right after y; u's last item is y, and u never bought x.
+    history = [("u", "a", 1), ("u", "y", 2)]
+    assert _ranks(history, [("u", "x", 3)], RepeatWeights(basket=0.0))["u"] >= 10
+    assert _ranks(history, [("u", "x", 3)], RepeatWeights(basket=0.0, transition=4.0))["u"] == 0
+    # After a, nobody bought anything next: the transition term leaves a's user as it was.
+    history = [("u", "y", 1), ("u", "a", 2)]
+    assert _ranks(history, [("u", "x", 3)], RepeatWeights(basket=0.0, transition=4.0))["u"] >= 10
+
+
+def test_transitions_count_consecutive_known_items_of_one_user():
+    rows = [("u", "a", 0), ("u", "b", 1), ("u", "a", 2), ("v", "b", 0), ("v", "a", 1)]
+    rows += [("w", "a", 0), ("w", "zz", 1), ("w", "b", 2)]  # zz: outside the vocabulary
+    catalog = Catalog.build(_events(rows[:5]))
+    transitions = item_transitions(encode(sort_events(_events(rows)), catalog), 2)
+    a, b = catalog.item_classes(pd.Series(["a", "b"]))
+    at, follower, count = transitions.after(np.array([a, -1, b]))
+    # a→b once (u), b→a twice (u, v); v's b does not follow u's a, nor w's b its a.
+    assert (at.tolist(), follower.tolist(), count.tolist()) == ([0, 2], [b, a], [1.0, 2.0])
+
+
 def test_ties_count_against_the_target():
     # Every popular item has the same count: a target among them ranks behind all eleven others.
     history = [("u", "c", 1), ("u", "c", 2)]
@@ -97,10 +124,15 @@ def test_the_weight_search_ranks_exactly_like_the_dense_scores():
     history = [("u", "a", 1), ("u", "a", 2), ("u", "c", 3), ("v", "x", 1), ("v", "p01", 1)]
     history += [("w", "p02", 1), ("w", "b", 2), ("w", "p02", 2)]
     targets = [("u", "a", 4), ("v", "p05", 2), ("w", "zz", 3)]
-    seqs, enc, counts, catalog = _setup(history, targets)
-    for w in REPEAT_GRID[::5]:
-        dense = hit_ndcg(full_ranks(*next(repeat_scores(seqs, enc, counts, catalog, w))))
-        assert choose_repeat_weights(seqs, enc, counts, catalog, (w,)) == (w, dense)
+    history += [("x", "a", 1), ("x", "y", 2)]  # its last item, y, has a follower
+    targets.append(("x", "x", 3))
+    seqs, enc, counts, catalog, transitions = _setup(history, targets)
+    grid = REPEAT_GRID[::5] + tuple(RepeatWeights(transition=t) for t in TRANSITION_WEIGHTS[::3])
+    for w in grid:
+        scores = next(repeat_scores(seqs, enc, counts, catalog, w, transitions))
+        dense = hit_ndcg(full_ranks(*scores))
+        chosen = choose_repeat_weights(seqs, enc, counts, catalog, (w,), transitions)
+        assert chosen == (w, dense)
 
 
 def test_median_and_trimmed_mean_ignore_a_spike():

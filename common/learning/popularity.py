@@ -1,4 +1,5 @@
-"""Popularity and repeat-purchase baselines, scored by the same ranking code as the model.
+"""Popularity, repeat-purchase and item-to-item baselines, scored by the same ranking code as
+the model.
 
 Counts come from every event of the training part (not only the last L the model sees); a
 user's own counts come from their whole history before the held-out event.
@@ -7,7 +8,7 @@ user's own counts come from their whole history before the held-out event.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -87,17 +88,52 @@ def own_history_scores(seqs: Sequences, history: pd.DataFrame, counts: np.ndarra
         yield scores, _targets(seqs, s)
 
 
+@dataclass(frozen=True)
+class Transitions:
+    """How often item j came right after item i in one user's events, by i (CSR rows)."""
+
+    start: np.ndarray  # [V + 1] row offsets
+    follower: np.ndarray  # [pairs] j
+    count: np.ndarray  # [pairs]
+
+    def after(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position in `items`, follower, count) of every pair starting at one of `items`;
+        -1 (an unknown item) has none."""
+        known = items >= 0
+        lo = np.where(known, self.start[items.clip(0)], 0)
+        n = np.where(known, self.start[items.clip(0) + 1], 0) - lo
+        at = np.repeat(np.arange(len(items)), n)
+        pair = np.arange(n.sum()) - np.repeat(n.cumsum() - n, n) + np.repeat(lo, n)
+        return at, self.follower[pair], self.count[pair]
+
+
+def item_transitions(events: pd.DataFrame, n_items: int) -> Transitions:
+    """Consecutive pairs of known items in each user's encoded events (sorted by user, time)."""
+    item, user = events["item_class"].to_numpy(), events["user"].to_numpy()
+    pair = (user[1:] == user[:-1]) & (item[1:] >= 0) & (item[:-1] >= 0)
+    counted = pd.DataFrame({"i": item[:-1][pair], "j": item[1:][pair]}).value_counts().sort_index()
+    first = counted.index.get_level_values("i").to_numpy()
+    return Transitions(
+        np.searchsorted(first, np.arange(n_items + 1)),
+        counted.index.get_level_values("j").to_numpy(),
+        counted.to_numpy(np.float64),
+    )
+
+
 DAY_S = 86_400
 
 
 @dataclass(frozen=True)
 class RepeatWeights:
     """score = item·log1p(own count of the item) + category·log1p(own count of its fine
-    category) + log1p(training popularity) − basket·[item in the user's last-day basket]."""
+    category) + log1p(training popularity) − basket·[item in the user's last-day basket]
+    + transition·log1p(how often the item came right after the user's last item, in anyone's
+    training events)."""
 
     item: float = 4.0
     category: float = 2.0
     basket: float = 20.0
+    transition: float = 0.0
 
 
 REPEAT_GRID = tuple(
@@ -106,8 +142,10 @@ REPEAT_GRID = tuple(
     for b in (0.0, 1.0, 2.0)
     for c in (0.0, 5.0, 20.0)
 )
+# The transition-aware rule adds the last item's followers to the repeat-aware rule's weights.
+TRANSITION_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 
-Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -117,6 +155,7 @@ class RepeatFeatures:
     items: pd.DataFrame  # key = item class: how often the user bought it
     categories: pd.DataFrame  # key = fine category index: how often the user bought in it
     basket: pd.DataFrame  # key = item class bought on the day of the user's last event
+    followed: pd.DataFrame  # key = item class that came right after the user's last item
 
 
 def _pairs(seqs: Sequences, frame: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -127,20 +166,33 @@ def _pairs(seqs: Sequences, frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return pairs.sort_values("row", kind="stable").reset_index(drop=True)
 
 
-def repeat_features(seqs: Sequences, history: pd.DataFrame) -> RepeatFeatures:
+def _followed(seqs: Sequences, history: pd.DataFrame, transitions: Transitions) -> pd.DataFrame:
+    """(row, key, count): how often item `key` came right after the row's last item."""
+    last = history.groupby("user_id", sort=False)["item_class"].last()
+    last = last.reindex(seqs.users, fill_value=-1).to_numpy(np.int64)
+    row, key, count = transitions.after(last)
+    return pd.DataFrame({"row": row, "key": key, "count": count})
+
+
+def repeat_features(
+    seqs: Sequences, history: pd.DataFrame, transitions: Transitions | None = None
+) -> RepeatFeatures:
     """Counts over the whole `history` (encoded events before each user's held-out event).
 
     The basket is the items of the events on the calendar day of the user's last event: on
     Ta-Feng most held-out items are bought that same day, and rarely the same item twice.
+    Without `transitions` no item counts as a follower.
     """
     known = history[history["item_class"] >= 0]
     day = history["t"].to_numpy() // DAY_S
     last_day = pd.Series(day).groupby(history["user"].to_numpy()).transform("max").to_numpy()
     basket = history[(day == last_day) & (history["item_class"] >= 0).to_numpy()]
+    none = pd.DataFrame({"row": [], "key": [], "count": []}, dtype=np.int64)
     return RepeatFeatures(
         items=_pairs(seqs, known, "item_class"),
         categories=_pairs(seqs, history[history["cat"] > 0], "cat"),
         basket=_pairs(seqs, basket, "item_class"),
+        followed=none if transitions is None else _followed(seqs, history, transitions),
     )
 
 
@@ -159,14 +211,16 @@ def _dense(pairs: pd.DataFrame, start: int, stop: int, width: int) -> torch.Tens
 def _part_batches(
     seqs: Sequences, feats: RepeatFeatures, catalog: Catalog
 ) -> Iterator[tuple[Parts, torch.Tensor]]:
-    """(own item, own category, basket) as dense [B, V] matrices per batch, with targets."""
+    """(own item, own category, basket, followers) as dense [B, V] matrices per batch, with
+    targets."""
     n_items, n_cats = len(catalog.items), len(catalog.categories)
     item_category = torch.as_tensor(catalog.item_category)
     for start in range(0, len(seqs), BATCH):
         stop = min(start + BATCH, len(seqs))
         own_category = _dense(feats.categories, start, stop, n_cats)[:, item_category]
         in_basket = (_dense(feats.basket, start, stop, n_items) > 0).float()
-        parts = (_dense(feats.items, start, stop, n_items), own_category, in_basket)
+        followed = _dense(feats.followed, start, stop, n_items)
+        parts = (_dense(feats.items, start, stop, n_items), own_category, in_basket, followed)
         yield parts, _targets(seqs, slice(start, stop))
 
 
@@ -174,10 +228,11 @@ def _score(log_popularity: torch.Tensor, parts: Parts, w: RepeatWeights) -> torc
     """Elementwise, one correctly rounded operation at a time (never a fused multiply-add), so
     an item scores bit for bit the same in a dense [B, V] matrix and in a flat list of entries:
     ties must stay ties in both."""
-    own_item, own_category, in_basket = parts
+    own_item, own_category, in_basket, followed = parts
     scores = own_item * w.item + log_popularity
     scores += own_category * w.category
     scores -= in_basket * w.basket
+    scores += followed * w.transition
     return scores
 
 
@@ -195,10 +250,16 @@ def _combine(
 
 
 def repeat_scores(
-    seqs: Sequences, history: pd.DataFrame, counts: np.ndarray, catalog: Catalog, w: RepeatWeights
+    seqs: Sequences,
+    history: pd.DataFrame,
+    counts: np.ndarray,
+    catalog: Catalog,
+    w: RepeatWeights,
+    transitions: Transitions | None = None,
 ) -> ScoreBatches:
     log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
-    for parts, target in _part_batches(seqs, repeat_features(seqs, history), catalog):
+    features = repeat_features(seqs, history, transitions)
+    for parts, target in _part_batches(seqs, features, catalog):
         yield _combine(parts, log_popularity, w, target), target
 
 
@@ -214,8 +275,9 @@ class _Entries:
 
 
 def _entries(parts: Parts, log_popularity: torch.Tensor, target: torch.Tensor) -> _Entries:
-    own_item, own_category, in_basket = parts
-    rows, cols = ((own_item > 0) | (own_category > 0) | (in_basket > 0)).nonzero(as_tuple=True)
+    own_item, own_category, in_basket, followed = parts
+    user_part = (own_item > 0) | (own_category > 0) | (in_basket > 0) | (followed > 0)
+    rows, cols = user_part.nonzero(as_tuple=True)
     width = own_item.shape[1]
     keys = rows * width + cols  # row-major, so sorted
     wanted = torch.arange(len(target)) * width + target.clamp_min(0)
@@ -224,7 +286,7 @@ def _entries(parts: Parts, log_popularity: torch.Tensor, target: torch.Tensor) -
     return _Entries(
         rows,
         log_popularity[cols],
-        (own_item[rows, cols], own_category[rows, cols], in_basket[rows, cols]),
+        tuple(part[rows, cols] for part in parts),
         target,
         torch.where(found, pos, -1),
     )
@@ -255,12 +317,14 @@ def choose_repeat_weights(
     counts: np.ndarray,
     catalog: Catalog,
     grid: tuple[RepeatWeights, ...] = REPEAT_GRID,
+    transitions: Transitions | None = None,
 ) -> tuple[RepeatWeights, dict[str, float]]:
     """The grid point with the best full-ranking NDCG@10 on `seqs` (pass validation), and its
     metrics. NDCG, like the model's choice of epoch; the first grid point wins a tie."""
     log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
     ranks: dict[RepeatWeights, list[torch.Tensor]] = {w: [] for w in grid}
-    for parts, target in _part_batches(seqs, repeat_features(seqs, history), catalog):
+    features = repeat_features(seqs, history, transitions)
+    for parts, target in _part_batches(seqs, features, catalog):
         entries = _entries(parts, log_popularity, target)
         for w in grid:
             ranks[w].append(_entry_ranks(entries, log_popularity, w))
@@ -270,15 +334,22 @@ def choose_repeat_weights(
 
 
 def popularity_results(prepared: Prepared) -> dict[str, dict[str, object]]:
-    """Most-popular (global, per region), own-history and repeat-aware baselines on the test
-    split; the repeat-aware weights are chosen on the validation split."""
-    n_items = len(prepared.catalog.items)
+    """Most-popular (global, per region), own-history, repeat-aware and transition-aware
+    baselines on the test split; the rules' weights are chosen on the validation split, the
+    repeat-aware ones first, then the transition weight beside them."""
+    n_items, catalog = len(prepared.catalog.items), prepared.catalog
     counts = item_counts(prepared.train_events, n_items)
-    by_region = region_counts(prepared.train_events, n_items, len(prepared.catalog.regions))
-    weights, valid = choose_repeat_weights(
-        prepared.valid, prepared.train_events, counts, prepared.catalog
+    transitions = item_transitions(prepared.train_events, n_items)
+    by_region = region_counts(prepared.train_events, n_items, len(catalog.regions))
+    weights, valid = choose_repeat_weights(prepared.valid, prepared.train_events, counts, catalog)
+    repeat = repeat_scores(prepared.test, prepared.test_history, counts, catalog, weights)
+    grid = tuple(replace(weights, transition=t) for t in TRANSITION_WEIGHTS)
+    followed, followed_valid = choose_repeat_weights(
+        prepared.valid, prepared.train_events, counts, catalog, grid, transitions
     )
-    repeat = repeat_scores(prepared.test, prepared.test_history, counts, prepared.catalog, weights)
+    transition = repeat_scores(
+        prepared.test, prepared.test_history, counts, catalog, followed, transitions
+    )
     return {
         "most_popular": rank_metrics(global_scores(prepared.test, counts)),
         "most_popular_region": rank_metrics(regional_scores(prepared.test, counts, by_region)),
@@ -289,5 +360,10 @@ def popularity_results(prepared: Prepared) -> dict[str, dict[str, object]]:
             **rank_metrics(repeat),
             "weights": asdict(weights),
             "valid": valid,
+        },
+        "transition_aware": {
+            **rank_metrics(transition),
+            "weights": asdict(followed),
+            "valid": followed_valid,
         },
     }

@@ -70,7 +70,8 @@ def baselines_cmd(
     maps: MapOpt = None,
     out: OutOpt = Path("runs/baselines"),
 ) -> None:
-    """Popularity, repeat-aware and forecasting baselines under the evaluation protocol."""
+    """Popularity, repeat- and transition-aware and forecasting baselines under the evaluation
+    protocol."""
     from simulations.central import baselines, save_run
 
     src = events_from(data, fmt, spec, maps)
