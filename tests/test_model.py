@@ -151,6 +151,8 @@ def test_training_loss_is_the_served_distribution(prepared):
     _released(model)
     with torch.no_grad():
         model.basket.bias.copy_(torch.tensor([2.0, 1.0, -0.5]))
+        model.neighbour_gate.bias.fill_(0.0)  # the catalog neighbours' part weighs too
+        model.neighbour.weight.copy_(torch.randn_like(model.neighbour.weight))
     length = prepared.train.length
     short = ((length <= TINY_MODEL.max_len) & (length >= 4)).nonzero()[0][:6]
     batch = Batch(*loader(prepared.train.subset(short), 6, False).dataset.tensors).trim()
@@ -218,6 +220,7 @@ def test_repeat_component_scores_the_users_own_items(prepared):
     model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
     with torch.no_grad():
         model.gate.bias.fill_(8.0)  # nearly all mass on repeating
+        model.neighbour_gate.bias.fill_(-20.0)
         model.repeat_habit.weight.zero_()
     batch = _batch(prepared, 4).trim()
     scores = model.score_items(batch)
@@ -225,6 +228,27 @@ def test_repeat_component_scores_the_users_own_items(prepared):
         seen = batch.items[row, : batch.length[row]] - prepared.shape.special_rows
         seen = seen[seen >= 0].unique()
         assert scores[row].exp()[seen].sum() > 0.99
+
+
+def test_the_neighbour_component_scores_the_last_items_catalog_neighbours(prepared):
+    """With its gate open, the mass sits on the items next to the last one in catalog order,
+    split by the learned score of each signed distance; the catalog's ends cut it short."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    special, items = prepared.shape.special_rows, prepared.shape.items
+    batch = _batch(prepared, 2).trim()
+    end = batch.length - 1
+    items_at = batch.items.clone()
+    items_at[0, end[0]], items_at[1, end[1]] = special + 10, special + 1  # 1: item 0 is cut off
+    batch = batch._replace(items=items_at)
+    with torch.no_grad():
+        model.neighbour_gate.bias.fill_(20.0)
+        model.neighbour.weight.copy_(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1.0], [0.0]]))
+        p = model.score_items(batch).exp()
+    score = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0, 0.0])  # distances −3, −2, −1, +1, +2, +3
+    near = {0: [7, 8, 9, 11, 12, 13], 1: [0, 2, 3, 4]}
+    assert p[0, near[0]].tolist() == pytest.approx(score.softmax(0).tolist(), abs=1e-6)
+    assert p[1, near[1]].tolist() == pytest.approx(score[2:].softmax(0).tolist(), abs=1e-6)
+    assert items > 14 and p.sum(1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
 
 
 def test_the_gate_starts_as_the_users_smoothed_repeat_share(prepared):
