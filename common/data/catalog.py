@@ -64,7 +64,8 @@ class Catalog:
         oov_buckets: int = 64,
         regions: list[str] | None = None,
     ) -> Catalog:
-        """Vocabulary = the items in `events` (pass the training part); category = most common."""
+        """Vocabulary = the items in `events` (pass the training part) in ID order, which the
+        model's catalog-neighbour part reads; category = most common."""
         counts = events.groupby(["item_id", "category"], observed=True).size().rename("n")
         modal = counts.reset_index().sort_values(["item_id", "n"], ascending=[True, False])
         modal = modal.drop_duplicates("item_id")
