@@ -121,8 +121,11 @@ class PoisoningGrid(InProcessGrid):
 
     def _moved(self, request: Message, reply: Message) -> float:
         sent, got = request.content[ARRAYS], reply.content[ARRAYS]
-        moved = max(float(np.abs(got[k].numpy() - sent[k].numpy()).max()) for k in got)
-        return moved / self.checks.bound(self.checks.steps(reply.content[METRICS]))
+        steps = self.checks.steps(reply.content[METRICS])
+        return max(
+            float(np.abs(got[k].numpy() - sent[k].numpy()).max()) / self.checks.bound(steps, k)
+            for k in got
+        )
 
 
 @dataclass

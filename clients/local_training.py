@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from common.data.sequences import Sequences
 from common.learning.model import BehaviorModel
-from common.learning.training import loader, train_epoch
+from common.learning.training import adam, loader, train_epoch
 from common.runconfig import RunConfig
 from privacy.accounting import Mechanism, Step
 from privacy.engine import PrivacyEngine
@@ -75,7 +75,7 @@ def train_private(
     engine = PrivacyEngine(accountant=mech.accountant)
     dp_model, dp_opt, dp_loader_ = engine.make_private(
         module=model,
-        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        optimizer=adam(model, cfg.lr),
         data_loader=dp_loader(train, mech, torch_generator()),
         noise_multiplier=mech.noise_multiplier,
         max_grad_norm=mech.clip_norm,
@@ -113,7 +113,7 @@ def train_plain(
     device: torch.device,
     proximal_mu: float = 0.0,
 ) -> RoundResult:
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = adam(model, cfg.lr)
     batches = loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
     pull = _proximal_pull(model, cfg.lr, proximal_mu) if proximal_mu > 0 else None
     losses = {}

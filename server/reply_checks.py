@@ -24,9 +24,10 @@ sum, never one client's arrays. That is why the run config refuses the robust st
 secagg; the round loop skips these checks there.
 
 **Why the size bound is sound.** Clients train with `torch.optim.Adam` at the run config's `lr`
-and Adam's default β₁ = 0.9, β₂ = 0.999, no weight decay, a fresh optimizer every round
-(`clients/local_training.py`), under DP-SGD (Opacus wraps the same Adam) or without it. Torch's
-Adam moves a coordinate at step t by
+(the model's few priors, `common.learning.configs.FAST_PARAMETERS`, at `FAST_LR` times it; their
+arrays get the bound of their own lr) and Adam's default β₁ = 0.9, β₂ = 0.999, no weight decay,
+a fresh optimizer every round (`clients/local_training.py`), under DP-SGD (Opacus wraps the
+same Adam) or without it. Torch's Adam moves a coordinate at step t by
 
     lr · m̂_t / (√v̂_t + ε),  m̂_t = m_t / (1 − β₁ᵗ),  v̂_t = v_t / (1 − β₂ᵗ),
     m_t = (1 − β₁) Σᵢ β₁^(t−i) gᵢ,  v_t = (1 − β₂) Σᵢ β₂^(t−i) gᵢ².
@@ -66,6 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from common.learning.configs import lr_scale
 from common.messages import (
     ARRAYS,
     CLIENT,
@@ -263,18 +265,21 @@ class ReplyChecks:
             )
         return steps
 
-    def bound(self, steps: int) -> float:
-        """Largest |Δ| per coordinate a round of `steps` steps may show, before rounding slack."""
-        return SLACK * adam_displacement(steps, self.cfg.lr, self.proximal_mu)
+    def bound(self, steps: int, key: str) -> float:
+        """Largest |Δ| per coordinate of array `key` a round of `steps` steps may show, before
+        rounding slack. The model's priors train at a multiple of the lr (`lr_scale`); the
+        FedProx pull stays at the base lr · μ for every parameter."""
+        scale = lr_scale(key)
+        return SLACK * adam_displacement(steps, self.cfg.lr * scale, self.proximal_mu / scale)
 
     def _arrays(self, reply: ArrayRecord, sent: ArrayRecord, steps: int) -> str | None:
         missing = [k for k in sent if k not in reply]
         extra = [k for k in reply if k not in sent]
         if missing or extra:
             return f"arrays missing {missing[:3]}, unexpected {extra[:3]} (of {len(sent)} sent)"
-        limit = self.bound(steps)
         worst: tuple[float, str] = (0.0, "")
         for key, array in reply.items():
+            limit = self.bound(steps, key)
             expected = sent[key]
             if array.dtype != expected.dtype or tuple(array.shape) != tuple(expected.shape):
                 return (
@@ -293,12 +298,14 @@ class ReplyChecks:
             rounding = steps * float(np.spacing(np.float32(max(1.0, np.abs(start).max(initial=0)))))
             moved = float(np.abs(value.astype(np.float64) - start).max(initial=0))
             if moved > limit + rounding and moved - limit > worst[0]:
-                worst = (moved - limit, f"{key!r} moved {moved:.3g}")
+                lr = self.cfg.lr * lr_scale(key)
+                worst = (
+                    moved - limit,
+                    f"{key!r} moved {moved:.3g} in one coordinate; {steps} Adam steps at lr "
+                    f"{lr:g} move none by more than {limit:.3g} (bound incl. {SLACK:g}× slack)",
+                )
         if worst[1]:
-            return (
-                f"update too large: {worst[1]} in one coordinate; {steps} Adam steps at lr "
-                f"{self.cfg.lr:g} move none by more than {limit:.3g} (bound incl. {SLACK:g}× slack)"
-            )
+            return f"update too large: {worst[1]}"
         return None
 
 

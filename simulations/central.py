@@ -19,6 +19,7 @@ from common.learning.forecasting import baseline_scores, score
 from common.learning.model import BehaviorModel
 from common.learning.popularity import popularity_results
 from common.learning.training import (
+    adam,
     evaluate_ranking,
     loader,
     pick_device,
@@ -42,7 +43,7 @@ def train_central(
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
     model = BehaviorModel(cfg.model, prepared.shape).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = adam(model, cfg.train.lr)
     history, best, best_state = [], -1.0, None
     for epoch in range(1, cfg.train.epochs + 1):
         start = time.perf_counter()

@@ -25,7 +25,9 @@ from flwr.serverapp.strategy import (
 )
 
 from clients import client_app, local_training
-from common.learning.model import BehaviorModel
+from common.learning.configs import FAST_LR, FAST_PARAMETERS, lr_scale
+from common.learning.model import BehaviorModel, CatalogShape
+from common.learning.training import adam
 from common.messages import (
     ARRAYS,
     CLIENT,
@@ -66,6 +68,9 @@ from server.rounds import RoundLoop, client_rows, triage
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside Flower
 CFG = RunConfig()  # DP, lr 5e-3, batch 64, one local epoch, clip norm 1
+TINY_SHAPE = CatalogShape(
+    item_rows=12, items=10, categories=3, top_categories=2, regions=2, item_category=[1, 2] * 5
+)
 SHAPES = {"embed": (20, 4), "bias": (4,)}
 SENT = {k: np.random.default_rng(1).normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
 USERS = 300  # released user count: q = 1/5, 5 steps (privacy.account.mechanism_shape)
@@ -218,6 +223,28 @@ def test_a_reply_without_dp_gets_the_same_adam_bound():
     assert "update too large" in checks.rejection(reply(1, "n", far, metrics), sent)
 
 
+def test_the_models_priors_get_their_own_faster_bound():
+    prior = next(iter(FAST_PARAMETERS))
+    sent_arrays = {**SENT, prior: np.zeros(3, np.float32)}
+    checks, sent = ReplyChecks(CFG), _record(sent_arrays)
+    base = adam_displacement(STEPS_FOR_USERS, CFG.lr)
+    fast = adam_displacement(STEPS_FOR_USERS, CFG.lr * FAST_LR)
+    assert fast == pytest.approx(FAST_LR * base)
+    moved = {**sent_arrays, prior: np.full(3, fast, np.float32)}
+    assert checks.rejection(reply(1, "n", moved), sent) is None
+    # the same move on an ordinary weight is out of reach of its lr
+    moved = {**sent_arrays, "bias": SENT["bias"] + np.float32(fast)}
+    assert "'bias' moved" in checks.rejection(reply(1, "n", moved), sent)
+    moved = {**sent_arrays, prior: np.full(3, 2 * fast, np.float32)}
+    assert f"{prior!r} moved" in checks.rejection(reply(1, "n", moved), sent)
+    # the clients' optimizer puts exactly these parameters at the faster rate
+    model = BehaviorModel(CFG.model, TINY_SHAPE)
+    rates = {id(p): g["lr"] for g in adam(model, CFG.lr).param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert rates[id(p)] == CFG.lr * lr_scale(name), name
+    assert {n for n, _ in model.named_parameters()} >= FAST_PARAMETERS
+
+
 def _adam_path(grads: torch.Tensor, lr: float, pull: float = 0.0) -> float:
     """Run torch's Adam (as the clients do) over the gradient sequence; the farthest
     coordinate from the start at the end."""
@@ -262,8 +289,11 @@ def test_the_bound_matches_the_optimizer_the_clients_use():
         BETA2,
     )
     source = inspect.getsource(local_training)
-    assert source.count("torch.optim.Adam(model.parameters(), lr=cfg.lr)") == 2
+    assert source.count("adam(model, cfg.lr)") == 2
     assert "weight_decay" not in source and "amsgrad" not in source
+    opt = adam(torch.nn.Linear(2, 1), 0.01)
+    assert type(opt) is torch.optim.Adam and not opt.defaults["amsgrad"]
+    assert opt.defaults["weight_decay"] == 0
 
 
 def test_a_real_dp_update_passes_and_the_same_update_scaled_up_does_not(tiny_run):
@@ -280,9 +310,12 @@ def test_a_real_dp_update_passes_and_the_same_update_scaled_up_does_not(tiny_run
     checks = ReplyChecks(cfg)
     assert checks.rejection(real, sent) is None
     trained = real.content[ARRAYS]
-    moved = max(float(np.abs(trained[k].numpy() - sent[k].numpy()).max()) for k in sent)
     steps = checks.steps(real.content[METRICS])
-    assert 0 < moved <= checks.bound(steps) / 1.4  # far inside the bound, slack aside
+    share = max(
+        float(np.abs(trained[k].numpy() - sent[k].numpy()).max()) / checks.bound(steps, k)
+        for k in sent
+    )
+    assert 0 < share <= 1 / 1.4  # far inside the bound, slack aside
     scaled = {k: sent[k].numpy() + 10 * (trained[k].numpy() - sent[k].numpy()) for k in sent}
     real.content[ARRAYS] = _record(scaled)
     why = checks.rejection(real, sent)

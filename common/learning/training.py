@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import Batch, Sequences
+from common.learning.configs import lr_scale
 from common.learning.metrics import (
     FULL_RANKING,
     SAMPLED_RANKING,
@@ -27,6 +28,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def adam(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam at `lr`, with the model's priors at their faster rate (`lr_scale`)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(lr * lr_scale(name), []).append(p)
+    return torch.optim.Adam([{"params": ps, "lr": rate} for rate, ps in groups.items()], lr=lr)
 
 
 def loader(seqs: Sequences, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
