@@ -6,7 +6,7 @@ from opacus.validators import ModuleValidator
 from common.data.sequences import IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
-from common.learning.model import Basket, BehaviorModel, Seen, per_user_loss
+from common.learning.model import NEIGHBOUR_OFFSETS, Basket, BehaviorModel, Seen, per_user_loss
 from common.learning.packed import BucketBias, UserRows, take_user_rows
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
 from privacy.engine import PrivacyEngine
@@ -230,6 +230,9 @@ def test_repeat_component_scores_the_users_own_items(prepared):
         assert scores[row].exp()[seen].sum() > 0.99
 
 
+DISTANCE_SCORES = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0, 0.0])  # distances −3, −2, −1, +1, +2, +3
+
+
 def test_the_neighbour_component_scores_the_last_items_catalog_neighbours(prepared):
     """With its gate open, the mass sits on the items next to the last one in catalog order,
     split by the learned score of each signed distance; the catalog's ends cut it short."""
@@ -242,13 +245,41 @@ def test_the_neighbour_component_scores_the_last_items_catalog_neighbours(prepar
     batch = batch._replace(items=items_at)
     with torch.no_grad():
         model.neighbour_gate.bias.fill_(20.0)
-        model.neighbour.weight.copy_(torch.tensor([[0.0], [1.0], [2.0], [3.0], [1.0], [0.0]]))
+        model.neighbour_split.bias.fill_(20.0)  # the last item's part, not the basket's
+        model.neighbour.weight.copy_(DISTANCE_SCORES[:, None])
         p = model.score_items(batch).exp()
-    score = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0, 0.0])  # distances −3, −2, −1, +1, +2, +3
     near = {0: [7, 8, 9, 11, 12, 13], 1: [0, 2, 3, 4]}
-    assert p[0, near[0]].tolist() == pytest.approx(score.softmax(0).tolist(), abs=1e-6)
-    assert p[1, near[1]].tolist() == pytest.approx(score[2:].softmax(0).tolist(), abs=1e-6)
+    assert p[0, near[0]].tolist() == pytest.approx(DISTANCE_SCORES.softmax(0).tolist(), abs=1e-6)
+    assert p[1, near[1]].tolist() == pytest.approx(
+        DISTANCE_SCORES[2:].softmax(0).tolist(), abs=1e-6
+    )
     assert items > 14 and p.sum(1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_the_basket_neighbour_part_spreads_over_every_item_bought_that_day(prepared):
+    """The basket's part gives each item bought that day (each once) the same share, spread
+    over its catalog neighbours by the distance scores; overlapping neighbours add up, and an
+    item bought on an earlier day takes no part."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
+    special = prepared.shape.special_rows
+    batch = _batch(prepared, 1).trim()
+    n = int(batch.length[0])
+    assert n >= 4
+    items, day = batch.items.clone(), torch.arange(batch.items.shape[1])[None, :].clone()
+    # earlier day: 30; today: 10, 12, 10 again (counted once)
+    items[0, n - 4 : n] = torch.tensor([30, 10, 12, 10]) + special
+    day[0, n - 3 : n] = day[0, n - 3]
+    batch = batch._replace(items=items, day=day)
+    with torch.no_grad():
+        model.neighbour_gate.bias.fill_(20.0)
+        model.neighbour_split.bias.fill_(-20.0)
+        model.neighbour.weight.copy_(DISTANCE_SCORES[:, None])
+        p = model.score_items(batch).exp()[0]
+    expected = torch.zeros_like(p)
+    for item in (10, 12):
+        for offset, w in zip(NEIGHBOUR_OFFSETS, DISTANCE_SCORES.softmax(0), strict=True):
+            expected[item + offset] += w / 2
+    assert p.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_the_gate_starts_as_the_users_smoothed_repeat_share(prepared):

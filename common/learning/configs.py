@@ -42,6 +42,7 @@ FAST_PARAMETERS = frozenset(
     {
         "gate.bias",
         "neighbour_gate.bias",
+        "neighbour_split.bias",
         "neighbour.weight",
         "recency.weight",
         "repeat_habit.weight",

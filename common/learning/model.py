@@ -15,12 +15,15 @@ the user's repeat habit so far:
 - **explore**: an exact factorised softmax, p(category) · p(item | category). Category vectors
   are tied to the input category embedding; items are tied low-rank codes plus a popularity bias.
   Training touches only the target's category, so its cost does not grow with the catalog.
-- **catalog neighbours**: the items next to the current one in the catalog's ID order, a
+- **catalog neighbours**, two parts: the items next to the current one in the catalog's ID
+  order, and those next to any item of today's basket (each basket item alike), with one
   learned score per signed distance. Retailers number a product family's variants and a
   maker's lines together (Online Retail's 22726–22728 alarm clocks; Ta-Feng's EAN codes), and
   shoppers buy them one after the other; the catalog is platform data, so this costs no ε, and
-  it is 2 × NEIGHBOURS parameters where learning each item pair under DP would be noise. First
-  the neighbour gate takes its share, then the repeat gate splits the rest.
+  it is 2 × NEIGHBOURS parameters where learning each item pair under DP would be noise. An
+  invoice's lines are ordered, so there the last line's neighbours count; a grocery day's
+  basket is not, so there the whole basket's do: a learned split between the two parts.
+  First the neighbour gate takes its share, then the repeat gate splits the rest.
 
 Items already in today's basket are damped inside each part, where its own softmax renormalises
 them exactly: a learned bias on their occurrences in the repeat attention, another on their
@@ -143,6 +146,7 @@ class BehaviorModel(nn.Module):
         self.recency = BucketBias(RECENCY_BUCKETS)
         self.gate = nn.Linear(h, 1)
         self.neighbour_gate = nn.Linear(h, 1)
+        self.neighbour_split = nn.Linear(h, 1)  # the last item's neighbours vs the basket's
         self.neighbour = BucketBias(len(NEIGHBOUR_OFFSETS))
         # The user's repeat habit read directly from the history (see `_habit_features`):
         # under DP a gate on the state alone stayed at one value for every Ta-Feng user
@@ -273,33 +277,62 @@ class BehaviorModel(nn.Module):
         habit = _habit_features(b, self.shape.special_rows).to(h.dtype)
         return (self.gate(h) + self.repeat_habit(habit))[..., 0]
 
-    def _mixture(self, h: torch.Tensor, b: Batch, near: torch.Tensor) -> torch.Tensor:
-        """log weights of (repeat, explore, neighbours) at every position, [B, L, 3]; a
-        position without catalog neighbours (`near` all -1: an item outside the vocabulary)
-        gives them none."""
+    def _mixture(
+        self, h: torch.Tensor, b: Batch, near: torch.Tensor, has_basket: torch.Tensor
+    ) -> torch.Tensor:
+        """log weights of (repeat, explore, the last item's neighbours, the basket's
+        neighbours) at every position, [B, L, 4]. A position whose item is outside the
+        vocabulary (`near` all -1) gives its own neighbours nothing, one without a known item
+        in today's basket (`has_basket` [B, L] false) neither kind."""
         repeat = self._gate(h, b)
-        neighbour = self.neighbour_gate(h)[..., 0]
-        neighbour = neighbour.masked_fill((near < 0).all(-1), float("-inf"))
-        rest = F.logsigmoid(-neighbour)
+        neighbour = self.neighbour_gate(h)[..., 0].masked_fill(~has_basket, float("-inf"))
+        split = self.neighbour_split(h)[..., 0].masked_fill((near < 0).all(-1), float("-inf"))
+        rest, near_mass = F.logsigmoid(-neighbour), F.logsigmoid(neighbour)
         return torch.stack(
-            [rest + F.logsigmoid(repeat), rest + F.logsigmoid(-repeat), F.logsigmoid(neighbour)],
+            [
+                rest + F.logsigmoid(repeat),
+                rest + F.logsigmoid(-repeat),
+                near_mass + F.logsigmoid(split),
+                near_mass + F.logsigmoid(-split),
+            ],
             -1,
         )
 
     # catalog-neighbour component -----------------------------------------------------------
 
-    def _neighbours(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _distance_scores(self, users: int, device: torch.device) -> torch.Tensor:
+        """The learned score of each signed catalog distance, [B, N]: looked up once per user,
+        so Opacus' per-user gradients of both neighbour parts stay exact."""
+        distance = torch.arange(len(NEIGHBOUR_OFFSETS), device=device)
+        return self.neighbour(distance.expand(users, -1))[..., 0]
+
+    def _neighbours(self, b: Batch, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the catalog neighbours of each position's item [B, L, N]: vocabulary indices, -1
         where the catalog ends or the item is outside it; their probabilities within the
-        component [B, L, N], 0 at -1)."""
+        part [B, L, N], 0 at -1), from the distance scores `score` [B, N]."""
         item = b.items - self.shape.special_rows
         near = item[..., None] + self.neighbour_offsets
         exists = (item[..., None] >= 0) & (near >= 0) & (near < self.shape.items)
-        distance = torch.arange(len(NEIGHBOUR_OFFSETS), device=item.device)
-        score = self.neighbour(distance.expand(*item.shape, -1))[..., 0]
+        score = score[:, None, :].expand_as(near)
         # A row without neighbours stays finite (uniform): its gate gives it no mass.
         score = score.masked_fill(~exists & exists.any(-1, keepdim=True), float("-inf"))
         return near.masked_fill(~exists, -1), score.softmax(-1) * exists
+
+    def _basket_neighbours(
+        self, basket: Basket, user: torch.Tensor, score: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The catalog neighbours of every item in each query state's basket: (query, item,
+        probability), one entry per (basket item, distance) inside the catalog. Within a
+        query, every basket item weighs alike and each spreads by the distance scores `score`
+        [B, N] of the query's user `user[query]`; a query's probabilities sum to 1."""
+        near = basket.item[:, None] + self.neighbour_offsets
+        exists = (near >= 0) & (near < self.shape.items)
+        own = score[user[basket.state]]
+        weight = (own - own.detach().amax(-1, keepdim=True)).exp() * exists
+        norm = weight.new_zeros(len(user)).index_add(0, basket.state, weight.sum(1))
+        prob = weight / norm[basket.state, None]
+        query = basket.state[:, None].expand_as(near)
+        return query[exists], near[exists], prob[exists]
 
     # explore component ---------------------------------------------------------------------
 
@@ -460,9 +493,12 @@ class BehaviorModel(nn.Module):
         repeat_y = (attention[rows, cols].exp() * is_y).sum(-1)
         basket = self._basket_at(b, baskets, damp, rows, cols)
         log_explore = self._explore_log_prob(state[at], rows, self._seen(b, rows, cols), y, basket)
-        near, p_near = self._neighbours(b)
-        mix = self._mixture(h, b, near)[rows, cols]
+        score = self._distance_scores(len(h), h.device)
+        near, p_near = self._neighbours(b, score)
+        mix = self._mixture(h, b, near, baskets.any(-1))[rows, cols]
         near_y = (p_near[rows, cols] * (near[rows, cols] == y[:, None])).sum(-1)
+        query, item, prob = self._basket_neighbours(basket, rows, score)
+        basket_y = torch.zeros_like(near_y).index_add(0, query, prob * (item == y[query]))
         # Probability space for the repeat and neighbour parts: most targets have no term.
         tiny = torch.finfo(h.dtype).tiny
         log_y = torch.stack(
@@ -470,6 +506,7 @@ class BehaviorModel(nn.Module):
                 mix[:, 0] + repeat_y.clamp_min(tiny).log(),
                 mix[:, 1] + log_explore,
                 mix[:, 2] + near_y.clamp_min(tiny).log(),
+                mix[:, 3] + basket_y.clamp_min(tiny).log(),
             ]
         ).logsumexp(0)
         return -log_y, rows
@@ -518,26 +555,22 @@ class BehaviorModel(nn.Module):
         damp = self.basket(h)
         baskets = self._baskets(b)
         basket = self._basket_at(b, baskets, damp, rows, end)
-        near, p_near = self._neighbours(b)
-        mix = self._mixture(h, b, near)[rows, end]
+        score = self._distance_scores(len(h), h.device)
+        near, p_near = self._neighbours(b, score)
+        mix = self._mixture(h, b, near, baskets.any(-1))[rows, end]
         near, p_near = near[rows, end], p_near[rows, end]
         seen = self._seen(b, rows, end)
         log_p = self._explore_all(last, seen, basket).add_(mix[:, 1, None])
-        # The repeat part touches only each user's own items: a sparse update.
+        # The other parts touch only a few items per user: sparse updates.
         attention = self._copy_attention(h, b, baskets, F.softplus(damp[..., 0]))
         attention = attention[rows, end].exp()
         item = b.items - self.shape.special_rows
-        owner = rows[:, None].expand_as(item)
         known = (item >= 0) & (attention > 0)
-        cell, at = torch.unique(owner[known] * self.shape.items + item[known], return_inverse=True)
-        r, j = cell // self.shape.items, cell % self.shape.items
-        repeat = torch.zeros(len(cell), dtype=h.dtype, device=h.device)
-        repeat = repeat.index_add(0, at, attention[known])
-        log_p[r, j] = torch.logaddexp(log_p[r, j], mix[r, 0] + repeat.log())
-        # So do the catalog neighbours of the last item.
+        owner = rows[:, None].expand_as(item)
+        _add_part(log_p, mix[:, 0], owner[known], item[known], attention[known])
         r, n = (near >= 0).nonzero(as_tuple=True)
-        j = near[r, n]
-        log_p[r, j] = torch.logaddexp(log_p[r, j], mix[r, 2] + p_near[r, n].log())
+        _add_part(log_p, mix[:, 2], r, near[r, n], p_near[r, n])
+        _add_part(log_p, mix[:, 3], *self._basket_neighbours(basket, rows, score))
         return log_p
 
     def expected_units(self, b: Batch) -> torch.Tensor:
@@ -555,6 +588,22 @@ class BehaviorModel(nn.Module):
     ) -> torch.Tensor:
         """log expected units per top category over the horizon starting `lag` days after."""
         return self.demand_head(state + self.absence(_days_bucket(lag), owner), owner)
+
+
+def _add_part(
+    log_p: torch.Tensor,
+    log_weight: torch.Tensor,
+    row: torch.Tensor,
+    item: torch.Tensor,
+    prob: torch.Tensor,
+) -> None:
+    """log_p[r, j] ⊕= log_weight[r] + log Σ prob over the entries (r, j), in place: a mixture
+    part that puts probability `prob` on a few (row, item) entries, repeats summed."""
+    items = log_p.shape[1]
+    cell, at = torch.unique(row * items + item, return_inverse=True)
+    summed = prob.new_zeros(len(cell)).index_add(0, at, prob)
+    r, j = cell // items, cell % items
+    log_p[r, j] = torch.logaddexp(log_p[r, j], log_weight[r] + summed.log())
 
 
 def _days_bucket(days: torch.Tensor) -> torch.Tensor:
