@@ -19,7 +19,7 @@ from common.data.synth import generate
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
 from common.learning.model import BehaviorModel
-from common.learning.training import evaluate_ranking, loader, pick_device, train_epoch
+from common.learning.training import adam, evaluate_ranking, loader, pick_device, train_epoch
 from privacy.engine import PrivacyEngine
 
 DEFAULT = ModelConfig()
@@ -37,7 +37,7 @@ def run(prepared, cfg: ModelConfig, args, epsilon: float | None) -> dict:
     device = pick_device(args.device)
     model = BehaviorModel(cfg, prepared.shape).to(device)
     batch = args.dp_batch if epsilon else args.batch
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = adam(model, args.lr)
     data = loader(prepared.train, batch, shuffle=True, seed=args.seed)
     if epsilon:
         engine = PrivacyEngine(accountant="prv")

@@ -29,7 +29,7 @@ from common.data.synth import SynthConfig, generate
 from common.learning.configs import ModelConfig
 from common.learning.dataset import Prepared, prepare
 from common.learning.model import BehaviorModel
-from common.learning.training import loader, pick_device, train_epoch
+from common.learning.training import adam, loader, pick_device, train_epoch
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
 from privacy.accounting import Mechanism
@@ -131,7 +131,7 @@ def sides(work: Workload, model_cfg: ModelConfig, run: RunConfig, device) -> tup
     )
     dp_model, dp_opt, dp_loader_ = PrivacyEngine(accountant=run.accountant.value).make_private(
         module=private,
-        optimizer=torch.optim.Adam(private.parameters(), lr=run.lr),
+        optimizer=adam(private, run.lr),
         data_loader=dp_loader(train, mech, torch_generator()),
         noise_multiplier=NOISE,
         max_grad_norm=run.clip_norm,
@@ -141,7 +141,7 @@ def sides(work: Workload, model_cfg: ModelConfig, run: RunConfig, device) -> tup
     return (
         Side(
             plain,
-            torch.optim.Adam(plain.parameters(), lr=run.lr),
+            adam(plain, run.lr),
             loader(train, run.batch_size, shuffle=True),
         ),
         Side(dp_model, dp_opt, dp_loader_),

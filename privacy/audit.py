@@ -43,7 +43,7 @@ from common.data.sources import run_events
 from common.learning.dataset import catalog_shape, prepare
 from common.learning.inference import load_exported
 from common.learning.model import BehaviorModel, CatalogShape, per_user_loss
-from common.learning.training import loader, pick_device, train_epoch
+from common.learning.training import adam, loader, pick_device, train_epoch
 from common.run_files import AUDIT, CLIENT_LEDGER, ROUNDS, SERVER_LEDGER
 from common.runconfig import RunConfig
 from privacy.ledger import Aggregation, Spend, entries
@@ -145,7 +145,7 @@ def train_reference(cfg: RunConfig, shape: CatalogShape) -> Reference:
     def train(seqs: Sequences, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         model = BehaviorModel(cfg.model, shape).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer = adam(model, cfg.lr)
         for epoch in range(cfg.num_server_rounds * cfg.local_epochs):
             batches = loader(seqs, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch)
             train_epoch(model, batches, optimizer, device, cfg.model.demand_weight)

@@ -277,9 +277,8 @@ class ReplyChecks:
         extra = [k for k in reply if k not in sent]
         if missing or extra:
             return f"arrays missing {missing[:3]}, unexpected {extra[:3]} (of {len(sent)} sent)"
-        worst: tuple[float, str] = (0.0, "")
+        worst: tuple[float, str] = (0.0, "")  # (moved / its own bound, why) of the worst array
         for key, array in reply.items():
-            limit = self.bound(steps, key)
             expected = sent[key]
             if array.dtype != expected.dtype or tuple(array.shape) != tuple(expected.shape):
                 return (
@@ -297,12 +296,14 @@ class ReplyChecks:
             start = expected.numpy().astype(np.float64)
             rounding = steps * float(np.spacing(np.float32(max(1.0, np.abs(start).max(initial=0)))))
             moved = float(np.abs(value.astype(np.float64) - start).max(initial=0))
-            if moved > limit + rounding and moved - limit > worst[0]:
-                lr = self.cfg.lr * lr_scale(key)
+            limit = self.bound(steps, key)
+            past = moved / limit if limit else math.inf
+            if moved > limit + rounding and past > worst[0]:
                 worst = (
-                    moved - limit,
+                    past,
                     f"{key!r} moved {moved:.3g} in one coordinate; {steps} Adam steps at lr "
-                    f"{lr:g} move none by more than {limit:.3g} (bound incl. {SLACK:g}× slack)",
+                    f"{self.cfg.lr * lr_scale(key):g} move none by more than {limit:.3g} "
+                    f"(bound incl. {SLACK:g}× slack)",
                 )
         if worst[1]:
             return f"update too large: {worst[1]}"

@@ -60,6 +60,7 @@ from server.node_registry import NodeBinder
 from server.reply_checks import (
     BETA1,
     BETA2,
+    SLACK,
     ReplyChecks,
     adam_displacement,
     rho_limit,
@@ -224,7 +225,7 @@ def test_a_reply_without_dp_gets_the_same_adam_bound():
 
 
 def test_the_models_priors_get_their_own_faster_bound():
-    prior = next(iter(FAST_PARAMETERS))
+    prior = sorted(FAST_PARAMETERS)[0]
     sent_arrays = {**SENT, prior: np.zeros(3, np.float32)}
     checks, sent = ReplyChecks(CFG), _record(sent_arrays)
     base = adam_displacement(STEPS_FOR_USERS, CFG.lr)
@@ -237,6 +238,10 @@ def test_the_models_priors_get_their_own_faster_bound():
     assert "'bias' moved" in checks.rejection(reply(1, "n", moved), sent)
     moved = {**sent_arrays, prior: np.full(3, 2 * fast, np.float32)}
     assert f"{prior!r} moved" in checks.rejection(reply(1, "n", moved), sent)
+    # the reason names the array furthest past its own bound, not the largest move
+    bias = SENT["bias"] + np.float32(4 * SLACK * base)
+    moved = {**sent_arrays, prior: np.full(3, 2 * SLACK * fast, np.float32), "bias": bias}
+    assert "'bias' moved" in checks.rejection(reply(1, "n", moved), sent)
     # the clients' optimizer puts exactly these parameters at the faster rate
     model = BehaviorModel(CFG.model, TINY_SHAPE)
     rates = {id(p): g["lr"] for g in adam(model, CFG.lr).param_groups for p in g["params"]}

@@ -258,17 +258,18 @@ def test_the_neighbour_component_scores_the_last_items_catalog_neighbours(prepar
 
 def test_the_basket_neighbour_part_spreads_over_every_item_bought_that_day(prepared):
     """The basket's part gives each item bought that day (each once) the same share, spread
-    over its catalog neighbours by the distance scores; overlapping neighbours add up, and an
-    item bought on an earlier day takes no part."""
+    over its catalog neighbours by the distance scores; overlapping neighbours add up, the
+    catalog's start cuts an item's neighbours short, and an item bought on an earlier day
+    takes no part."""
     model = BehaviorModel(TINY_MODEL, prepared.shape).eval()
     special = prepared.shape.special_rows
     batch = _batch(prepared, 1).trim()
     n = int(batch.length[0])
-    assert n >= 4
+    assert n >= 5
     items, day = batch.items.clone(), torch.arange(batch.items.shape[1])[None, :].clone()
-    # earlier day: 30; today: 10, 12, 10 again (counted once)
-    items[0, n - 4 : n] = torch.tensor([30, 10, 12, 10]) + special
-    day[0, n - 3 : n] = day[0, n - 3]
+    # earlier day: 30; today: 10, 12, 1, 10 again (counted once)
+    items[0, n - 5 : n] = torch.tensor([30, 10, 12, 1, 10]) + special
+    day[0, n - 4 : n] = day[0, n - 4]
     batch = batch._replace(items=items, day=day)
     with torch.no_grad():
         model.neighbour_gate.bias.fill_(20.0)
@@ -276,10 +277,26 @@ def test_the_basket_neighbour_part_spreads_over_every_item_bought_that_day(prepa
         model.neighbour.weight.copy_(DISTANCE_SCORES[:, None])
         p = model.score_items(batch).exp()[0]
     expected = torch.zeros_like(p)
-    for item in (10, 12):
-        for offset, w in zip(NEIGHBOUR_OFFSETS, DISTANCE_SCORES.softmax(0), strict=True):
-            expected[item + offset] += w / 2
+    for item in (10, 12, 1):
+        inside = [i for i, o in enumerate(NEIGHBOUR_OFFSETS) if item + o >= 0]
+        for i, w in zip(inside, DISTANCE_SCORES[inside].softmax(0), strict=True):
+            expected[item + NEIGHBOUR_OFFSETS[i]] += w / 3
     assert p.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_a_basket_item_at_the_catalogs_end_keeps_its_share_whatever_the_scores(prepared):
+    """Each basket item renormalises over its own neighbours: one at the catalog's end whose
+    only neighbours score far below the missing ones still gives them its whole share."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape)
+    last = prepared.shape.items - 1
+    empty = torch.zeros(1)
+    basket = Basket(torch.tensor([0, 1, 1]), torch.tensor([last, last, 5]), empty, empty)
+    score = torch.tensor([[-110.0] * 3 + [0.0] * 3] * 2)  # distances −3…−1 far below +1…+3
+    query, item, prob = model._basket_neighbours(basket, torch.tensor([0, 1]), score)
+    totals = torch.zeros(2).index_add(0, query, prob)
+    assert torch.isfinite(prob).all() and totals.tolist() == pytest.approx([1.0, 1.0])
+    assert prob[query == 0].tolist() == pytest.approx([1 / 3] * 3)
+    assert set(item[query == 0].tolist()) == {last - 3, last - 2, last - 1}
 
 
 def test_the_gate_starts_as_the_users_smoothed_repeat_share(prepared):

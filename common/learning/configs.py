@@ -36,8 +36,10 @@ class TrainConfig(BaseModel):
 # The model's priors: scalars that every user's data informs alike (the mixture's gate biases,
 # the per-bucket scores). Adam moves a coordinate by about lr per step at most, so at the
 # clients' lr three DP rounds of ~55 steps move one by < 1: a prior could barely leave its
-# start, e.g. the neighbour gate's p ≈ 5 %. They learn FAST_LR times faster. The names cross
-# the process boundary: the server bounds each array's update by its own lr.
+# start, e.g. the neighbour gate's p ≈ 5 %. They learn FAST_LR times faster. The names are
+# `common.learning.model.BehaviorModel`'s parameters (a test holds them to it); they live here,
+# without torch, because they cross the process boundary: the server bounds each array's update
+# by its own lr.
 FAST_PARAMETERS = frozenset(
     {
         "gate.bias",

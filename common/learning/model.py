@@ -25,10 +25,12 @@ the user's repeat habit so far:
   basket is not, so there the whole basket's do: a learned split between the two parts.
   First the neighbour gate takes its share, then the repeat gate splits the rest.
 
-Items already in today's basket are damped inside each part, where its own softmax renormalises
-them exactly: a learned bias on their occurrences in the repeat attention, another on their
-scores within their category, and in p(category) a learned weight on how many basket items each
-category holds plus the category's mass left once they are damped (under the popularity prior).
+Items already in today's basket are damped inside the repeat and explore parts, where each
+part's own softmax renormalises them exactly (the neighbour parts leave them be: an item next to
+one in the basket is what they predict): a learned bias on their occurrences in the repeat
+attention, another on their scores within their category, and in p(category) a learned weight
+on how many basket items each category holds plus the category's mass left once they are damped
+(under the popularity prior).
 Damping the mixture as a whole would need every basket item's explore probability, i.e. its
 category's normaliser, at every position of the day: on Ta-Feng that was 87 % of a step's
 (position, item) pairs.
@@ -322,15 +324,16 @@ class BehaviorModel(nn.Module):
         self, basket: Basket, user: torch.Tensor, score: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The catalog neighbours of every item in each query state's basket: (query, item,
-        probability), one entry per (basket item, distance) inside the catalog. Within a
-        query, every basket item weighs alike and each spreads by the distance scores `score`
-        [B, N] of the query's user `user[query]`; a query's probabilities sum to 1."""
+        probability), one entry per (basket item, distance) inside the catalog. Each basket
+        item spreads its share over its own neighbours by the distance scores `score` [B, N] of
+        the query's user `user[query]`, as `_neighbours` does for the last item (so the
+        catalog's ends cut it short), and every basket item with neighbours weighs alike."""
         near = basket.item[:, None] + self.neighbour_offsets
         exists = (near >= 0) & (near < self.shape.items)
-        own = score[user[basket.state]]
-        weight = (own - own.detach().amax(-1, keepdim=True)).exp() * exists
-        norm = weight.new_zeros(len(user)).index_add(0, basket.state, weight.sum(1))
-        prob = weight / norm[basket.state, None]
+        has = exists.any(-1)
+        own = score[user[basket.state]].masked_fill(~exists & has[:, None], float("-inf"))
+        items = own.new_zeros(len(user)).index_add(0, basket.state, has.to(own.dtype))
+        prob = own.softmax(-1) * exists / items.clamp_min(1)[basket.state, None]
         query = basket.state[:, None].expand_as(near)
         return query[exists], near[exists], prob[exists]
 
