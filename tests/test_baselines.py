@@ -14,6 +14,7 @@ from common.learning.popularity import (
     choose_repeat_weights,
     item_counts,
     item_transitions,
+    repeat_features,
     repeat_scores,
     user_spread,
 )
@@ -63,7 +64,8 @@ def _setup(history_rows, target_rows):
 def _ranks(history_rows, target_rows, weights: RepeatWeights) -> dict[str, int]:
     """Rank of each user's target under the repeat- or transition-aware scores (0 = first)."""
     seqs, enc, counts, catalog, transitions = _setup(history_rows, target_rows)
-    scores, target = next(repeat_scores(seqs, enc, counts, catalog, weights, transitions))
+    features = repeat_features(seqs, enc, transitions)
+    scores, target = next(repeat_scores(seqs, features, counts, catalog, weights))
     return dict(zip(seqs.users, full_ranks(scores, target).tolist(), strict=True))
 
 
@@ -128,10 +130,11 @@ def test_the_weight_search_ranks_exactly_like_the_dense_scores():
     targets.append(("x", "x", 3))
     seqs, enc, counts, catalog, transitions = _setup(history, targets)
     grid = REPEAT_GRID[::5] + tuple(RepeatWeights(transition=t) for t in TRANSITION_WEIGHTS[::3])
+    features = repeat_features(seqs, enc, transitions)
     for w in grid:
-        scores = next(repeat_scores(seqs, enc, counts, catalog, w, transitions))
+        scores = next(repeat_scores(seqs, features, counts, catalog, w))
         dense = hit_ndcg(full_ranks(*scores))
-        chosen = choose_repeat_weights(seqs, enc, counts, catalog, (w,), transitions)
+        chosen = choose_repeat_weights(seqs, features, counts, catalog, (w,))
         assert chosen == (w, dense)
 
 

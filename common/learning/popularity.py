@@ -251,14 +251,13 @@ def _combine(
 
 def repeat_scores(
     seqs: Sequences,
-    history: pd.DataFrame,
+    features: RepeatFeatures,
     counts: np.ndarray,
     catalog: Catalog,
     w: RepeatWeights,
-    transitions: Transitions | None = None,
 ) -> ScoreBatches:
+    """The rule's scores of `seqs`' users from their `repeat_features`."""
     log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
-    features = repeat_features(seqs, history, transitions)
     for parts, target in _part_batches(seqs, features, catalog):
         yield _combine(parts, log_popularity, w, target), target
 
@@ -313,17 +312,16 @@ def _entry_ranks(e: _Entries, log_popularity: torch.Tensor, w: RepeatWeights) ->
 
 def choose_repeat_weights(
     seqs: Sequences,
-    history: pd.DataFrame,
+    features: RepeatFeatures,
     counts: np.ndarray,
     catalog: Catalog,
     grid: tuple[RepeatWeights, ...] = REPEAT_GRID,
-    transitions: Transitions | None = None,
 ) -> tuple[RepeatWeights, dict[str, float]]:
-    """The grid point with the best full-ranking NDCG@10 on `seqs` (pass validation), and its
-    metrics. NDCG, like the model's choice of epoch; the first grid point wins a tie."""
+    """The grid point with the best full-ranking NDCG@10 on `seqs` (pass validation, with its
+    `repeat_features`), and its metrics. NDCG, like the model's choice of epoch; the first grid
+    point wins a tie."""
     log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
     ranks: dict[RepeatWeights, list[torch.Tensor]] = {w: [] for w in grid}
-    features = repeat_features(seqs, history, transitions)
     for parts, target in _part_batches(seqs, features, catalog):
         entries = _entries(parts, log_popularity, target)
         for w in grid:
@@ -341,15 +339,17 @@ def popularity_results(prepared: Prepared) -> dict[str, dict[str, object]]:
     counts = item_counts(prepared.train_events, n_items)
     transitions = item_transitions(prepared.train_events, n_items)
     by_region = region_counts(prepared.train_events, n_items, len(catalog.regions))
-    weights, valid = choose_repeat_weights(prepared.valid, prepared.train_events, counts, catalog)
-    repeat = repeat_scores(prepared.test, prepared.test_history, counts, catalog, weights)
+    # Both rules read the same features: with a transition weight of 0 the followers count
+    # for nothing.
+    valid_features = repeat_features(prepared.valid, prepared.train_events, transitions)
+    test_features = repeat_features(prepared.test, prepared.test_history, transitions)
+    weights, valid = choose_repeat_weights(prepared.valid, valid_features, counts, catalog)
+    repeat = repeat_scores(prepared.test, test_features, counts, catalog, weights)
     grid = tuple(replace(weights, transition=t) for t in TRANSITION_WEIGHTS)
     followed, followed_valid = choose_repeat_weights(
-        prepared.valid, prepared.train_events, counts, catalog, grid, transitions
+        prepared.valid, valid_features, counts, catalog, grid
     )
-    transition = repeat_scores(
-        prepared.test, prepared.test_history, counts, catalog, followed, transitions
-    )
+    transition = repeat_scores(prepared.test, test_features, counts, catalog, followed)
     return {
         "most_popular": rank_metrics(global_scores(prepared.test, counts)),
         "most_popular_region": rank_metrics(regional_scores(prepared.test, counts, by_region)),
