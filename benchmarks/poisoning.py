@@ -213,6 +213,9 @@ def main() -> None:
     attacks = ATTACKS
     if args.attacks != "all":
         attacks = [(a, int(n)) for a, n in (x.rsplit(":", 1) for x in args.attacks.split(","))]
+        unknown = sorted({a for a, _ in attacks} - set(ATTACK) - {"none"})
+        if unknown:
+            parser.error(f"--attacks: unknown {unknown}; known: none, {', '.join(ATTACK)}")
     strategies = args.strategies.split(",")
     work = Path(tempfile.mkdtemp(prefix="fedshop-poisoning-"))
     base = RunConfig(
