@@ -402,6 +402,30 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
     dp_model.remove_hooks()
 
 
+def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
+    """Under the engine's hooks a layer fed by a gradient-carrying input computes per-user
+    gradients only; an embedding keeps its weights in the graph (nothing else would reach its
+    hook); once the hooks are removed, plain training has every gradient back."""
+    model = BehaviorModel(TINY_MODEL, prepared.shape)
+    trainable = [p.requires_grad for p in model.parameters()]
+    dp_model, _, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(prepared.train, 8, shuffle=False),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+    )
+    query = model.bert.encoder.layer[0].attention.self.query.weight
+    batch = _batch(prepared, 4).trim()
+    per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
+    assert query.grad is None and query.grad_sample.shape == (4, *query.shape)
+    assert model.dow.weight.grad_sample.shape == (4, *model.dow.weight.shape)
+    assert [p.requires_grad for p in model.parameters()] == trainable
+    dp_model.remove_hooks()
+    per_user_loss(model, batch, 0.5)[0].mean().backward()
+    assert query.grad is not None and query.grad.abs().sum() > 0
+
+
 def _dense(recorded: UserRows, param: torch.Tensor, users: int) -> torch.Tensor:
     """The per-user gradient [users, rows, dim] that `recorded` stands for."""
     dense = torch.zeros(users, *param.shape) if recorded.dense is None else recorded.dense.clone()
