@@ -94,38 +94,40 @@ _FROZEN = "_fedshop_frozen"
 
 
 def skip_summed_gradients(wrapped: GradSampleModule) -> None:
-    """Stop autograd from also computing the batch-summed gradient of the weights Opacus takes
+    """Stop autograd from also computing the batch-summed gradient of every weight Opacus takes
     per-user gradients of: DP-SGD never reads it (the optimizer sets `grad` from the clipped
-    per-user sum), and on 2 cores it was ~10 ms of a ~130 ms step.
+    per-user sum), and on 2 cores it was ~10 ms of a ~130 ms Ta-Feng step.
 
-    A layer's own weights leave the autograd graph for its forward call only, and only while it
-    is training under Opacus' hooks with an input that carries a gradient: the gradient with
-    respect to that input still flows, so Opacus' backward hook still receives the layer's
-    backprops. A layer whose inputs carry none (an embedding's indices) keeps its weights in the
-    graph, or nothing would reach its hook at all. The hooks join Opacus' own, so
-    `remove_hooks` removes them too."""
-    handles = wrapped.autograd_grad_sample_hooks
+    While a layer trains under Opacus' hooks, its own weights leave the autograd graph for its
+    forward call. The gradient with respect to its input still flows, so Opacus' backward hook
+    still receives the layer's backprops; where the weights were the output's only way into the
+    graph (an embedding's indices), the output becomes a leaf that asks for its gradient, with
+    the same effect. The hooks join Opacus' own, so `remove_hooks` removes them too."""
 
     def freeze(layer: nn.Module, args: tuple) -> None:
-        if not (layer.training and torch.is_grad_enabled() and wrapped.hooks_enabled):
-            return
-        if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if layer.training and torch.is_grad_enabled() and wrapped.hooks_enabled:
             own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             for p in own:
                 p.requires_grad_(False)
             layer.__dict__[_FROZEN] = own
 
-    def thaw(layer: nn.Module, args: tuple, output: object) -> None:
-        for p in layer.__dict__.pop(_FROZEN, ()):
+    def thaw(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        own = layer.__dict__.pop(_FROZEN, None)
+        if own is None:
+            return None
+        for p in own:
             p.requires_grad_(True)
+        return output.requires_grad_() if not output.requires_grad else None
 
     for layer in wrapped.modules():
         if type(layer) in GradSampleModule.GRAD_SAMPLERS and any(
             p.requires_grad for p in layer.parameters(recurse=False)
         ):
-            handles.append(layer.register_forward_pre_hook(freeze))
-            # First of the forward hooks: Opacus' own must find the weights trainable again.
-            handles.append(layer.register_forward_hook(thaw, prepend=True))
+            wrapped.autograd_grad_sample_hooks += [
+                layer.register_forward_pre_hook(freeze),
+                # First of the forward hooks: Opacus' own must find the weights trainable.
+                layer.register_forward_hook(thaw, prepend=True),
+            ]
 
 
 class PrivacyEngine(opacus.PrivacyEngine):

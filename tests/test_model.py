@@ -403,9 +403,9 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
 
 
 def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
-    """Under the engine's hooks a layer fed by a gradient-carrying input computes per-user
-    gradients only; an embedding keeps its weights in the graph (nothing else would reach its
-    hook); once the hooks are removed, plain training has every gradient back."""
+    """Under the engine's hooks, autograd computes no batch-summed gradient: not for a layer
+    fed by a gradient-carrying input, nor for an embedding whose indices carry none (its
+    backprops still reach Opacus); once the hooks are removed, plain training has them back."""
     model = BehaviorModel(TINY_MODEL, prepared.shape)
     trainable = [p.requires_grad for p in model.parameters()]
     dp_model, _, _ = PrivacyEngine(accountant="rdp").make_private(
@@ -419,7 +419,9 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
     batch = _batch(prepared, 4).trim()
     per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
     assert query.grad is None and query.grad_sample.shape == (4, *query.shape)
-    assert model.dow.weight.grad_sample.shape == (4, *model.dow.weight.shape)
+    dow = model.dow.weight
+    assert dow.grad is None and dow.grad_sample.shape == (4, *dow.shape)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     assert [p.requires_grad for p in model.parameters()] == trainable
     dp_model.remove_hooks()
     per_user_loss(model, batch, 0.5)[0].mean().backward()
