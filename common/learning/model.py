@@ -215,16 +215,19 @@ class BehaviorModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where each real event sits once the batch is cut into windows of `span` slots: (its
         index in the flat [B·L] batch, its index in the flat [W·span] windows, the user of each
-        window [W]). A user's windows align to the end of their history and follow in time
-        order."""
-        size = self.cfg.max_len
-        count = torch.div(length + size - 1, size, rounding_mode="floor")
-        users = torch.arange(len(length), device=length.device)
+        window [W]). A user's windows align to the end of their history. Window u < B is user
+        u's last one (empty for a user without events) and the earlier ones follow, so summing
+        a user's windows adds only the few extra ones (`set_window_users`)."""
+        size, users = self.cfg.max_len, len(length)
+        extra = (torch.div(length + size - 1, size, rounding_mode="floor") - 1).clamp_min(0)
         owner, slot = pack(length, width)
         back = torch.div(length[owner] - 1 - slot, size, rounding_mode="floor")  # 0 = the last
         start = (length[owner] - (back + 1) * size).clamp_min(0)
-        row = torch.cumsum(count, 0)[owner] - 1 - back
-        return owner * width + slot, row * span + slot - start, users.repeat_interleave(count)
+        first_extra = users + torch.cumsum(extra, 0) - extra
+        row = torch.where(back == 0, owner, first_extra[owner] + back - 1)
+        user = torch.arange(users, device=length.device)
+        window_user = torch.cat([user, user.repeat_interleave(extra)])
+        return owner * width + slot, row * span + slot - start, window_user
 
     def encode(self, b: Batch) -> torch.Tensor:
         """Hidden state per event, [B, L, H] (zero at padding); position i sees only events ≤ i

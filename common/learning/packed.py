@@ -51,7 +51,8 @@ def set_users(model: nn.Module, users: int) -> None:
 
 def set_window_users(encoder: nn.Module, window_user: torch.Tensor, users: int) -> None:
     """Tell the encoder's layers that batch row w of their input is a window of user
-    `window_user[w]`, of `users` in the batch: their per-sample gradients are then per user."""
+    `window_user[w]`, of `users` in the batch: their per-sample gradients are then per user.
+    Rows w < `users` must be one window of user w each (`BehaviorModel._windows`)."""
     for module in encoder.modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             setattr(module, _WINDOW_USER, window_user)
@@ -237,9 +238,11 @@ def _summed_over_windows(sampler: _Sampler) -> _Sampler:
         window_user = getattr(layer, _WINDOW_USER, None)
         if window_user is None:
             return samples
+        users = layer.max_batch_len
+        # Rows < users are one window per user: adding the extra windows to them in place
+        # spares a zeroed copy of every window's gradient.
         return {
-            p: g.new_zeros(layer.max_batch_len, *g.shape[1:]).index_add_(0, window_user, g)
-            for p, g in samples.items()
+            p: g[:users].index_add_(0, window_user[users:], g[users:]) for p, g in samples.items()
         }
 
     return per_user
