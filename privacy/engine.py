@@ -121,6 +121,8 @@ def skip_summed_gradients(wrapped: GradSampleModule) -> None:
     the same effect. The hooks join Opacus' own, so `remove_hooks` removes them too."""
 
     def freeze(layer: nn.Module, args: tuple) -> None:
+        for p in layer.__dict__.pop(_FROZEN, ()):  # a forward call that raised never thawed
+            p.requires_grad_(True)
         if layer.training and torch.is_grad_enabled() and wrapped.hooks_enabled:
             own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             for p in own:

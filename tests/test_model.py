@@ -423,6 +423,15 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
     assert dow.grad is None and dow.grad_sample.shape == (4, *dow.shape)
     assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     assert [p.requires_grad for p in model.parameters()] == trainable
+    # A forward call that raises inside a layer leaves its weights out of the graph until the
+    # layer's next call, which puts them back.
+    dp_model.zero_grad()
+    gap = model.gap
+    with pytest.raises(IndexError):
+        gap(torch.tensor([10**6]))
+    assert not gap.weight.requires_grad
+    per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
+    assert gap.weight.requires_grad and gap.weight.grad_sample.shape == (4, *gap.weight.shape)
     dp_model.remove_hooks()
     per_user_loss(model, batch, 0.5)[0].mean().backward()
     assert query.grad is not None and query.grad.abs().sum() > 0
