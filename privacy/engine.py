@@ -118,11 +118,22 @@ def skip_summed_gradients(wrapped: GradSampleModule) -> None:
     forward call. The gradient with respect to its input still flows, so Opacus' backward hook
     still receives the layer's backprops; where the weights were the output's only way into the
     graph (an embedding's indices), the output becomes a leaf that asks for its gradient, with
-    the same effect. The hooks join Opacus' own, so `remove_hooks` removes them too."""
+    the same effect. The hooks join Opacus' own, so `remove_hooks` removes them too, and gives
+    back weights that a forward call which raised left out of the graph.
+
+    Autograd no longer saves these layers' inputs, so it no longer refuses a backward pass after
+    one of them was changed in place; Opacus' copy of the input, and the per-user gradient, would
+    then be wrong. The model changes none, and `test_dp_sgd_clips_each_users_exact_gradient`
+    (each parameter's per-user gradient against the user's own, alone) would catch one."""
+    layers = [
+        layer
+        for layer in wrapped.modules()
+        if type(layer) in GradSampleModule.GRAD_SAMPLERS
+        and any(p.requires_grad for p in layer.parameters(recurse=False))
+    ]
 
     def freeze(layer: nn.Module, args: tuple) -> None:
-        for p in layer.__dict__.pop(_FROZEN, ()):  # a forward call that raised never thawed
-            p.requires_grad_(True)
+        _thaw(layer)  # a forward call that raised never thawed
         if layer.training and torch.is_grad_enabled() and wrapped.hooks_enabled:
             own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             for p in own:
@@ -130,22 +141,36 @@ def skip_summed_gradients(wrapped: GradSampleModule) -> None:
             layer.__dict__[_FROZEN] = own
 
     def thaw(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        own = layer.__dict__.pop(_FROZEN, None)
-        if own is None:
+        if not _thaw(layer):
             return None
-        for p in own:
-            p.requires_grad_(True)
         return output.requires_grad_() if not output.requires_grad else None
 
-    for layer in wrapped.modules():
-        if type(layer) in GradSampleModule.GRAD_SAMPLERS and any(
-            p.requires_grad for p in layer.parameters(recurse=False)
-        ):
-            wrapped.autograd_grad_sample_hooks += [
-                layer.register_forward_pre_hook(freeze),
-                # First of the forward hooks: Opacus' own must find the weights trainable.
-                layer.register_forward_hook(thaw, prepend=True),
-            ]
+    for layer in layers:
+        wrapped.autograd_grad_sample_hooks += [
+            layer.register_forward_pre_hook(freeze),
+            # First of the forward hooks: Opacus' own must find the weights trainable.
+            layer.register_forward_hook(thaw, prepend=True),
+        ]
+    wrapped.autograd_grad_sample_hooks.append(_ThawOnRemove(layers))
+
+
+def _thaw(layer: nn.Module) -> bool:
+    """Puts back the weights `freeze` took out of the layer's graph; whether there were any."""
+    own = layer.__dict__.pop(_FROZEN, None)
+    for p in own or ():
+        p.requires_grad_(True)
+    return own is not None
+
+
+class _ThawOnRemove:
+    """A handle in Opacus' hook list: removing the hooks thaws every layer."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            _thaw(layer)
 
 
 class PrivacyEngine(opacus.PrivacyEngine):

@@ -432,9 +432,12 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
     assert not gap.weight.requires_grad
     per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
     assert gap.weight.requires_grad and gap.weight.grad_sample.shape == (4, *gap.weight.shape)
-    dp_model.remove_hooks()
+    with pytest.raises(IndexError):
+        gap(torch.tensor([10**6]))
+    dp_model.remove_hooks()  # so does removing the hooks
+    assert gap.weight.requires_grad
     per_user_loss(model, batch, 0.5)[0].mean().backward()
-    assert query.grad is not None and query.grad.abs().sum() > 0
+    assert query.grad is not None and query.grad.abs().sum() > 0 and gap.weight.grad is not None
 
 
 def _dense(recorded: UserRows, param: torch.Tensor, users: int) -> torch.Tensor:
