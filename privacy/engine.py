@@ -1,5 +1,5 @@
 """Opacus' `PrivacyEngine`, with per-user clipping that reads the item table's per-user
-gradients from their non-zero rows.
+gradients from their non-zero rows, and no batch-summed gradients DP-SGD would not read.
 
 Everything else is Opacus': the hooks, Poisson sampling, the noise, the accountant. Two things
 change. The wrapped model no longer has autograd compute the batch-summed gradient of weights
@@ -26,6 +26,7 @@ from torch import nn
 from common.learning.packed import take_user_rows
 
 SMALL_PARAMETER = 4096  # coordinates below which a parameter is clipped with the others alike
+_FROZEN = "_fedshop_frozen"  # a layer's weights `skip_summed_gradients` took out of the graph
 
 
 class SparseRowsDPOptimizer(DPOptimizer):
@@ -104,9 +105,6 @@ def _per_user_rows(
     grads = torch.cat([g for _, g in entries]).to(dtype)
     summed = grads.new_zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)
     return torch.div(unique, rows, rounding_mode="floor"), unique % rows, summed
-
-
-_FROZEN = "_fedshop_frozen"
 
 
 def skip_summed_gradients(wrapped: GradSampleModule) -> None:
