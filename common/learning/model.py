@@ -311,17 +311,26 @@ class BehaviorModel(nn.Module):
         distance = torch.arange(len(NEIGHBOUR_OFFSETS), device=device)
         return self.neighbour(distance.expand(users, -1))[..., 0]
 
+    def _near(
+        self, item: torch.Tensor, score: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The catalog neighbours of vocabulary items `item` [...]: (their indices [..., N],
+        whether each is inside the catalog [..., N], their probabilities within the item's share
+        by the distance scores `score` [..., N], 0 outside). An item outside the vocabulary
+        (< 0) has none; a row without neighbours stays finite (uniform), and its gate or its
+        count gives it no mass."""
+        near = item[..., None] + self.neighbour_offsets
+        exists = (item[..., None] >= 0) & (near >= 0) & (near < self.shape.items)
+        score = score.masked_fill(~exists & exists.any(-1, keepdim=True), float("-inf"))
+        return near, exists, score.softmax(-1) * exists
+
     def _neighbours(self, b: Batch, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the catalog neighbours of each position's item [B, L, N]: vocabulary indices, -1
         where the catalog ends or the item is outside it; their probabilities within the
         part [B, L, N], 0 at -1), from the distance scores `score` [B, N]."""
         item = b.items - self.shape.special_rows
-        near = item[..., None] + self.neighbour_offsets
-        exists = (item[..., None] >= 0) & (near >= 0) & (near < self.shape.items)
-        score = score[:, None, :].expand_as(near)
-        # A row without neighbours stays finite (uniform): its gate gives it no mass.
-        score = score.masked_fill(~exists & exists.any(-1, keepdim=True), float("-inf"))
-        return near.masked_fill(~exists, -1), score.softmax(-1) * exists
+        near, exists, prob = self._near(item, score[:, None, :].expand(*item.shape, -1))
+        return near.masked_fill(~exists, -1), prob
 
     def _basket_neighbours(
         self, basket: Basket, user: torch.Tensor, score: torch.Tensor
@@ -331,12 +340,9 @@ class BehaviorModel(nn.Module):
         item spreads its share over its own neighbours by the distance scores `score` [B, N] of
         the query's user `user[query]`, as `_neighbours` does for the last item (so the
         catalog's ends cut it short), and every basket item with neighbours weighs alike."""
-        near = basket.item[:, None] + self.neighbour_offsets
-        exists = (near >= 0) & (near < self.shape.items)
-        has = exists.any(-1)
-        own = score[user[basket.state]].masked_fill(~exists & has[:, None], float("-inf"))
-        items = own.new_zeros(len(user)).index_add(0, basket.state, has.to(own.dtype))
-        prob = own.softmax(-1) * exists / items.clamp_min(1)[basket.state, None]
+        near, exists, prob = self._near(basket.item, score[user[basket.state]])
+        items = prob.new_zeros(len(user)).index_add(0, basket.state, exists.any(-1).to(prob.dtype))
+        prob = prob / items.clamp_min(1)[basket.state, None]
         query = basket.state[:, None].expand_as(near)
         return query[exists], near[exists], prob[exists]
 
