@@ -42,22 +42,22 @@ class SparseRowsDPOptimizer(DPOptimizer):
                 sparse[p] = _per_user_rows(recorded.entries, p.shape[0], p.dtype)
             else:
                 dense[p] = _with_entries(recorded.dense, recorded.entries)
+        users = len(self._get_flat_grad_sample(self.params[0]))
+        squared = torch.zeros(users, device=self.params[0].device, dtype=self.params[0].dtype)
         # The many small parameters (biases, norms, small tables) as one [users, Σ numel]
         # tensor: one norm and one weighted sum instead of two calls each, whose overhead
         # outweighed their work.
         small = [p for p in dense if p.numel() < SMALL_PARAMETER]
-        joined = torch.cat([dense.pop(p).flatten(1) for p in small], 1) if small else None
-        users = len(self._get_flat_grad_sample(self.params[0]))
-        squared = torch.zeros(users, device=self.params[0].device, dtype=self.params[0].dtype)
-        for grad in [*dense.values(), *([joined] if small else [])]:
+        start = squared.new_zeros(users, 0)  # what is left to join when nothing is small
+        joined = torch.cat([start, *(dense.pop(p).flatten(1) for p in small)], 1)
+        for grad in [*dense.values(), joined]:
             squared += torch.linalg.vector_norm(grad.flatten(1), dim=1).square()
         for user, _, grad in sparse.values():
             squared.index_add_(0, user, grad.square().sum(1))
         factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
         clipped = {p: torch.einsum("i,i...", factor, grad) for p, grad in dense.items()}
-        if small:
-            summed = (factor @ joined).split([p.numel() for p in small])
-            clipped |= {p: grad.view_as(p) for p, grad in zip(small, summed, strict=True)}
+        summed = (factor @ joined).split([p.numel() for p in small])
+        clipped |= {p: grad.view_as(p) for p, grad in zip(small, summed, strict=True)}
         for p, (user, row, grad) in sparse.items():
             clipped[p] = torch.zeros_like(p).index_add_(0, row, grad * factor[user, None])
         for p in self.params:
