@@ -50,21 +50,27 @@ from common.runconfig import CentralDP, RunConfig, StrategyName
 
 def aggregate_evaluation(replies: list[RecordDict]) -> MetricRecord:
     """Clients send sums (noised under DP), which add up: HR@10 = Σ hits / Σ users, and WAPE
-    = Σ|error| / Σ actual over the series of the clients that share demand sums."""
+    = Σ|error| / Σ actual over the series of the clients that share demand sums. A rate of
+    noisy sums can fall outside [0, 1] on few users; it is clamped there (post-processing, so
+    no privacy cost), while the raw sums stay in the record."""
     records = [next(iter(r.metric_records.values())) for r in replies]
     out: dict[str, float] = {}
     for key in {k for m in records for k in m if k.endswith(SUM)}:
         out[key] = sum(float(m[key]) for m in records if key in m)
     users = max(out.get(USERS_SUM, 0.0), 1.0)
     out[WEIGHT] = users
-    out[HR10] = out.get(HITS_SUM, 0.0) / users
-    out[NDCG10] = out.get(NDCG_SUM, 0.0) / users
+    out[HR10] = _rate(out.get(HITS_SUM, 0.0), users)
+    out[NDCG10] = _rate(out.get(NDCG_SUM, 0.0), users)
     actual = out.get(DEMAND_ACTUAL_SUM, 0.0)
     if actual > 0:
         out[WAPE] = out[DEMAND_ERROR_SUM] / actual
         out[WAPE_UNCALIBRATED] = out[DEMAND_RAW_ERROR_SUM] / actual
         out[WAPE_MOVING_AVERAGE] = out[DEMAND_MA_ERROR_SUM] / actual
     return MetricRecord(out)
+
+
+def _rate(hits: float, users: float) -> float:
+    return min(max(hits / users, 0.0), 1.0)
 
 
 class _MultiKrum(MultiKrum):

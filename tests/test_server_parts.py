@@ -57,6 +57,14 @@ def test_evaluation_adds_up_sums_hit_rate_and_wape():
     assert out["wape-moving-average"] == pytest.approx(80 / 400)
 
 
+def test_rates_of_noisy_sums_stay_within_zero_and_one():
+    """DP noise on few users can make Σ hits exceed Σ users, or Σ NDCG fall below 0."""
+    noisy = {"num-examples": 127.0, "users-sum": 127.0, "hits10-sum": 162.0, "ndcg10-sum": -4.0}
+    out = aggregate_evaluation([RecordDict({"metrics": MetricRecord(noisy)})])
+    assert out["hr10"] == 1.0 and out["ndcg10"] == 0.0
+    assert out["hits10-sum"] == 162.0 and out["ndcg10-sum"] == -4.0
+
+
 def test_checkpoint_round_trip_and_corruption(tmp_path):
     arrays = ArrayRecord({"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)})
     state = {"m_t": {"w": np.ones((2, 3), dtype=np.float32)}}
