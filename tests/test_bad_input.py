@@ -461,6 +461,8 @@ def simulate(tmp_path: Path, *args: str, config: str | bytes | None = None):
         ("[tool]\nx = 1", "--tool"),
         ("heads = 3", "hidden (64) must be a multiple of heads (3)"),
         ("epsilon = = 3", "not a readable TOML run config"),
+        ("batch-size = 5000", "--batch-size 5000: more than the users of any client"),
+        ("min-clients = 50", "--min-clients 50: only"),
     ],
 )
 def test_bad_run_config_file_names_the_file_and_the_key(tmp_path, no_flower, config, problem):
@@ -527,6 +529,12 @@ def test_flower_run_config_names_the_key(key, value):
 )
 def test_run_config_checks_before_anything_starts(tmp_path, no_flower, config, args, problem):
     refused(simulate(tmp_path, *args, config=config), problem)
+
+
+def test_an_option_given_over_a_config_file_is_not_blamed_on_the_file(tmp_path, no_flower):
+    output = refused(simulate(tmp_path, "--batch-size", "5000", config="batch-size = 8"))
+    assert squash("--batch-size 5000: more than") in squash(output)
+    assert "run.toml" not in squash(output)
 
 
 FUZZED_KEYS = sorted(

@@ -99,10 +99,16 @@ def events_from(
 
 
 def check_federation(
-    source: str, events: pd.DataFrame, parts: list[Partition], batch_size: int, min_clients: int
+    source: str,
+    events: pd.DataFrame,
+    parts: list[Partition],
+    batch_size: int,
+    min_clients: int,
+    origin: Callable[[str], str] = lambda key: "",
 ) -> None:
     """Refuse a federation that cannot run before Flower starts; warn about clients that cannot
-    train or will sample every user at every step."""
+    train or will sample every user at every step. `origin(key)` prefixes a refusal with where
+    that key was set (a config file's path), empty where the command line set it."""
     try:
         require_history(events, source)
     except DataError as exc:
@@ -113,13 +119,15 @@ def check_federation(
     able = len(parts) - len(idle)
     if min_clients > able:
         raise fail(
-            f"--min-clients {min_clients}: only {able} of the {len(parts)} clients have a user "
-            f"with {MIN_EVENTS} or more events in {source}, so no round could ever finish"
+            f"{origin('min_clients')}--min-clients {min_clients}: only {able} of the "
+            f"{len(parts)} clients have a user with {MIN_EVENTS} or more events in {source}, so "
+            "no round could ever finish"
         )
     if batch_size > max(users):
         raise fail(
-            f"--batch-size {batch_size}: more than the users of any client in {source} (at most "
-            f"{max(users):,} with {MIN_EVENTS}+ events); lower it or use fewer clients"
+            f"{origin('batch_size')}--batch-size {batch_size}: more than the users of any "
+            f"client in {source} (at most {max(users):,} with {MIN_EVENTS}+ events); lower it or "
+            "use fewer clients"
         )
     if idle:
         err.print(

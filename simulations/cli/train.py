@@ -207,7 +207,8 @@ def simulate_cmd(
     """
     from simulations.simulate import ray_env, simulate
 
-    cfg = _run_config(config, given or {})
+    given = given or {}
+    cfg, from_file = _run_config(config, given)
     try:  # an unreachable cluster refused before the data are read, not after
         ray_env(ray_address)
     except RuntimeError as exc:
@@ -220,7 +221,12 @@ def simulate_cmd(
         raise fail(str(exc)) from exc
     parts = plan(events, clients or events["region"].nunique())
     check_federation(
-        cfg.data or "the synthetic data", events, parts, cfg.batch_size, cfg.min_clients
+        cfg.data or "the synthetic data",
+        events,
+        parts,
+        cfg.batch_size,
+        cfg.min_clients,
+        lambda key: f"{config}: " if key in from_file else "",
     )
     out = Path(cfg.out)
     if fresh and out.exists():
@@ -283,8 +289,9 @@ def _central_config(given: dict) -> CentralConfig:
     )
 
 
-def _run_config(path: Path | None, given: dict) -> RunConfig:
-    """The file's keys under the options given; paths made absolute (Flower runs elsewhere)."""
+def _run_config(path: Path | None, given: dict) -> tuple[RunConfig, set[str]]:
+    """The file's keys under the options given, paths made absolute (Flower runs elsewhere);
+    and the keys whose value came from the file."""
     values: dict = {}
     if path is not None:
         try:
@@ -292,12 +299,13 @@ def _run_config(path: Path | None, given: dict) -> RunConfig:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise fail(f"{path}: not a readable TOML run config ({exc})") from exc
     cfg = validated(RunConfig, values | given, f"{path}: " if path else "")
-    return cfg.model_copy(
+    absolute = cfg.model_copy(
         update={
             "data": str(Path(cfg.data).resolve()) if cfg.data else "",
             "out": str(Path(cfg.out).resolve()),
         }
     )
+    return absolute, set(values) - set(given)
 
 
 def _columns() -> tuple:
