@@ -9,32 +9,23 @@ the federated evaluation, whose clients partition the regions.
 
 import json
 import sys
-
-import torch
+from pathlib import Path
 
 from common.data.formats import load_events
 from common.data.synth import SynthConfig, generate
-from common.learning.dataset import prepare
-from common.learning.demand import holdout_forecast
-from common.learning.forecasting import baseline_scores, score
-from common.learning.inference import load_exported
-from common.learning.training import evaluate_ranking
+from common.learning.demand import PRIMARY
+from simulations.central import evaluate_exported
 
-run, data = sys.argv[1], sys.argv[2:4]
-exp = load_exported(run)
+run, data = Path(sys.argv[1]), sys.argv[2:4]
 if data:
     loaded = load_events(*data)
     events, chars = loaded.events, loaded.spec.top_category_chars
 else:
     events, chars = generate(SynthConfig()), None
-p = prepare(
-    events, top_category_chars=chars, history_len=exp.model.cfg.history, catalog=exp.catalog
-)
-cpu = torch.device("cpu")
-ranking = evaluate_ranking(exp.model, p.test, cpu)
-h = holdout_forecast(exp.model, p, cpu)
+exact = evaluate_exported(run, events, chars)
+ranking, forecast = exact["bert"]["test"], exact["bert"]["forecast"]
 out = {"users": ranking["users"], **ranking["full"]}
-out["demand"] = {k: score(h.actual, f) for k, f in h.forecasts.items()}
-out["coverage"] = h.coverage()
-out["baselines"] = baseline_scores(p.demand, p.holdout_weeks)
+out["demand"] = {k: {"wape": f["wape"], "mae": f["mae"]} for k, f in forecast.items()}
+out["coverage"] = forecast[PRIMARY]["coverage"]
+out["baselines"] = exact["baselines"]["forecast"]
 print(json.dumps(out, indent=1))

@@ -7,15 +7,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
 from common.learning.configs import ModelConfig, TrainConfig
-from common.learning.dataset import Prepared
+from common.learning.dataset import Prepared, prepare
 from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import baseline_scores, score
+from common.learning.inference import load_exported
 from common.learning.model import BehaviorModel
 from common.learning.popularity import popularity_results
 from common.learning.training import (
@@ -107,6 +109,26 @@ def baselines(prepared: Prepared) -> dict:
         "recommendation": popularity_results(prepared),
         "forecast": baseline_scores(prepared.demand, prepared.holdout_weeks),
     }
+
+
+def evaluate_exported(run: Path, events: pd.DataFrame, top_category_chars: int | None) -> dict:
+    """A run's exported model evaluated exactly on the whole of `events`, beside the baselines on
+    the same users and series, in `train-central`'s layout. A federated run's own figures are
+    DP releases (noisy sums from each client); a simulation holds every client's data, so it
+    can also say exactly where the model stands against the rules."""
+    exported = load_exported(run)
+    prepared = prepare(
+        events,
+        top_category_chars=top_category_chars,
+        history_len=exported.model.cfg.history,
+        catalog=exported.catalog,
+    )
+    cpu = torch.device("cpu")
+    model = {
+        "test": evaluate_ranking(exported.model, prepared.test, cpu),
+        "forecast": model_forecast(exported.model, prepared, cpu),
+    }
+    return {"bert": model, "baselines": baselines(prepared)}
 
 
 def save_run(out: Path, model: BehaviorModel | None, prepared: Prepared, results: dict) -> None:

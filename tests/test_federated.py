@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from common.run_files import AUDIT, CARD, CLIENT_LEDGER, PRIVACY_REPORT_JSON
+from common.run_files import AUDIT, CARD, CLIENT_LEDGER, PRIVACY_REPORT_JSON, RESULTS
 from common.runconfig import RunConfig
 from privacy import report as privacy_report
 from privacy.accounting import Budget, restore
@@ -125,6 +125,11 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
         assert (out / name).stat().st_size > 0
     metrics = pd.read_csv(out / "metrics.csv")
     assert metrics["num-examples"].iloc[-1] > 0 and 0 <= metrics["hr10"].iloc[-1] <= 1
+    # the final model exactly, beside the strongest rules on the same users
+    exact = json.loads((out / RESULTS).read_text())
+    assert 0 <= exact["bert"]["test"]["full"]["hr@10"] <= 1
+    assert {"repeat_aware", "transition_aware"} <= set(exact["baselines"]["recommendation"])
+    assert "transition aware" in first.output and "exact results in" in first.output
     assert _no_superlink_left(out)
     _verified(out)
     audited = runner.invoke(app, ["privacy", "audit", str(out)])

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.atomic import write_json
 from common.data.catalog import Catalog
 from common.data.events import DataError
 from common.data.partition import plan
@@ -50,6 +51,8 @@ from simulations.cli.shared import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from common.learning.dataset import Prepared
     from simulations.central import CentralConfig
     from simulations.simulate import SimulationResult
@@ -214,7 +217,7 @@ def simulate_cmd(
     except RuntimeError as exc:
         raise fail(str(exc)) from exc
     try:
-        events, _ = run_events(
+        events, chars = run_events(
             cfg.data, cfg.format, cfg.synth.model_dump_json(), cfg.spec, cfg.columns
         )
     except DataError as exc:
@@ -267,6 +270,7 @@ def simulate_cmd(
             f"the simulation did not finish; last lines of {result.log}:\n" + "\n".join(tail)
         )
     _print_simulation(result, out)
+    _print_exact(out, events, chars, cfg)
 
 
 def _prepared(src: Source, **options: int) -> Prepared:
@@ -411,6 +415,28 @@ def _print_simulation(result: SimulationResult, out: Path) -> None:
     console.print(
         f"model, card, metrics and plots in {out}/ (HR/NDCG: full ranking, held-out last event)"
     )
+
+
+def _print_exact(out: Path, events: pd.DataFrame, chars: int | None, cfg: RunConfig) -> None:
+    """The final model against the strongest simple rules, exactly, on the same users."""
+    from simulations.central import evaluate_exported
+
+    with console.status("evaluating the final model beside the baselines"):
+        exact = evaluate_exported(out, events, chars)
+    write_json(out / RESULTS, exact)
+    name = f"fedshop, federated, {f'DP ε={cfg.epsilon:g}' if cfg.dp else 'no DP'}"
+    base = exact["baselines"]
+    rows = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()]
+    forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()]
+    model = exact["bert"]["forecast"].items()
+    _print_results(
+        f"{name}, exact (a simulation holds every client's data; the rounds above are the "
+        "clients' noisy releases)",
+        [*rows, (name, exact["bert"]["test"])],
+        [*forecast, *((f"{name}, {k.replace('_', '-')}", v) for k, v in model)],
+        base.get("no_forecast"),
+    )
+    console.print(f"exact results in {out / RESULTS}")
 
 
 def _print_privacy(privacy: dict) -> None:
