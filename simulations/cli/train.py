@@ -43,6 +43,7 @@ from simulations.cli.shared import (
     app,
     check_federation,
     console,
+    err,
     events_from,
     fail,
     only,
@@ -421,8 +422,12 @@ def _print_exact(out: Path, events: pd.DataFrame, chars: int | None, cfg: RunCon
     """The final model against the strongest simple rules, exactly, on the same users."""
     from simulations.central import evaluate_exported
 
-    with console.status("evaluating the final model beside the baselines"):
-        exact = evaluate_exported(out, events, chars)
+    try:
+        with console.status("evaluating the final model beside the baselines"):
+            exact = evaluate_exported(out, events, chars)
+    except ValueError as exc:  # the run succeeded; only its model is unusable
+        err.print(f"[yellow]warning:[/] no exact table beside the baselines: {escape(str(exc))}")
+        return
     write_json(out / RESULTS, exact)
     name = f"fedshop, federated, {f'DP ε={cfg.epsilon:g}' if cfg.dp else 'no DP'}"
     base = exact["baselines"]
