@@ -569,9 +569,7 @@ def test_fuzzed_run_configs_start_or_name_the_key(tmp_path_factory, no_flower, t
     ), output
 
 
-def test_a_finished_run_whose_model_is_unusable_warns_instead_of_the_exact_table(
-    tmp_path, capsys
-):
+def test_a_finished_run_whose_model_is_unusable_warns_instead_of_the_exact_table(tmp_path, capsys):
     from simulations.cli.train import _print_exact
 
     (tmp_path / MODEL).write_bytes(b"not safetensors")
