@@ -1,8 +1,9 @@
 """An exported model (e.g. a federated run's final model) evaluated exactly on a whole data set:
 full-ranking HR/NDCG@10 of every user's held-out last event and the demand forecast, next to the
-demand baselines. A federated run's own figures are DP releases (noisy sums from each client);
-these are not, so runs can be compared to the third decimal. The users and series are those of
-the federated evaluation, whose clients partition the regions.
+demand baselines. A federated run's own ranking figures are DP releases (noisy sums from each
+client); these are not, so runs can be compared to the third decimal. The users, series and
+clients are those of the federated run: each client's demand forecast is calibrated on its own
+series, and the errors are pooled, as its clients' are.
 
     python benchmarks/evaluate_run.py RUN_DIR [DATA_FILE FORMAT]   # no data: the synthetic default
 """
@@ -12,8 +13,10 @@ import sys
 from pathlib import Path
 
 from common.data.formats import load_events
+from common.data.partition import plan
 from common.data.synth import SynthConfig, generate
 from common.learning.demand import PRIMARY
+from common.run_files import CARD
 from simulations.central import evaluate_exported
 
 run, data = Path(sys.argv[1]), sys.argv[2:4]
@@ -22,7 +25,9 @@ if data:
     events, chars = loaded.events, loaded.spec.top_category_chars
 else:
     events, chars = generate(SynthConfig()), None
-exact = evaluate_exported(run, events, chars)
+card = json.loads((run / CARD).read_text())
+parts = plan(events, len(card["privacy"]["clients"]))
+exact = evaluate_exported(run, events, chars, parts, card["run_config"].get("demand_start") or "")
 ranking, forecast = exact["bert"]["test"], exact["bert"]["forecast"]
 out = {"users": ranking["users"], **ranking["full"]}
 out["demand"] = {k: {"wape": f["wape"], "mae": f["mae"]} for k, f in forecast.items()}

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from common.data.catalog import Catalog
 from common.data.events import EventType
 from common.data.sequences import leave_last_out
@@ -37,8 +39,7 @@ def platform_for(cfg: RunConfig, out: Path) -> Platform:
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
     path = catalog.save(out / CATALOG)
-    bought = events[events["event_type"] == EventType.PURCHASE.value]
-    start = cfg.demand_start or str(bought["timestamp"].min().normalize().date())
+    start = demand_start(events, cfg.demand_start)
     summary = {
         "source": cfg.data or f"synthetic(seed={cfg.seed}, events={cfg.synth_events})",
         "events": len(events),
@@ -49,3 +50,10 @@ def platform_for(cfg: RunConfig, out: Path) -> Platform:
         "last": str(events["timestamp"].max()),
     }
     return Platform(catalog, path, start, summary)
+
+
+def demand_start(events: pd.DataFrame, configured: str = "") -> str:
+    """The first day of every client's weekly demand bins: the configured one, else the day
+    of the first purchase, so that all clients' weeks line up."""
+    bought = events[events["event_type"] == EventType.PURCHASE.value]
+    return configured or str(bought["timestamp"].min().normalize().date())

@@ -7,14 +7,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
+from common.data.partition import Partition, select
 from common.learning.configs import ModelConfig, TrainConfig
-from common.learning.dataset import Prepared, prepare
+from common.learning.dataset import NoHistory, Prepared, prepare
 from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import baseline_scores, score
 from common.learning.inference import load_exported
@@ -28,6 +30,7 @@ from common.learning.training import (
     train_epoch,
 )
 from common.run_files import CATALOG, MODEL, RESULTS
+from server.platform import demand_start
 
 
 class CentralConfig(BaseModel):
@@ -111,24 +114,85 @@ def baselines(prepared: Prepared) -> dict:
     }
 
 
-def evaluate_exported(run: Path, events: pd.DataFrame, top_category_chars: int | None) -> dict:
-    """A run's exported model evaluated exactly on the whole of `events`, beside the baselines on
-    the same users and series, in `train-central`'s layout. A federated run's own figures are
-    DP releases (noisy sums from each client); a simulation holds every client's data, so it
-    can also say exactly where the model stands against the rules."""
+def evaluate_exported(
+    run: Path,
+    events: pd.DataFrame,
+    top_category_chars: int | None,
+    parts: list[Partition],
+    configured_start: str = "",
+) -> dict:
+    """A run's exported model evaluated exactly, beside the baselines, in `train-central`'s
+    layout. A federated run's own ranking figures are DP releases (noisy sums from each
+    client); a simulation holds every client's data, so it can also say exactly where the
+    model stands against the rules.
+
+    Ranking is per user, so it is scored on the whole of `events` at once, and the rules count
+    over every region's data (stronger than any one region's). Demand is scored the way the
+    clients forecast: each client `parts` names calibrates the planner (the level's window,
+    the shrinkage, the intervals) on its own series, and the errors are pooled, as the
+    federated evaluation's demand sums are."""
     exported = load_exported(run)
-    prepared = prepare(
-        events,
-        top_category_chars=top_category_chars,
-        history_len=exported.model.cfg.history,
-        catalog=exported.catalog,
-    )
+    history, start = exported.model.cfg.history, demand_start(events, configured_start)
+
+    def prepared_of(frame: pd.DataFrame) -> Prepared:
+        return prepare(
+            frame,
+            top_category_chars=top_category_chars,
+            history_len=history,
+            demand_start=start,
+            catalog=exported.catalog,
+        )
+
+    whole = prepared_of(events)
     cpu = torch.device("cpu")
-    model = {
-        "test": evaluate_ranking(exported.model, prepared.test, cpu),
-        "forecast": model_forecast(exported.model, prepared, cpu),
+    clients = []
+    for part in parts:
+        try:
+            own = prepared_of(select(events, part))
+        except NoHistory:
+            continue
+        if own.demand is not None:
+            clients.append(own)
+    model = _pooled([(p, model_forecast(exported.model, p, cpu)) for p in clients])
+    base = _pooled([(p, baseline_scores(p.demand, p.holdout_weeks)) for p in clients])
+    return {
+        "bert": {"test": evaluate_ranking(exported.model, whole.test, cpu), "forecast": model},
+        "baselines": {
+            "recommendation": popularity_results(whole),
+            "forecast": base,
+            **({} if clients else {"no_forecast": "no client has a demand series"}),
+        },
     }
-    return {"bert": model, "baselines": baselines(prepared)}
+
+
+def _pooled(scored: list[tuple[Prepared, dict]]) -> dict:
+    """Per-client WAPE and MAE pooled as sums over every client's held-out cells, interval
+    coverage weighted by each client's cells (a per-client choice, such as a level's window,
+    has no pooled value)."""
+    out: dict[str, dict] = {}
+    for prepared, scores in scored:
+        _, actual = prepared.demand.holdout(prepared.holdout_weeks)
+        for name, m in scores.items():
+            sums = out.setdefault(name, {"error": 0.0, "actual": 0.0, "cells": 0, "covered": 0.0})
+            sums["error"] += m["mae"] * actual.size  # Σ|error|, defined where Σ actual = 0
+            sums["actual"] += float(actual.sum())
+            sums["cells"] += actual.size
+            if "coverage" in m and not np.isnan(m["coverage"]):
+                sums["covered"] += m["coverage"] * actual.size
+                sums["interval"] = m["interval"]
+                sums["with_interval"] = sums.get("with_interval", 0) + actual.size
+    return {
+        name: {
+            "wape": s["error"] / s["actual"] if s["actual"] else float("nan"),
+            "mae": s["error"] / s["cells"],
+            **(
+                {"coverage": s["covered"] / s["with_interval"], "interval": s["interval"]}
+                if "with_interval" in s
+                else {}
+            ),
+        }
+        for name, s in out.items()
+    }
 
 
 def save_run(out: Path, model: BehaviorModel | None, prepared: Prepared, results: dict) -> None:

@@ -573,7 +573,7 @@ def test_a_finished_run_whose_model_is_unusable_warns_instead_of_the_exact_table
     from simulations.cli.train import _print_exact
 
     (tmp_path / MODEL).write_bytes(b"not safetensors")
-    _print_exact(tmp_path, pd.DataFrame(), None, RunConfig())
+    _print_exact(tmp_path, pd.DataFrame(), None, [], RunConfig())
     said = squash(capsys.readouterr().err)
     assert squash("no exact table beside the baselines") in said
     assert squash(str(tmp_path)) in said and "Traceback" not in said

@@ -130,6 +130,9 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     assert 0 <= exact["bert"]["test"]["full"]["hr@10"] <= 1
     assert {"repeat_aware", "transition_aware"} <= set(exact["baselines"]["recommendation"])
     assert "transition aware" in first.output and "exact results in" in first.output
+    # demand as the clients forecast it: each calibrates on its own series, as in the rounds
+    wape = exact["bert"]["forecast"]["corrected"]["wape"]
+    assert wape == pytest.approx(metrics["wape"].iloc[-1], rel=1e-6)
     assert _no_superlink_left(out)
     _verified(out)
     audited = runner.invoke(app, ["privacy", "audit", str(out)])

@@ -54,6 +54,7 @@ from simulations.cli.shared import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from common.data.partition import Partition
     from common.learning.dataset import Prepared
     from simulations.central import CentralConfig
     from simulations.simulate import SimulationResult
@@ -271,7 +272,7 @@ def simulate_cmd(
             f"the simulation did not finish; last lines of {result.log}:\n" + "\n".join(tail)
         )
     _print_simulation(result, out)
-    _print_exact(out, events, chars, cfg)
+    _print_exact(out, events, chars, parts, cfg)
 
 
 def _prepared(src: Source, **options: int) -> Prepared:
@@ -418,13 +419,15 @@ def _print_simulation(result: SimulationResult, out: Path) -> None:
     )
 
 
-def _print_exact(out: Path, events: pd.DataFrame, chars: int | None, cfg: RunConfig) -> None:
+def _print_exact(
+    out: Path, events: pd.DataFrame, chars: int | None, parts: list[Partition], cfg: RunConfig
+) -> None:
     """The final model against the strongest simple rules, exactly, on the same users."""
     from simulations.central import evaluate_exported
 
     try:
         with console.status("evaluating the final model beside the baselines"):
-            exact = evaluate_exported(out, events, chars)
+            exact = evaluate_exported(out, events, chars, parts, cfg.demand_start)
     except ValueError as exc:  # the run succeeded; only its model is unusable
         err.print(f"[yellow]warning:[/] no exact table beside the baselines: {escape(str(exc))}")
         return
@@ -436,7 +439,7 @@ def _print_exact(out: Path, events: pd.DataFrame, chars: int | None, cfg: RunCon
     model = exact["bert"]["forecast"].items()
     _print_results(
         f"{name}, exact (a simulation holds every client's data; the rounds above are the "
-        "clients' noisy releases)",
+        "clients' noisy releases; demand: each client's own forecasts, pooled)",
         [*rows, (name, exact["bert"]["test"])],
         [*forecast, *((f"{name}, {k.replace('_', '-')}", v) for k, v in model)],
         base.get("no_forecast"),
