@@ -153,8 +153,8 @@ def evaluate_exported(
             continue
         if own.demand is not None:
             clients.append(own)
-    model = _pooled([(p, model_forecast(exported.model, p, cpu)) for p in clients])
-    base = _pooled([(p, baseline_scores(p.demand, p.holdout_weeks)) for p in clients])
+    model = pool_client_scores([(p, model_forecast(exported.model, p, cpu)) for p in clients])
+    base = pool_client_scores([(p, baseline_scores(p.demand, p.holdout_weeks)) for p in clients])
     return {
         "bert": {"test": evaluate_ranking(exported.model, whole.test, cpu), "forecast": model},
         "baselines": {
@@ -165,13 +165,15 @@ def evaluate_exported(
     }
 
 
-def _pooled(scored: list[tuple[Prepared, dict]]) -> dict:
+def pool_client_scores(scored: list[tuple[Prepared, dict]]) -> dict:
     """Per-client WAPE and MAE pooled as sums over every client's held-out cells, interval
     coverage weighted by each client's cells (a per-client choice, such as a level's window,
     has no pooled value)."""
     out: dict[str, dict] = {}
     for prepared, scores in scored:
         _, actual = prepared.demand.holdout(prepared.holdout_weeks)
+        if not actual.size:  # a client without a series adds nothing, as its zero sums do
+            continue
         for name, m in scores.items():
             sums = out.setdefault(name, {"error": 0.0, "actual": 0.0, "cells": 0, "covered": 0.0})
             sums["error"] += m["mae"] * actual.size  # Σ|error|, defined where Σ actual = 0

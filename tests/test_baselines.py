@@ -170,3 +170,28 @@ def test_user_spread_counts_buyers_and_one_user_moves_it_by_at_most_one():
     for user in ("u1", "u2", "u3"):
         without = user_spread(enc, np.array([u for u in ("u1", "u2", "u3") if u != user]), width)
         assert np.linalg.norm(everyone - without) == pytest.approx(1.0)
+
+
+def test_clients_forecast_errors_pool_as_sums_and_a_client_without_series_adds_nothing():
+    from types import SimpleNamespace
+
+    from simulations.central import pool_client_scores
+
+    def client(actual: np.ndarray) -> SimpleNamespace:
+        series = SimpleNamespace(holdout=lambda weeks: (None, actual))
+        return SimpleNamespace(demand=series, holdout_weeks=actual.shape[1])
+
+    busy = client(np.array([[10.0, 10, 10, 10], [30.0, 30, 30, 30]]))
+    quiet = client(np.array([[2.0, 2, 2, 2]]))
+    empty = client(np.zeros((0, 4)))  # Online Retail's RSA: no series at all
+    nan = float("nan")
+    pooled = pool_client_scores(
+        [
+            (busy, {"level": {"wape": 0.1, "mae": 2.0, "coverage": 0.5, "interval": [0.1, 0.9]}}),
+            (quiet, {"level": {"wape": 0.5, "mae": 1.0, "coverage": 1.0, "interval": [0.1, 0.9]}}),
+            (empty, {"level": {"wape": nan, "mae": nan, "coverage": nan, "interval": [0.1, 0.9]}}),
+        ]
+    )["level"]
+    assert pooled["wape"] == pytest.approx((2.0 * 8 + 1.0 * 4) / (160 + 8))
+    assert pooled["mae"] == pytest.approx((2.0 * 8 + 1.0 * 4) / 12)
+    assert pooled["coverage"] == pytest.approx((0.5 * 8 + 1.0 * 4) / 12)
