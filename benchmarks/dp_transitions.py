@@ -84,13 +84,7 @@ def released(
         np.add.at(table, (at[own["i"]], at[own["j"]]), own["w"].to_numpy())
         a, b = np.nonzero(table > tau)
         kept.append(pd.DataFrame({"i": domain[a], "j": domain[b], "c": table[a, b]}))
-    summed = pd.concat(kept).groupby(["i", "j"])["c"].sum().sort_index()
-    first = summed.index.get_level_values("i").to_numpy()
-    return Transitions(
-        np.searchsorted(first, np.arange(n + 1)),
-        summed.index.get_level_values("j").to_numpy(),
-        summed.to_numpy(np.float64),
-    )
+    return Transitions.of(pd.concat(kept).groupby(["i", "j"])["c"].sum().sort_index(), n)
 
 
 def main() -> None:

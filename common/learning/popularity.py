@@ -96,6 +96,16 @@ class Transitions:
     follower: np.ndarray  # [pairs] j
     count: np.ndarray  # [pairs]
 
+    @classmethod
+    def of(cls, counted: pd.Series, n_items: int) -> Transitions:
+        """From counts indexed by (i, j), sorted by i."""
+        first = counted.index.get_level_values(0).to_numpy()
+        return cls(
+            np.searchsorted(first, np.arange(n_items + 1)),
+            counted.index.get_level_values(1).to_numpy(),
+            counted.to_numpy(np.float64),
+        )
+
     def after(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position in `items`, follower, count) of every pair starting at one of `items`;
         -1 (an unknown item) has none."""
@@ -112,12 +122,7 @@ def item_transitions(events: pd.DataFrame, n_items: int) -> Transitions:
     item, user = events["item_class"].to_numpy(), events["user"].to_numpy()
     pair = (user[1:] == user[:-1]) & (item[1:] >= 0) & (item[:-1] >= 0)
     counted = pd.DataFrame({"i": item[:-1][pair], "j": item[1:][pair]}).value_counts().sort_index()
-    first = counted.index.get_level_values("i").to_numpy()
-    return Transitions(
-        np.searchsorted(first, np.arange(n_items + 1)),
-        counted.index.get_level_values("j").to_numpy(),
-        counted.to_numpy(np.float64),
-    )
+    return Transitions.of(counted, n_items)
 
 
 DAY_S = 86_400
