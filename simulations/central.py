@@ -175,21 +175,23 @@ def pool_client_scores(scored: list[tuple[Prepared, dict]]) -> dict:
         if not actual.size:  # a client without a series adds nothing, as its zero sums do
             continue
         for name, m in scores.items():
-            sums = out.setdefault(name, {"error": 0.0, "actual": 0.0, "cells": 0, "covered": 0.0})
+            sums = out.setdefault(
+                name, dict.fromkeys(("error", "actual", "cells", "covered", "with_interval"), 0.0)
+            )
             sums["error"] += m["mae"] * actual.size  # Σ|error|, defined where Σ actual = 0
             sums["actual"] += float(actual.sum())
             sums["cells"] += actual.size
-            if "coverage" in m and not np.isnan(m["coverage"]):
+            if not np.isnan(m.get("coverage", np.nan)):
                 sums["covered"] += m["coverage"] * actual.size
+                sums["with_interval"] += actual.size
                 sums["interval"] = m["interval"]
-                sums["with_interval"] = sums.get("with_interval", 0) + actual.size
     return {
         name: {
             "wape": s["error"] / s["actual"] if s["actual"] else float("nan"),
             "mae": s["error"] / s["cells"],
             **(
                 {"coverage": s["covered"] / s["with_interval"], "interval": s["interval"]}
-                if "with_interval" in s
+                if s["with_interval"]
                 else {}
             ),
         }
