@@ -15,13 +15,14 @@ from safetensors.torch import save_file
 
 from common.atomic import write_json, write_with
 from common.data.partition import Partition, select
+from common.learning.blend import served_results
 from common.learning.configs import ModelConfig, TrainConfig
 from common.learning.dataset import NoHistory, Prepared, prepare
 from common.learning.demand import PRIMARY, holdout_forecast
 from common.learning.forecasting import baseline_scores, score
 from common.learning.inference import load_exported
 from common.learning.model import BehaviorModel
-from common.learning.popularity import popularity_results
+from common.learning.popularity import RepeatWeights, RuleInputs, popularity_results
 from common.learning.training import (
     adam,
     evaluate_ranking,
@@ -126,11 +127,13 @@ def evaluate_exported(
     client); a simulation holds every client's data, so it can also say exactly where the
     model stands against the rules.
 
-    Ranking is per user, so it is scored on the whole of `events` at once, and the rules count
-    over every region's data (stronger than any one region's). Demand is scored the way the
-    clients forecast: each client `parts` names calibrates the planner (the level's window,
-    the shrinkage, the intervals) on its own series, and the errors are pooled, as the
-    federated evaluation's demand sums are."""
+    Each client `parts` names is scored on its own data, as it would serve it: the model alone,
+    what it serves (the model beside its own rule, `common.learning.blend`), and the rules
+    counted on its own events; per-user figures are pooled over clients. The rules are also
+    counted over every region's data at once (stronger than any one region's). Demand is scored
+    the way the clients forecast: each client calibrates the planner (the level's window, the
+    shrinkage, the intervals) on its own series, and the errors are pooled, as the federated
+    evaluation's demand sums are."""
     exported = load_exported(run)
     history, start = exported.model.cfg.history, demand_start(events, configured_start)
 
@@ -144,25 +147,65 @@ def evaluate_exported(
         )
 
     whole = prepared_of(events)
-    cpu = torch.device("cpu")
-    clients = []
+    clients, ranked = [], []
     for part in parts:
         try:
             own = prepared_of(select(events, part))
         except NoHistory:
             continue
-        if own.demand is not None:
-            clients.append(own)
-    model = pool_client_scores([(p, model_forecast(exported.model, p, cpu)) for p in clients])
-    base = pool_client_scores([(p, baseline_scores(p.demand, p.holdout_weeks)) for p in clients])
+        clients.append(own)
+        ranked.append((part.name, *_own_ranking(exported.model, own)))
+    demand = [p for p in clients if p.demand is not None]
+    cpu = torch.device("cpu")
+    model = pool_client_scores([(p, model_forecast(exported.model, p, cpu)) for p in demand])
+    base = pool_client_scores([(p, baseline_scores(p.demand, p.holdout_weeks)) for p in demand])
     return {
-        "bert": {"test": evaluate_ranking(exported.model, whole.test, cpu), "forecast": model},
+        "bert": {
+            "test": pool_ranks([served["model"] for _, served, _ in ranked]),
+            "served": pool_ranks([served["served"] for _, served, _ in ranked]),
+            "clients": [
+                {"client": name, "users": served["served"]["users"], **_choice(served["served"])}
+                for name, served, _ in ranked
+            ],
+            "forecast": model,
+        },
         "baselines": {
             "recommendation": popularity_results(whole),
+            "recommendation_own_region": {
+                rule: pool_ranks([rules[rule] for _, _, rules in ranked])
+                for rule in (ranked[0][2] if ranked else {})
+            },
             "forecast": base,
-            **({} if clients else {"no_forecast": "no client has a demand series"}),
+            **({} if demand else {"no_forecast": "no client has a demand series"}),
         },
     }
+
+
+def _own_ranking(model: BehaviorModel, own: Prepared) -> tuple[dict, dict]:
+    """One client's served blend and model alone, and its own rules, on its own test users."""
+    inputs = RuleInputs.of(own)
+    rules = popularity_results(own, inputs)
+    rule = RepeatWeights(**rules["transition_aware"]["weights"])
+    return served_results(model, own, inputs, rule), rules
+
+
+def _choice(served: dict) -> dict:
+    return {"model_weight": served["model_weight"], "rule": served["rule"]}
+
+
+def pool_ranks(per_client: list[dict]) -> dict:
+    """Per-user ranking figures of several clients as one: means weighted by their users."""
+    users = sum(m["users"] for m in per_client)
+    pooled: dict = {"users": users}
+    for protocol in ("full", "sampled"):
+        keys = per_client[0][protocol] if per_client else {}
+        pooled[protocol] = {
+            k: sum(m[protocol][k] * m["users"] for m in per_client) / users if users else 0.0
+            for k in keys
+        }
+    if per_client:
+        pooled["protocol"] = per_client[0]["protocol"]
+    return pooled
 
 
 def pool_client_scores(scored: list[tuple[Prepared, dict]]) -> dict:

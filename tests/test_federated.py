@@ -129,7 +129,12 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
     exact = json.loads((out / RESULTS).read_text())
     assert 0 <= exact["bert"]["test"]["full"]["hr@10"] <= 1
     assert {"repeat_aware", "transition_aware"} <= set(exact["baselines"]["recommendation"])
-    assert "transition aware" in first.output and "exact results in" in first.output
+    own_rules = exact["baselines"]["recommendation_own_region"]
+    assert own_rules["transition_aware"]["users"] == exact["bert"]["served"]["users"]
+    regions = set(pd.read_parquet(tiny_file)["region"])
+    assert {c["client"] for c in exact["bert"]["clients"]} == regions
+    assert "transition aware, own region's" in " ".join(first.output.split())
+    assert "(served)" in first.output and "exact results in" in first.output
     # demand as the clients forecast it: each calibrates on its own series, as in the rounds
     wape = exact["bert"]["forecast"]["corrected"]["wape"]
     assert wape == pytest.approx(metrics["wape"].iloc[-1], rel=1e-6)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
@@ -15,10 +17,11 @@ from common.data.catalog import Catalog
 from common.data.events import sort_events
 from common.data.sequences import encode, history_sequences
 from common.digest import DIGEST, array_digest
+from common.learning.blend import Blend, fit_blend, serve_scores
 from common.learning.configs import ModelConfig
-from common.learning.dataset import catalog_shape
+from common.learning.dataset import NoHistory, catalog_shape, prepare
 from common.learning.model import BehaviorModel
-from common.learning.training import per_batch
+from common.learning.popularity import RepeatWeights, RuleInputs, choose_rule_weights
 from common.run_files import CARD, CATALOG, MODEL
 
 
@@ -60,21 +63,39 @@ def user_histories(exp: Exported, events: pd.DataFrame):
     return history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.history)
 
 
-def recommend(exp: Exported, events: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """Top-k items per user from each user's most recent events."""
-    seqs = user_histories(exp, events)
+def recommend(
+    exp: Exported, events: pd.DataFrame, k: int = 10, users: list[str] | None = None
+) -> pd.DataFrame:
+    """Top-k items per user (all of `events`' users, or `users`) after their most recent events,
+    as the region serves them: the model beside the transition-aware rule counted on all of
+    `events` (`common.learning.blend`), with the weights chosen on `events` held out
+    leave-last-out. Where no user has enough events to choose them, the model alone."""
+    blend = served_blend(exp, events)
+    enc = encode(sort_events(events), exp.catalog)
+    seqs = history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.history)
+    if users is not None:
+        seqs = seqs.subset(np.flatnonzero(np.isin(seqs.users, users)))
     rows = []
-    for log_p, _, users in per_batch(exp.model.score_items, seqs, torch.device("cpu")):
-        scores, items = log_p.exp().topk(k, dim=1)
-        for i, row in enumerate(users.tolist()):
+    for scores, at in serve_scores(exp.model, blend, seqs, enc, exp.catalog):
+        top, items = scores.topk(min(k, scores.shape[1]), dim=1)
+        for i, row in enumerate(at.tolist()):
             for rank, (item, score) in enumerate(
-                zip(items[i].tolist(), scores[i].tolist(), strict=True)
+                zip(items[i].tolist(), top[i].tolist(), strict=True)
             ):
                 category = exp.catalog.categories[exp.catalog.item_category[item]]
-                rows.append(
-                    (row, seqs.users[row], rank + 1, exp.catalog.items[item], category, score)
-                )
-    columns = ["row", "user_id", "rank", "item_id", "category", "score"]
-    # Users in the order of their histories, as given; evaluation batches them by length.
-    table = pd.DataFrame(rows, columns=columns).sort_values(["row", "rank"], kind="stable")
-    return table.drop(columns="row").reset_index(drop=True)
+                rows.append((seqs.users[row], rank + 1, exp.catalog.items[item], category, score))
+    return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "category", "score"])
+
+
+def served_blend(exp: Exported, events: pd.DataFrame) -> Blend:
+    """The rule's and the model's weights, chosen on `events`' second-to-last event per user,
+    as a client chooses them; the model alone when no user has the events to hold one out."""
+    try:
+        prepared = prepare(
+            events, top_category_chars=None, history_len=exp.model.cfg.history, catalog=exp.catalog
+        )
+    except NoHistory:
+        return Blend(RepeatWeights(), math.inf)
+    inputs = RuleInputs.of(prepared)
+    _, (rule, _) = choose_rule_weights(prepared, inputs)
+    return fit_blend(exp.model, prepared, inputs, rule)[0]

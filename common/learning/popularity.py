@@ -336,25 +336,53 @@ def choose_repeat_weights(
     return best, metrics[best]
 
 
-def popularity_results(prepared: Prepared) -> dict[str, dict[str, object]]:
+@dataclass
+class RuleInputs:
+    """What the rules count over a prepared data set's training events, and the features of
+    its validation and test users; the rules and the served blend read the same ones."""
+
+    counts: np.ndarray
+    transitions: Transitions
+    valid: RepeatFeatures
+    test: RepeatFeatures
+
+    @classmethod
+    def of(cls, prepared: Prepared) -> RuleInputs:
+        n_items = len(prepared.catalog.items)
+        transitions = item_transitions(prepared.train_events, n_items)
+        # Both rules read the same features: with a transition weight of 0 the followers count
+        # for nothing.
+        return cls(
+            item_counts(prepared.train_events, n_items),
+            transitions,
+            repeat_features(prepared.valid, prepared.train_events, transitions),
+            repeat_features(prepared.test, prepared.test_history, transitions),
+        )
+
+
+def choose_rule_weights(
+    prepared: Prepared, inputs: RuleInputs
+) -> tuple[tuple[RepeatWeights, dict[str, float]], tuple[RepeatWeights, dict[str, float]]]:
+    """The repeat-aware rule's weights, then the transition-aware rule's (the transition weight
+    beside them), each with its validation metrics."""
+    counts, catalog = inputs.counts, prepared.catalog
+    repeat = choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog)
+    grid = tuple(replace(repeat[0], transition=t) for t in TRANSITION_WEIGHTS)
+    return repeat, choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog, grid)
+
+
+def popularity_results(
+    prepared: Prepared, inputs: RuleInputs | None = None
+) -> dict[str, dict[str, object]]:
     """Most-popular (global, per region), own-history, repeat-aware and transition-aware
     baselines on the test split; the rules' weights are chosen on the validation split, the
     repeat-aware ones first, then the transition weight beside them."""
-    n_items, catalog = len(prepared.catalog.items), prepared.catalog
-    counts = item_counts(prepared.train_events, n_items)
-    transitions = item_transitions(prepared.train_events, n_items)
-    by_region = region_counts(prepared.train_events, n_items, len(catalog.regions))
-    # Both rules read the same features: with a transition weight of 0 the followers count
-    # for nothing.
-    valid_features = repeat_features(prepared.valid, prepared.train_events, transitions)
-    test_features = repeat_features(prepared.test, prepared.test_history, transitions)
-    weights, valid = choose_repeat_weights(prepared.valid, valid_features, counts, catalog)
-    repeat = repeat_scores(prepared.test, test_features, counts, catalog, weights)
-    grid = tuple(replace(weights, transition=t) for t in TRANSITION_WEIGHTS)
-    followed, followed_valid = choose_repeat_weights(
-        prepared.valid, valid_features, counts, catalog, grid
-    )
-    transition = repeat_scores(prepared.test, test_features, counts, catalog, followed)
+    inputs = inputs or RuleInputs.of(prepared)
+    catalog, counts = prepared.catalog, inputs.counts
+    by_region = region_counts(prepared.train_events, len(catalog.items), len(catalog.regions))
+    (weights, valid), (followed, followed_valid) = choose_rule_weights(prepared, inputs)
+    repeat = repeat_scores(prepared.test, inputs.test, counts, catalog, weights)
+    transition = repeat_scores(prepared.test, inputs.test, counts, catalog, followed)
     return {
         "most_popular": rank_metrics(global_scores(prepared.test, counts)),
         "most_popular_region": rank_metrics(regional_scores(prepared.test, counts, by_region)),

@@ -98,23 +98,37 @@ def per_batch(
         yield fn(b), b.target, rows
 
 
+class RankTally:
+    """`rank_metrics`' figures gathered batch by batch, so one pass can score several rankers."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.full: list[torch.Tensor] = []
+        self.sampled: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        scores, target = scores.float().cpu(), target.cpu()
+        self.full.append(full_ranks(scores, target))
+        self.sampled.append(sampled_ranks(scores, target, self.rng))
+
+    def metrics(self, k: int = 10) -> dict[str, object]:
+        full_r, sampled_r = torch.cat(self.full).numpy(), torch.cat(self.sampled).numpy()
+        return {
+            "users": len(full_r),
+            "full": hit_ndcg(full_r, k),
+            "sampled": hit_ndcg(sampled_r, k),
+            "protocol": {"full": FULL_RANKING, "sampled": SAMPLED_RANKING},
+        }
+
+
 def rank_metrics(
     score_batches: Iterator[tuple[torch.Tensor, torch.Tensor]], k: int = 10, seed: int = 0
 ) -> dict[str, object]:
     """Full-ranking (primary) and sampled HR/NDCG@k from (scores [B, V], target [B]) batches."""
-    rng = np.random.default_rng(seed)
-    full, sampled = [], []
+    tally = RankTally(seed)
     for scores, target in score_batches:
-        scores, target = scores.float().cpu(), target.cpu()
-        full.append(full_ranks(scores, target))
-        sampled.append(sampled_ranks(scores, target, rng))
-    full_r, sampled_r = torch.cat(full).numpy(), torch.cat(sampled).numpy()
-    return {
-        "users": len(full_r),
-        "full": hit_ndcg(full_r, k),
-        "sampled": hit_ndcg(sampled_r, k),
-        "protocol": {"full": FULL_RANKING, "sampled": SAMPLED_RANKING},
-    }
+        tally.add(scores, target)
+    return tally.metrics(k)
 
 
 def evaluate_ranking(

@@ -63,7 +63,11 @@ def recommend_cmd(
     k: Annotated[int, typer.Option("-k", help="Items per user.")] = 10,
     limit: Annotated[int, typer.Option(help="Users shown when no --user is given.")] = 5,
 ) -> None:
-    """Top-k next items (with categories) for users, from their most recent events."""
+    """Top-k next items (with categories) for users, after their most recent events.
+
+    What a region serves: the shared model beside the region's own transition-aware rule,
+    counted on all of --events, with the weights chosen on --events (each user's last event
+    held out); the score is the blend's, higher first. The events never leave this machine."""
     from common.learning.inference import recommend
 
     exp = _exported(model)
@@ -72,10 +76,9 @@ def recommend_cmd(
         missing = sorted(set(user) - set(frame["user_id"].astype(str)))
         if missing:
             raise fail(f"{events}: no events for user(s) {', '.join(missing)}")
-        frame = frame[frame["user_id"].isin(user)]
-    else:
-        frame = frame[frame["user_id"].isin(frame["user_id"].drop_duplicates().head(limit))]
-    recs = recommend(exp, frame, k)
+    chosen = user or frame["user_id"].drop_duplicates().head(limit).tolist()
+    with console.status("weighing the model beside the rule on these events"):
+        recs = recommend(exp, frame, k, chosen)
     for uid, rows in recs.groupby("user_id", sort=False):
         table = Table(title=f"user {uid}: top {k}")
         for col in ("rank", "item", "category", "score"):

@@ -434,13 +434,20 @@ def _print_exact(
     write_json(out / RESULTS, exact)
     name = f"fedshop, federated, {f'DP ε={cfg.epsilon:g}' if cfg.dp else 'no DP'}"
     base = exact["baselines"]
-    rows = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()]
+    rules = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()]
+    own = [(k.replace("_", " "), v) for k, v in base["recommendation_own_region"].items()]
+    rows = [
+        *((f"{k}, every region's data", v) for k, v in rules),
+        *((f"{k}, own region's", v) for k, v in own),
+        (f"{name}, alone", exact["bert"]["test"]),
+        (f"{name} + own region's transition rule (served)", exact["bert"]["served"]),
+    ]
     forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()]
     model = exact["bert"]["forecast"].items()
     _print_results(
         f"{name}, exact (a simulation holds every client's data; the rounds above are the "
-        "clients' noisy releases; demand: each client's own forecasts, pooled)",
-        [*rows, (name, exact["bert"]["test"])],
+        "clients' noisy releases; each client's users scored with its own data, pooled)",
+        rows,
         [*forecast, *((f"{name}, {k.replace('_', '-')}", v) for k, v in model)],
         base.get("no_forecast"),
     )
