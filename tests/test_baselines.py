@@ -195,3 +195,20 @@ def test_clients_forecast_errors_pool_as_sums_and_a_client_without_series_adds_n
     assert pooled["wape"] == pytest.approx((2.0 * 8 + 1.0 * 4) / (160 + 8))
     assert pooled["mae"] == pytest.approx((2.0 * 8 + 1.0 * 4) / 12)
     assert pooled["coverage"] == pytest.approx((0.5 * 8 + 1.0 * 4) / 12)
+
+
+def test_score_batches_fit_the_matrix_budget_and_rank_alike(monkeypatch, tiny_events):
+    from common.learning import training
+    from common.learning.dataset import prepare
+    from common.learning.popularity import popularity_results
+
+    assert training.score_rows(23_557, 1024) * 4 * 23_557 <= training.SCORE_MATRIX_BYTES
+    assert training.score_rows(10**9, 1024) == 1 and training.score_rows(10, 512) == 512
+    prepared = prepare(tiny_events, top_category_chars=None, history_len=12)
+    whole = popularity_results(prepared)
+    width = len(prepared.catalog.items)
+    monkeypatch.setattr(training, "SCORE_MATRIX_BYTES", 8 * width * 7)  # 7 users, or 14
+    assert training.score_rows(width, 1024) == 14
+    batched = popularity_results(prepared)
+    for rule, metrics in whole.items():
+        assert batched[rule]["full"] == metrics["full"], rule

@@ -40,7 +40,7 @@ from common.learning.popularity import (
     repeat_features,
     repeat_scores,
 )
-from common.learning.training import RankTally, per_batch
+from common.learning.training import RankTally, per_batch, score_rows
 
 # The model's weight beside the rule, most model first: a tie keeps the earlier.
 MODEL_WEIGHTS = (math.inf, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0)
@@ -67,7 +67,7 @@ def _log_p(model: BehaviorModel, seqs: Sequences) -> torch.Tensor:
     device = next(model.parameters()).device
     out = torch.empty(len(seqs), model.shape.items)
     with torch.no_grad():
-        for log_p, _, rows in per_batch(model.score_items, seqs, device):
+        for log_p, _, rows in per_batch(model.score_items, seqs, device, model.shape.items):
             out[rows] = log_p.float().cpu()
     return out
 
@@ -83,7 +83,8 @@ def _batches(
     """(rule scores, model log p, target) for consecutive rows of `seqs`."""
     model.eval()
     scored = repeat_scores(seqs, features, counts, catalog, rule)
-    for start, (rule_scores, target) in zip(range(0, len(seqs), BATCH), scored, strict=True):
+    starts = range(0, len(seqs), score_rows(len(catalog.items), BATCH))
+    for start, (rule_scores, target) in zip(starts, scored, strict=True):
         part = seqs.subset(np.arange(start, start + len(target)))
         yield rule_scores, _log_p(model, part), target
 
@@ -135,7 +136,7 @@ def serve_scores(
     features = repeat_features(seqs, history, transitions)
     counts = item_counts(history, n_items)
     for start, (rule_scores, log_p, _) in zip(
-        range(0, len(seqs), BATCH),
+        range(0, len(seqs), score_rows(n_items, BATCH)),
         _batches(model, seqs, features, counts, catalog, blend.rule),
         strict=True,
     ):

@@ -18,10 +18,10 @@ from common.data.catalog import Catalog
 from common.data.sequences import Sequences
 from common.learning.dataset import Prepared
 from common.learning.metrics import hit_ndcg
-from common.learning.training import rank_metrics
+from common.learning.training import rank_metrics, score_rows
 
 TIE_BREAK = 1e-6  # global popularity orders the items a region or a user scores equally
-BATCH = 1024
+BATCH = 1024  # users per batch of dense scores, at most (`score_rows`)
 
 ScoreBatches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,15 +55,17 @@ def _targets(seqs: Sequences, s: slice) -> torch.Tensor:
 
 def global_scores(seqs: Sequences, counts: np.ndarray) -> ScoreBatches:
     row = torch.from_numpy(counts)[None]
-    for start in range(0, len(seqs), BATCH):
-        s = slice(start, start + BATCH)
+    size = score_rows(len(counts), BATCH)
+    for start in range(0, len(seqs), size):
+        s = slice(start, start + size)
         yield row.expand(len(seqs.target[s]), -1), _targets(seqs, s)
 
 
 def regional_scores(seqs: Sequences, counts: np.ndarray, by_region: np.ndarray) -> ScoreBatches:
     table = torch.from_numpy(by_region + TIE_BREAK * counts)
-    for start in range(0, len(seqs), BATCH):
-        s = slice(start, start + BATCH)
+    size = score_rows(len(counts), BATCH, table.element_size())
+    for start in range(0, len(seqs), size):
+        s = slice(start, start + size)
         yield table[seqs.region[s]], _targets(seqs, s)
 
 
@@ -75,10 +77,11 @@ def own_history_scores(seqs: Sequences, history: pd.DataFrame, counts: np.ndarra
     pairs = pd.DataFrame({"row": user_row, "item": known["item_class"].to_numpy()}).dropna()
     pairs = pairs.astype(np.int64).value_counts().reset_index()
     pairs = pairs.sort_values("row", kind="stable")
-    bounds = np.searchsorted(pairs["row"].to_numpy(), np.arange(0, len(seqs) + BATCH, BATCH))
     base = torch.from_numpy(TIE_BREAK * counts)
-    for b, start in enumerate(range(0, len(seqs), BATCH)):
-        s = slice(start, start + BATCH)
+    size = score_rows(len(counts), BATCH, base.element_size())
+    bounds = np.searchsorted(pairs["row"].to_numpy(), np.arange(0, len(seqs) + size, size))
+    for b, start in enumerate(range(0, len(seqs), size)):
+        s = slice(start, start + size)
         part = pairs.iloc[bounds[b] : bounds[b + 1]]
         scores = base.repeat(len(seqs.target[s]), 1)
         rows = torch.from_numpy(part["row"].to_numpy(copy=True) - start)
@@ -220,8 +223,9 @@ def _part_batches(
     targets."""
     n_items, n_cats = len(catalog.items), len(catalog.categories)
     item_category = torch.as_tensor(catalog.item_category)
-    for start in range(0, len(seqs), BATCH):
-        stop = min(start + BATCH, len(seqs))
+    size = score_rows(n_items, BATCH)
+    for start in range(0, len(seqs), size):
+        stop = min(start + size, len(seqs))
         own_category = _dense(feats.categories, start, stop, n_cats)[:, item_category]
         in_basket = (_dense(feats.basket, start, stop, n_items) > 0).float()
         followed = _dense(feats.followed, start, stop, n_items)
