@@ -115,6 +115,13 @@ def baselines(prepared: Prepared) -> dict:
     }
 
 
+def served(model: BehaviorModel, prepared: Prepared, recommendation: dict) -> dict:
+    """What the data's owner would serve (`common.learning.blend`): the model beside the
+    transition-aware rule with the weights `popularity_results` chose, on the test split."""
+    rule = RepeatWeights(**recommendation["transition_aware"]["weights"])
+    return served_results(model, prepared, RuleInputs.of(prepared), rule)["served"]
+
+
 def evaluate_exported(
     run: Path,
     events: pd.DataFrame,

@@ -90,6 +90,8 @@ def test_train_central_on_tiny_synthetic(tmp_path, tiny_events):
         results["baselines"]["recommendation"]
     )
     assert 0 <= results["bert"]["test"]["full"]["hr@10"] <= 1
+    assert results["bert"]["served"]["users"] == results["bert"]["test"]["users"]
+    assert "(served)" in result.output
     assert "calibrated" in results["bert"]["forecast"]
     assert (out / "model.safetensors").stat().st_size > 0
     assert "full ranking" in result.output

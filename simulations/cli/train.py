@@ -103,8 +103,10 @@ def train_central_cmd(
     skip_baselines: Annotated[bool, typer.Option(help="Do not compute the baselines.")] = False,
     given: dict | None = None,
 ) -> None:
-    """Train the BERT behavior model centrally, without privacy; compare it with the baselines."""
-    from simulations.central import baselines, save_run, train_central
+    """Train the BERT behavior model centrally, without privacy; compare it with the baselines,
+    and, beside them, what the data's owner would serve: the model beside the transition-aware
+    rule (`fedshop recommend`)."""
+    from simulations.central import baselines, save_run, served, train_central
 
     cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
@@ -124,12 +126,16 @@ def train_central_cmd(
 
         model, results = train_central(prepared, cfg, on_progress)
         progress.remove_task(user_task)
+    if base:
+        with console.status("weighing the model beside the transition-aware rule"):
+            results["served"] = served(model, prepared, base["recommendation"])
     results = {"source": src.name, "config": cfg.model_dump(), "bert": results, "baselines": base}
     save_run(out, model, prepared, results)
     rows = [("BERT (central, non-private)", results["bert"]["test"])]
     forecast = [(f"BERT {k.replace('_', '-')}", v) for k, v in results["bert"]["forecast"].items()]
     if base:
         rows = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()] + rows
+        rows.append(("BERT + transition-aware rule (served)", results["bert"]["served"]))
         forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()] + forecast
     _print_results(src.name, rows, forecast, prepared.demand_reason)
     console.print(f"results in {out / RESULTS}")
