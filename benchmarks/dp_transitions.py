@@ -16,7 +16,6 @@ The rule's weights are chosen on the validation split as `fedshop baselines` cho
 """
 
 import argparse
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -25,11 +24,10 @@ from common.data.formats import load_events
 from common.learning.dataset import Prepared, prepare
 from common.learning.popularity import (
     TRANSITION_WEIGHTS,
+    RuleInputs,
     Transitions,
-    choose_repeat_weights,
-    item_counts,
+    choose_rule_weights,
     item_transitions,
-    repeat_features,
     repeat_scores,
     user_spread,
 )
@@ -41,13 +39,10 @@ RELEASES = ((3.0, 9.0), (3.0, 12.0), (5.0, 15.0))  # (σ, τ): τ at 3 and 4 σ
 
 def rule(prep: Prepared, transitions: Transitions | None) -> dict[str, float]:
     """The repeat-aware rule plus t · log1p(followers), t chosen on validation (0 allowed)."""
-    counts, catalog = item_counts(prep.train_events, len(prep.catalog.items)), prep.catalog
-    valid = repeat_features(prep.valid, prep.train_events, transitions)
-    test = repeat_features(prep.test, prep.test_history, transitions)
-    weights, _ = choose_repeat_weights(prep.valid, valid, counts, catalog)
-    grid = tuple(replace(weights, transition=t) for t in (0.0, *TRANSITION_WEIGHTS))
-    chosen, _ = choose_repeat_weights(prep.valid, valid, counts, catalog, grid)
-    full = rank_metrics(repeat_scores(prep.test, test, counts, catalog, chosen))["full"]
+    inputs = RuleInputs.with_table(prep, transitions)
+    _, (chosen, _) = choose_rule_weights(prep, inputs, (0.0, *TRANSITION_WEIGHTS))
+    scores = repeat_scores(prep.test, inputs.test, inputs.counts, prep.catalog, chosen)
+    full = rank_metrics(scores)["full"]
     return {"hr@10": full["hr@10"], "ndcg@10": full["ndcg@10"], "t": chosen.transition}
 
 

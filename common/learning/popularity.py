@@ -346,32 +346,37 @@ class RuleInputs:
     its validation and test users; the rules and the served blend read the same ones."""
 
     counts: np.ndarray
-    transitions: Transitions
     valid: RepeatFeatures
     test: RepeatFeatures
 
     @classmethod
     def of(cls, prepared: Prepared) -> RuleInputs:
+        """With the exact transition counts of the training events."""
         n_items = len(prepared.catalog.items)
-        transitions = item_transitions(prepared.train_events, n_items)
+        return cls.with_table(prepared, item_transitions(prepared.train_events, n_items))
+
+    @classmethod
+    def with_table(cls, prepared: Prepared, transitions: Transitions | None) -> RuleInputs:
+        """With the given transition table (None: no item counts as a follower)."""
         # Both rules read the same features: with a transition weight of 0 the followers count
         # for nothing.
         return cls(
-            item_counts(prepared.train_events, n_items),
-            transitions,
+            item_counts(prepared.train_events, len(prepared.catalog.items)),
             repeat_features(prepared.valid, prepared.train_events, transitions),
             repeat_features(prepared.test, prepared.test_history, transitions),
         )
 
 
 def choose_rule_weights(
-    prepared: Prepared, inputs: RuleInputs
+    prepared: Prepared,
+    inputs: RuleInputs,
+    transition_grid: tuple[float, ...] = TRANSITION_WEIGHTS,
 ) -> tuple[tuple[RepeatWeights, dict[str, float]], tuple[RepeatWeights, dict[str, float]]]:
-    """The repeat-aware rule's weights, then the transition-aware rule's (the transition weight
-    beside them), each with its validation metrics."""
+    """The repeat-aware rule's weights, then the transition-aware rule's (a transition weight
+    from `transition_grid` beside them), each with its validation metrics."""
     counts, catalog = inputs.counts, prepared.catalog
     repeat = choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog)
-    grid = tuple(replace(repeat[0], transition=t) for t in TRANSITION_WEIGHTS)
+    grid = tuple(replace(repeat[0], transition=t) for t in transition_grid)
     return repeat, choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog, grid)
 
 
