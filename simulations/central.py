@@ -100,26 +100,27 @@ def model_forecast(model: BehaviorModel, prepared: Prepared, device: torch.devic
     return forecast
 
 
-def baselines(prepared: Prepared) -> dict:
-    """The recommendation baselines, and the forecasting ones where there is a demand series
-    (`no_forecast` says why not)."""
+def baselines(prepared: Prepared, inputs: RuleInputs | None = None) -> dict:
+    """The recommendation baselines (counting `inputs` if given), and the forecasting ones where
+    there is a demand series (`no_forecast` says why not)."""
     if prepared.demand is None:
         return {
-            "recommendation": popularity_results(prepared),
+            "recommendation": popularity_results(prepared, inputs),
             "forecast": {},
             "no_forecast": prepared.demand_reason,
         }
     return {
-        "recommendation": popularity_results(prepared),
+        "recommendation": popularity_results(prepared, inputs),
         "forecast": baseline_scores(prepared.demand, prepared.holdout_weeks),
     }
 
 
-def served(model: BehaviorModel, prepared: Prepared, recommendation: dict) -> dict:
-    """What the data's owner would serve (`common.learning.blend`): the model beside the
-    transition-aware rule with the weights `popularity_results` chose, on the test split."""
-    rule = RepeatWeights(**recommendation["transition_aware"]["weights"])
-    return served_results(model, prepared, RuleInputs.of(prepared), rule)["served"]
+def served(model: BehaviorModel, prepared: Prepared, rules: dict, inputs: RuleInputs) -> dict:
+    """What the data's owner would serve (`common.learning.blend`), and the model alone, on
+    the test split: the model beside the transition-aware rule with the weights that
+    `popularity_results` (`rules`) chose from the same `inputs`."""
+    rule = RepeatWeights(**rules["transition_aware"]["weights"])
+    return served_results(model, prepared, inputs, rule)
 
 
 def evaluate_exported(
@@ -168,11 +169,16 @@ def evaluate_exported(
     base = pool_client_scores([(p, baseline_scores(p.demand, p.holdout_weeks)) for p in demand])
     return {
         "bert": {
-            "test": pool_ranks([served["model"] for _, served, _ in ranked]),
-            "served": pool_ranks([served["served"] for _, served, _ in ranked]),
+            "test": pool_ranks([blend["model"] for _, blend, _ in ranked]),
+            "served": pool_ranks([blend["served"] for _, blend, _ in ranked]),
             "clients": [
-                {"client": name, "users": served["served"]["users"], **_choice(served["served"])}
-                for name, served, _ in ranked
+                {
+                    "client": name,
+                    "users": blend["served"]["users"],
+                    "model_weight": blend["served"]["model_weight"],
+                    "rule": blend["served"]["rule"],
+                }
+                for name, blend, _ in ranked
             ],
             "forecast": model,
         },
@@ -192,12 +198,7 @@ def _own_ranking(model: BehaviorModel, own: Prepared) -> tuple[dict, dict]:
     """One client's served blend and model alone, and its own rules, on its own test users."""
     inputs = RuleInputs.of(own)
     rules = popularity_results(own, inputs)
-    rule = RepeatWeights(**rules["transition_aware"]["weights"])
-    return served_results(model, own, inputs, rule), rules
-
-
-def _choice(served: dict) -> dict:
-    return {"model_weight": served["model_weight"], "rule": served["rule"]}
+    return served(model, own, rules, inputs), rules
 
 
 def pool_ranks(per_client: list[dict]) -> dict:

@@ -66,9 +66,8 @@ class Blend:
 def _log_p(model: BehaviorModel, seqs: Sequences) -> torch.Tensor:
     device = next(model.parameters()).device
     out = torch.empty(len(seqs), model.shape.items)
-    with torch.no_grad():
-        for log_p, _, rows in per_batch(model.score_items, seqs, device, model.shape.items):
-            out[rows] = log_p.float().cpu()
+    for log_p, _, rows in per_batch(model.score_items, seqs, device, model.shape.items):
+        out[rows] = log_p.float().cpu()
     return out
 
 
@@ -79,14 +78,14 @@ def _batches(
     counts: np.ndarray,
     catalog: Catalog,
     rule: RepeatWeights,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(rule scores, model log p, target) for consecutive rows of `seqs`."""
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(rows, rule scores, model log p, target) for consecutive rows of `seqs`."""
     model.eval()
     scored = repeat_scores(seqs, features, counts, catalog, rule)
     starts = range(0, len(seqs), score_rows(len(catalog.items), BATCH))
     for start, (rule_scores, target) in zip(starts, scored, strict=True):
-        part = seqs.subset(np.arange(start, start + len(target)))
-        yield rule_scores, _log_p(model, part), target
+        rows = np.arange(start, start + len(target))
+        yield rows, rule_scores, _log_p(model, seqs.subset(rows)), target
 
 
 def fit_blend(
@@ -95,7 +94,7 @@ def fit_blend(
     """The model weight with the best validation NDCG@10 beside the rule's weights (themselves
     chosen on validation), and its validation metrics."""
     ranks: dict[float, list[torch.Tensor]] = {w: [] for w in MODEL_WEIGHTS}
-    for rule_scores, log_p, target in _batches(
+    for _, rule_scores, log_p, target in _batches(
         model, prepared.valid, inputs.valid, inputs.counts, prepared.catalog, rule
     ):
         for w in MODEL_WEIGHTS:
@@ -111,7 +110,7 @@ def served_results(
     """On the test split: the blend fitted on validation (`served`) and the model alone."""
     blend, valid = fit_blend(model, prepared, inputs, rule)
     served, alone = RankTally(), RankTally()
-    for rule_scores, log_p, target in _batches(
+    for _, rule_scores, log_p, target in _batches(
         model, prepared.test, inputs.test, inputs.counts, prepared.catalog, rule
     ):
         served.add(blend.scores(rule_scores, log_p), target)
@@ -135,9 +134,5 @@ def serve_scores(
     transitions = item_transitions(history, n_items)
     features = repeat_features(seqs, history, transitions)
     counts = item_counts(history, n_items)
-    for start, (rule_scores, log_p, _) in zip(
-        range(0, len(seqs), score_rows(n_items, BATCH)),
-        _batches(model, seqs, features, counts, catalog, blend.rule),
-        strict=True,
-    ):
-        yield blend.scores(rule_scores, log_p), np.arange(start, start + len(log_p))
+    for rows, rule_scores, log_p, _ in _batches(model, seqs, features, counts, catalog, blend.rule):
+        yield blend.scores(rule_scores, log_p), rows

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from common.data.catalog import Catalog
 from common.data.events import sort_events
-from common.data.sequences import encode, history_sequences
+from common.data.sequences import Sequences, encode, history_sequences
 from common.digest import DIGEST, array_digest
 from common.learning.blend import Blend, fit_blend, serve_scores
 from common.learning.configs import ModelConfig
@@ -58,9 +58,15 @@ def checked_weights(path: Path) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value) for name, value in tensors.items()}
 
 
-def user_histories(exp: Exported, events: pd.DataFrame):
+def encoded_histories(exp: Exported, events: pd.DataFrame) -> tuple[pd.DataFrame, Sequences]:
+    """`events` encoded with the model's catalog (sorted by user and time), and each user's
+    history as the model's input."""
     enc = encode(sort_events(events), exp.catalog)
-    return history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.history)
+    return enc, history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.history)
+
+
+def user_histories(exp: Exported, events: pd.DataFrame) -> Sequences:
+    return encoded_histories(exp, events)[1]
 
 
 def recommend(
@@ -71,8 +77,7 @@ def recommend(
     `events` (`common.learning.blend`), with the weights chosen on `events` held out
     leave-last-out. Where no user has enough events to choose them, the model alone."""
     blend = served_blend(exp, events)
-    enc = encode(sort_events(events), exp.catalog)
-    seqs = history_sequences(enc, len(exp.catalog.top_categories), exp.model.cfg.history)
+    enc, seqs = encoded_histories(exp, events)
     if users is not None:
         seqs = seqs.subset(np.flatnonzero(np.isin(seqs.users, users)))
     rows = []

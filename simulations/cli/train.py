@@ -106,13 +106,15 @@ def train_central_cmd(
     """Train the BERT behavior model centrally, without privacy; compare it with the baselines,
     and, beside them, what the data's owner would serve: the model beside the transition-aware
     rule (`fedshop recommend`)."""
+    from common.learning.popularity import RuleInputs
     from simulations.central import baselines, save_run, served, train_central
 
     cfg = _central_config(given or {})
     src = events_from(data, fmt, spec, maps)
     with console.status("preparing sequences"):
         prepared = _prepared(src, history_len=cfg.model.history)
-    base = None if skip_baselines else baselines(prepared)
+    inputs = None if skip_baselines else RuleInputs.of(prepared)
+    base = None if inputs is None else baselines(prepared, inputs)
     with Progress(*_columns(), console=console) as progress:
         epoch_task = progress.add_task("epochs", total=cfg.train.epochs, status="")
         user_task = progress.add_task("users", total=len(prepared.train), status="")
@@ -128,7 +130,7 @@ def train_central_cmd(
         progress.remove_task(user_task)
     if base:
         with console.status("weighing the model beside the transition-aware rule"):
-            results["served"] = served(model, prepared, base["recommendation"])
+            results["served"] = served(model, prepared, base["recommendation"], inputs)["served"]
     results = {"source": src.name, "config": cfg.model_dump(), "bert": results, "baselines": base}
     save_run(out, model, prepared, results)
     rows = [("BERT (central, non-private)", results["bert"]["test"])]
