@@ -198,10 +198,8 @@ def main() -> None:
     parser.add_argument("--tafeng", type=Path, help="the real ta_feng.csv.zip instead of synthetic")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     args = parser.parse_args()
-    # Notices for real training runs (Opacus' RNG mode, hooks on inputs without gradients); they
-    # would only bury the table here.
+    # A notice for real training runs (Opacus' RNG mode); it would only bury the table here.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     steps = 5 if args.quick else args.steps
     device = pick_device(args.device)
     model_cfg, run = ModelConfig(), RunConfig(batch_size=args.batch)

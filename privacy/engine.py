@@ -1,9 +1,11 @@
 """Opacus' `PrivacyEngine`, with per-user clipping that reads the item table's per-user
 gradients from their non-zero rows, and no batch-summed gradients DP-SGD would not read.
 
-Everything else is Opacus': the hooks, Poisson sampling, the noise, the accountant. Two things
-change. The wrapped model no longer has autograd compute the batch-summed gradient of weights
-whose per-user gradients Opacus takes anyway (`skip_summed_gradients`). And in
+Everything else is Opacus': the grad samplers, Poisson sampling, the noise, the accountant.
+Three things change. The wrapped model takes each layer's backprops from a hook on its output
+tensor rather than a full backward hook (`OutputHookedGradSampleModule`). It no longer has
+autograd compute the batch-summed gradient of weights whose per-user gradients Opacus takes
+anyway (`skip_summed_gradients`). And in
 `clip_and_accumulate`, a `SparseRowsEmbedding` weight (the item table, tens of
 thousands of rows of which a user touches a few hundred) records its per-user gradients as
 (user, row, vector) entries instead of a dense [users, rows, dim] tensor, and a weight also used
@@ -16,11 +18,15 @@ from its own tensors, at a fraction of the memory traffic.
 
 from __future__ import annotations
 
+from functools import partial
+
 import opacus
 import torch
 from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.functorch import prepare_layer
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _mark_as_processed
+from opacus.utils.module_utils import requires_grad
 from torch import nn
 
 from common.learning.packed import take_user_rows
@@ -171,14 +177,86 @@ class _ThawOnRemove:
             _thaw(layer)
 
 
-class PrivacyEngine(opacus.PrivacyEngine):
-    """Opacus' engine whose `make_private` returns a `SparseRowsDPOptimizer` and whose wrapped
-    model skips the gradients DP-SGD does not read (`skip_summed_gradients`)."""
+class OutputHookedGradSampleModule(GradSampleModule):
+    """Opacus' `GradSampleModule`, taking each layer's backprops from a hook on the layer's output
+    tensor instead of a full backward hook on the layer: both receive the gradient with respect
+    to the output, and the per-user gradients are Opacus' own from there on. A full backward hook
+    wraps the layer's inputs and outputs in an autograd function of its own at every call, and
+    Opacus hooks ~40 layers of this model; the tensor hook made a DP step of the Ta-Feng-sized
+    model 5–8 % faster, side by side in one process. Nor does it warn where no input of the layer
+    needs a gradient (an embedding's indices), as the full hook did."""
 
-    def _prepare_model(self, module: nn.Module, **kwargs: object) -> GradSampleModule:
-        wrapped = super()._prepare_model(module, **kwargs)
-        if not isinstance(wrapped, GradSampleModule):
-            raise ValueError("fedshop's DP-SGD uses Opacus' hooks (grad_sample_mode='hooks')")
+    def add_hooks(
+        self,
+        *,
+        loss_reduction: str = "mean",
+        batch_first: bool = True,
+        force_functorch: bool = False,
+    ) -> None:
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks = []
+        on_output = partial(
+            self._hook_output, loss_reduction=loss_reduction, batch_first=batch_first
+        )
+        for module in self.iterate_submodules(self._module):
+            if force_functorch or type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=batch_first)
+            self.autograd_grad_sample_hooks += [
+                module.register_forward_hook(self.capture_activations_hook),
+                module.register_forward_hook(on_output),
+            ]
+        self.enable_hooks()
+
+    def _hook_output(
+        self,
+        module: nn.Module,
+        args: tuple,
+        output: torch.Tensor,
+        *,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> None:
+        # `capture_activations_hook`'s own test: one backprops for each activations it kept.
+        if not (
+            self.hooks_enabled
+            and module.training
+            and torch.is_grad_enabled()
+            and requires_grad(module)
+        ):
+            return
+
+        def capture(grad: torch.Tensor) -> None:
+            self.capture_backprops_hook(
+                module, args, (grad,), loss_reduction=loss_reduction, batch_first=batch_first
+            )
+
+        output.register_hook(capture)
+
+
+class PrivacyEngine(opacus.PrivacyEngine):
+    """Opacus' engine whose `make_private` returns a `SparseRowsDPOptimizer`, and wraps the model
+    in an `OutputHookedGradSampleModule` that skips the gradients DP-SGD does not read
+    (`skip_summed_gradients`)."""
+
+    def _prepare_model(
+        self,
+        module: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+        **_: object,  # max_grad_norm: only Opacus' ghost clipping reads it here
+    ) -> GradSampleModule:
+        if grad_sample_mode != "hooks" or not wrap_model or isinstance(module, GradSampleModule):
+            raise ValueError(
+                "fedshop's DP-SGD wraps a plain module in Opacus' hooks (grad_sample_mode='hooks')"
+            )
+        self.validate(module=module, optimizer=None, data_loader=None)
+        wrapped = OutputHookedGradSampleModule(
+            module, batch_first=batch_first, loss_reduction=loss_reduction
+        )
         skip_summed_gradients(wrapped)
         return wrapped
 

@@ -405,7 +405,8 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
 def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
     """Under the engine's hooks, autograd computes no batch-summed gradient: not for a layer
     fed by a gradient-carrying input, nor for an embedding whose indices carry none (its
-    backprops still reach Opacus); once the hooks are removed, plain training has them back."""
+    backprops still reach Opacus, through a hook on its output); once the hooks are removed,
+    none is left and plain training has the gradients back."""
     model = BehaviorModel(TINY_MODEL, prepared.shape)
     trainable = [p.requires_grad for p in model.parameters()]
     dp_model, _, _ = PrivacyEngine(accountant="rdp").make_private(
@@ -415,6 +416,8 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
         noise_multiplier=0.0,
         max_grad_norm=1.0,
     )
+    # The backprops come from hooks on the layers' outputs: no full backward hook anywhere.
+    assert not any(m._backward_hooks for m in model.modules())
     query = model.bert.encoder.layer[0].attention.self.query.weight
     batch = _batch(prepared, 4).trim()
     per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
@@ -436,6 +439,7 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
         gap(torch.tensor([10**6]))
     dp_model.remove_hooks()  # so does removing the hooks
     assert gap.weight.requires_grad
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     per_user_loss(model, batch, 0.5)[0].mean().backward()
     assert query.grad is not None and query.grad.abs().sum() > 0 and gap.weight.grad is not None
 
