@@ -4,7 +4,10 @@ the default synthetic data and a Ta-Feng-sized catalog (synthetic stand-in, or t
 (`train_epoch`, Adam, the run config's batch size and learning rate); the DP side is wrapped as
 clients wrap it: the clients' own Poisson loader (exactly 1/q steps, OS-seeded), Opacus
 `make_private`, per-user clipping, Gaussian noise. The
-two sides take turns in chunks of steps, so a shared machine's changing load hits both alike.
+two sides take turns in chunks of steps, so a shared machine's changing load hits both alike;
+the DP / non-private figure is the median over those pairs of chunks, with their interquartile
+range, as one chunk slowed by the machine would move a ratio of sums (two runs of 60 steps each
+read 0.74× and 0.80× that way).
 
     python benchmarks/throughput.py [--steps 60] [--quick] [--tafeng PATH/ta_feng.csv.zip]
 """
@@ -12,9 +15,10 @@ two sides take turns in chunks of steps, so a shared machine's changing load hit
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -67,6 +71,14 @@ class Result:
     parameters: int
     plain: float  # users/s
     private: float
+    ratios: list[float]  # DP / non-private users/s of each pair of chunks
+
+    def ratio(self) -> str:
+        """The median ratio of paired chunks and its interquartile range."""
+        if len(self.ratios) < 2:  # --quick: one chunk
+            return f"{self.ratios[0]:.2f}x"
+        low, median, high = statistics.quantiles(self.ratios, n=4)
+        return f"{median:.2f}x ({low:.2f}–{high:.2f})"
 
 
 def synthetic(name: str, cfg: SynthConfig, model: ModelConfig) -> Workload:
@@ -93,6 +105,7 @@ class Side:
     batches: DataLoader
     users: int = 0
     seconds: float = 0.0
+    chunks: list[float] = field(default_factory=list)  # users/s of each timed chunk
 
     def train(self, steps: int, demand_weight: float, device: torch.device) -> tuple[int, float]:
         start = time.perf_counter()
@@ -106,6 +119,7 @@ class Side:
     def timed(self, steps: int, demand_weight: float, device: torch.device) -> None:
         users, seconds = self.train(steps, demand_weight, device)
         self.users, self.seconds = self.users + users, self.seconds + seconds
+        self.chunks.append(users / seconds)
 
     @property
     def rate(self) -> float:
@@ -157,7 +171,8 @@ def measure(work: Workload, model_cfg: ModelConfig, run: RunConfig, steps: int, 
         for side in (plain, private):
             side.timed(min(CHUNK, steps - start), model_cfg.demand_weight, device)
     trainable = sum(p.numel() for p in plain.model.parameters() if p.requires_grad)
-    return Result(work, trainable, plain.rate, private.rate)
+    ratios = [p / n for n, p in zip(plain.chunks, private.chunks, strict=True)]
+    return Result(work, trainable, plain.rate, private.rate, ratios)
 
 
 def table(results: list[Result], title: str) -> Table:
@@ -177,7 +192,7 @@ def table(results: list[Result], title: str) -> Table:
             "load + prepare, s": f"{r.workload.load_s:.0f}",
             "non-private, users/s": f"{r.plain:,.1f}",
             "DP-SGD, users/s": f"{r.private:,.1f}",
-            "DP / non-private": f"{r.private / r.plain:.2f}x",
+            "DP / non-private, median (IQR)": r.ratio(),
             "epoch non-private, s": f"{users / r.plain:,.0f}",
             "epoch DP-SGD, s": f"{users / r.private:,.0f}",
         }
