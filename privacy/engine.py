@@ -25,7 +25,11 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import prepare_layer
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _mark_as_processed
+from opacus.optimizers.optimizer import (
+    _check_processed_flag,
+    _generate_noise,
+    _mark_as_processed,
+)
 from opacus.utils.module_utils import requires_grad
 from torch import nn
 
@@ -69,6 +73,19 @@ class SparseRowsDPOptimizer(DPOptimizer):
         for p in self.params:
             p.summed_grad = clipped[p] if p.summed_grad is None else p.summed_grad + clipped[p]
             _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        # One draw for every parameter at once, with Opacus' own `_generate_noise` (secure mode
+        # as configured). Drawn per parameter, as Opacus does, each of ~70 calls also zero-fills
+        # a tensor it discards: 1.4 % of a Ta-Feng-sized DP step, side by side in one process.
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+        summed = torch.cat([p.summed_grad.flatten() for p in self.params])
+        std = self.noise_multiplier * self.max_grad_norm
+        noisy = summed + _generate_noise(std, summed, self.generator, self.secure_mode)
+        for p, grad in zip(self.params, noisy.split([p.numel() for p in self.params]), strict=True):
+            p.grad = grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         # Opacus' own re-reads `accumulated_iterations`, itself a pass over every parameter,

@@ -199,6 +199,30 @@ def test_an_empty_poisson_batch_still_takes_a_noisy_accounted_step():
     assert engine.accountant.history == [(1.0, 0.1, 1)]
 
 
+def test_every_parameter_gets_its_own_noise_at_the_planned_scale():
+    """One Gaussian draw serves all parameters (`SparseRowsDPOptimizer.add_noise`): each
+    coordinate still gets N(0, (σ·C)²) on the clipped sum, divided by the expected batch size,
+    and no two parameters share their noise."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 60), torch.nn.Linear(60, 50))
+    _, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=dp_loader(_Rows(50), _mechanism(0.1, 10), torch_generator()),
+        noise_multiplier=2.0,
+        max_grad_norm=0.5,
+        poisson_sampling=False,
+    )
+    opt.empty_step()  # nothing to clip: the gradients are the noise alone
+    scale = 2.0 * 0.5 / opt.expected_batch_size
+    grads = [p.grad.flatten() for p in model.parameters()]
+    assert [g.numel() for g in grads] == [2400, 60, 3000, 50]
+    for big in (grads[0], grads[2]):
+        assert big.std().item() == pytest.approx(scale, rel=0.06)
+        assert abs(big.mean().item()) < 4 * scale / big.numel() ** 0.5
+    assert not torch.equal(grads[1], grads[0][:60]) and not torch.equal(grads[3], grads[2][:50])
+
+
 @pytest.mark.parametrize("per_epoch", [1, 2, 93, 99])
 def test_honest_ledgers_of_real_opacus_rounds_verify(tmp_path, per_epoch):
     """Two rounds through Opacus for batch counts where 1/int(1/q) ≠ q used to break ledgers."""
