@@ -162,7 +162,7 @@ def evaluate_exported(
         except NoHistory:
             continue
         clients.append(own)
-        ranked.append((part.name, *_own_ranking(exported.model, own)))
+        ranked.append((part.name, *own_ranking(exported.model, own)))
     demand = [p for p in clients if p.demand is not None]
     cpu = torch.device("cpu")
     model = pool_client_scores([(p, model_forecast(exported.model, p, cpu)) for p in demand])
@@ -194,8 +194,8 @@ def evaluate_exported(
     }
 
 
-def _own_ranking(model: BehaviorModel, own: Prepared) -> tuple[dict, dict]:
-    """One client's served blend and model alone, and its own rules, on its own test users."""
+def own_ranking(model: BehaviorModel, own: Prepared) -> tuple[dict, dict]:
+    """One region's served blend and model alone, and its own rules, on its own test users."""
     inputs = RuleInputs.of(own)
     rules = popularity_results(own, inputs)
     return served(model, own, rules, inputs), rules

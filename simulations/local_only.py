@@ -2,7 +2,10 @@
 
 It is the floor federation has to beat. Each region gets the same shared catalog and demand
 calendar as in the federated run; metrics are pooled like the server pools them (users for
-HR/NDCG, sums of absolute errors and of actual units for WAPE).
+HR/NDCG, sums of absolute errors and of actual units for WAPE). Beside its model alone, each
+region also has what it would serve with it (the model beside its own transition-aware rule,
+`common.learning.blend`) and its rules, as the simulation's exact table scores a federated
+model, so the two compare row by row.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from common.learning.dataset import NoHistory, prepare
 from common.learning.demand import PRIMARY, forecast_holdout
 from common.learning.forecasting import score
 from common.learning.training import pick_device
-from simulations.central import CentralConfig, train_central
+from simulations.central import CentralConfig, own_ranking, pool_ranks, train_central
 
 
 def train_local_only(
@@ -31,7 +34,7 @@ def train_local_only(
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
     start = str(events["timestamp"].min().normalize().date())
     device = pick_device(cfg.train.device)
-    per_client, skipped, users, hr, ndcg, err, actual_sum = {}, {}, 0, 0.0, 0.0, 0.0, 0.0
+    per_client, skipped, ranked, err, actual_sum = {}, {}, [], 0.0, 0.0
     for part in plan(events, clients):
         try:
             prepared = prepare(
@@ -44,12 +47,16 @@ def train_local_only(
         except NoHistory as exc:
             skipped[part.name] = str(exc)
             continue
-        model, results = train_central(prepared, cfg)
-        n = results["test"]["users"]
-        users += n
-        hr += n * results["test"]["full"]["hr@10"]
-        ndcg += n * results["test"]["full"]["ndcg@10"]
-        per_client[part.name] = {"users": n, "test": results["test"]["full"]}
+        model, _ = train_central(prepared, cfg)
+        blend, rules = own_ranking(model, prepared)
+        ranked.append((blend, rules))
+        served = blend["served"]
+        per_client[part.name] = {
+            "users": served["users"],
+            "test": blend["model"]["full"],
+            "served": served["full"],
+            "model_weight": served["model_weight"],
+        }
         if prepared.demand is None:
             per_client[part.name]["no_forecast"] = prepared.demand_reason
             continue
@@ -57,15 +64,23 @@ def train_local_only(
         err += float(np.abs(actual - forecasts[PRIMARY]).sum())
         actual_sum += float(actual.sum())
         per_client[part.name]["forecast"] = score(actual, forecasts[PRIMARY])
-    if not users:
+    if not ranked:
         raise NoHistory(f"no region has a user with {MIN_EVENTS} or more events")
+    alone = pool_ranks([blend["model"] for blend, _ in ranked])
     return {
         "clients": per_client,
         "skipped": skipped,
         "pooled": {
-            "users": users,
-            "hr@10": hr / users,
-            "ndcg@10": ndcg / users,
+            "users": alone["users"],
+            "hr@10": alone["full"]["hr@10"],
+            "ndcg@10": alone["full"]["ndcg@10"],
             "wape": err / actual_sum if actual_sum else float("nan"),
+        },
+        "ranking": {
+            "model": alone,
+            "served": pool_ranks([blend["served"] for blend, _ in ranked]),
+            "rules_own_region": {
+                rule: pool_ranks([rules[rule] for _, rules in ranked]) for rule in ranked[0][1]
+            },
         },
     }

@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from simulations.cli import app
@@ -108,8 +109,14 @@ def test_train_local_on_a_mapped_file(tmp_path, tiny_events):
     mapped = ["--data", str(data), "--map", f"{columns},{rest}"]
     result = runner.invoke(app, ["train-local", *mapped, *args, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    pooled = json.loads((out / "results.json").read_text())["pooled"]
+    results = json.loads((out / "results.json").read_text())
+    pooled, ranking = results["pooled"], results["ranking"]
     assert pooled["users"] > 0 and 0 <= pooled["hr@10"] <= 1
+    # Each region's model beside its own rule, as the simulation scores a federated one.
+    assert ranking["model"]["full"]["hr@10"] == pytest.approx(pooled["hr@10"])
+    assert ranking["served"]["users"] == ranking["model"]["users"] == pooled["users"]
+    assert {"own_history", "repeat_aware", "transition_aware"} <= set(ranking["rules_own_region"])
+    assert "local model alone" in result.output and "(served)" in result.output
     assert "local-only, pooled over" in result.output
 
 

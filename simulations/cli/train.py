@@ -174,6 +174,15 @@ def train_local_cmd(
     for name, c in results["clients"].items():
         if "no_forecast" in c:
             console.print(f"[dim]{escape(name)}: {escape(c['no_forecast'])}[/]")
+    ranking = results["ranking"]
+    rows = [
+        (f"{k.replace('_', ' ')}, own region's", v) for k, v in ranking["rules_own_region"].items()
+    ]
+    rows += [
+        ("local model alone", ranking["model"]),
+        ("local model + own region's transition rule (served)", ranking["served"]),
+    ]
+    console.print(_ranking_table(f"{src.name}, every region alone", rows))
     p = results["pooled"]
     console.print(
         f"local-only, pooled over {p['users']:,} users: HR@10 {p['hr@10']:.4f}  "
@@ -357,6 +366,19 @@ def _print_results(
     forecast: list[tuple[str, dict]],
     no_forecast: str | None = None,
 ) -> None:
+    console.print(_ranking_table(title, rows))
+    if no_forecast:
+        console.print(f"demand per region × top category × week: {escape(no_forecast)}")
+        return
+    fc = Table(title="demand per region × top category × week, last 4 weeks held out")
+    for col in ("forecast", "WAPE", "MAE", "interval coverage"):
+        fc.add_column(col)
+    for name, m in forecast:
+        fc.add_row(_label(name, m), f"{m['wape']:.3f}", f"{m['mae']:.2f}", _coverage(m))
+    console.print(fc)
+
+
+def _ranking_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     table = Table(
         title=f"{title}: next-item, leave-last-out, full ranking (sampled-100 in brackets)"
     )
@@ -369,16 +391,7 @@ def _print_results(
             f"{f['hr@10']:.4f} ({s['hr@10']:.3f})",
             f"{f['ndcg@10']:.4f} ({s['ndcg@10']:.3f})",
         )
-    console.print(table)
-    if no_forecast:
-        console.print(f"demand per region × top category × week: {escape(no_forecast)}")
-        return
-    fc = Table(title="demand per region × top category × week, last 4 weeks held out")
-    for col in ("forecast", "WAPE", "MAE", "interval coverage"):
-        fc.add_column(col)
-    for name, m in forecast:
-        fc.add_row(_label(name, m), f"{m['wape']:.3f}", f"{m['mae']:.2f}", _coverage(m))
-    console.print(fc)
+    return table
 
 
 def _coverage(m: dict) -> str:
