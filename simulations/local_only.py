@@ -10,7 +10,6 @@ model, so the two compare row by row.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from common.data.catalog import Catalog
@@ -18,10 +17,14 @@ from common.data.events import MIN_EVENTS
 from common.data.partition import plan, select
 from common.data.sequences import leave_last_out
 from common.learning.dataset import NoHistory, prepare
-from common.learning.demand import PRIMARY, forecast_holdout
-from common.learning.forecasting import score
-from common.learning.training import pick_device
-from simulations.central import CentralConfig, own_ranking, pool_ranks, train_central
+from common.learning.demand import PRIMARY
+from simulations.central import (
+    CentralConfig,
+    own_ranking,
+    pool_client_scores,
+    pool_ranks,
+    train_central,
+)
 
 
 def train_local_only(
@@ -33,8 +36,7 @@ def train_local_only(
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
     start = str(events["timestamp"].min().normalize().date())
-    device = pick_device(cfg.train.device)
-    per_client, skipped, ranked, err, actual_sum = {}, {}, [], 0.0, 0.0
+    per_client, skipped, ranked, forecasts = {}, {}, [], []
     for part in plan(events, clients):
         try:
             prepared = prepare(
@@ -47,7 +49,7 @@ def train_local_only(
         except NoHistory as exc:
             skipped[part.name] = str(exc)
             continue
-        model, _ = train_central(prepared, cfg)
+        model, results = train_central(prepared, cfg)
         blend, rules = own_ranking(model, prepared)
         ranked.append((blend, rules))
         served = blend["served"]
@@ -60,10 +62,8 @@ def train_local_only(
         if prepared.demand is None:
             per_client[part.name]["no_forecast"] = prepared.demand_reason
             continue
-        actual, forecasts = forecast_holdout(model, prepared, device)
-        err += float(np.abs(actual - forecasts[PRIMARY]).sum())
-        actual_sum += float(actual.sum())
-        per_client[part.name]["forecast"] = score(actual, forecasts[PRIMARY])
+        per_client[part.name]["forecast"] = results["forecast"][PRIMARY]
+        forecasts.append((prepared, results["forecast"]))
     if not ranked:
         raise NoHistory(f"no region has a user with {MIN_EVENTS} or more events")
     alone = pool_ranks([blend["model"] for blend, _ in ranked])
@@ -74,7 +74,7 @@ def train_local_only(
             "users": alone["users"],
             "hr@10": alone["full"]["hr@10"],
             "ndcg@10": alone["full"]["ndcg@10"],
-            "wape": err / actual_sum if actual_sum else float("nan"),
+            "wape": pool_client_scores(forecasts).get(PRIMARY, {}).get("wape", float("nan")),
         },
         "ranking": {
             "model": alone,

@@ -78,14 +78,6 @@ def holdout_forecast(
     )
 
 
-def forecast_holdout(
-    model: BehaviorModel, prepared: Prepared, device: torch.device
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Actual holdout demand [S, W] and the model's forecasts of it by name (PRIMARY first)."""
-    result = holdout_forecast(model, prepared, device)
-    return result.actual, result.forecasts
-
-
 def model_sums(
     exp: Exported, events: pd.DataFrame, series: DemandSeries, cuts: list[pd.Timestamp]
 ) -> dict[pd.Timestamp, np.ndarray]:
