@@ -181,19 +181,27 @@ def test_the_planned_sample_rate_is_the_one_opacus_accounts(users, batch, epochs
     assert 1 / per_epoch == q  # what Opacus derives from a loader of `per_epoch` batches
 
 
-def test_an_empty_poisson_batch_still_takes_a_noisy_accounted_step():
-    """Skipping the step would show in the update whether anyone was sampled."""
-    model = torch.nn.Linear(3, 2)
-    before = [p.detach().clone() for p in model.parameters()]
+def _private(
+    model: torch.nn.Module, noise_multiplier: float, clip: float
+) -> tuple[PrivacyEngine, torch.optim.Optimizer]:
+    """`model` made private as a client does (its Poisson loader: 50 users, q = 0.1), SGD."""
     engine = PrivacyEngine(accountant="rdp")
     _, opt, _ = engine.make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=dp_loader(_Rows(50), _mechanism(0.1, 10), torch_generator()),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip,
         poisson_sampling=False,
     )
+    return engine, opt
+
+
+def test_an_empty_poisson_batch_still_takes_a_noisy_accounted_step():
+    """Skipping the step would show in the update whether anyone was sampled."""
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine, opt = _private(model, noise_multiplier=1.0, clip=1.0)
     opt.empty_step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     assert engine.accountant.history == [(1.0, 0.1, 1)]
@@ -205,14 +213,7 @@ def test_every_parameter_gets_its_own_noise_at_the_planned_scale():
     and no two parameters share their noise."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(40, 60), torch.nn.Linear(60, 50))
-    _, opt, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=dp_loader(_Rows(50), _mechanism(0.1, 10), torch_generator()),
-        noise_multiplier=2.0,
-        max_grad_norm=0.5,
-        poisson_sampling=False,
-    )
+    _, opt = _private(model, noise_multiplier=2.0, clip=0.5)
     opt.empty_step()  # nothing to clip: the gradients are the noise alone
     scale = 2.0 * 0.5 / opt.expected_batch_size
     grads = [p.grad.flatten() for p in model.parameters()]
