@@ -136,11 +136,12 @@ def skip_summed_gradients(wrapped: GradSampleModule) -> None:
     per-user sum), and on 2 cores it was ~10 ms of a ~130 ms Ta-Feng step.
 
     While a layer trains under Opacus' hooks, its own weights leave the autograd graph for its
-    forward call. The gradient with respect to its input still flows, so Opacus' backward hook
-    still receives the layer's backprops; where the weights were the output's only way into the
-    graph (an embedding's indices), the output becomes a leaf that asks for its gradient, with
-    the same effect. The hooks join Opacus' own, so `remove_hooks` removes them too, and gives
-    back weights that a forward call which raised left out of the graph.
+    forward call. The gradient with respect to its output still flows, so the hook on that
+    output (`OutputHookedGradSampleModule`) still receives the layer's backprops; where the
+    weights were the output's only way into the graph (an embedding's indices), the output
+    becomes a leaf that asks for its gradient, with the same effect. The hooks join Opacus' own,
+    so `remove_hooks` removes them too, and gives back weights that a forward call which raised
+    left out of the graph.
 
     Autograd no longer saves these layers' inputs, so it no longer refuses a backward pass after
     one of them was changed in place; Opacus' copy of the input, and the per-user gradient, would
@@ -169,7 +170,8 @@ def skip_summed_gradients(wrapped: GradSampleModule) -> None:
     for layer in layers:
         wrapped.autograd_grad_sample_hooks += [
             layer.register_forward_pre_hook(freeze),
-            # First of the forward hooks: Opacus' own must find the weights trainable.
+            # First of the forward hooks: the capturing ones must find the weights trainable
+            # and the output asking for its gradient.
             layer.register_forward_hook(thaw, prepend=True),
         ]
     wrapped.autograd_grad_sample_hooks.append(_ThawOnRemove(layers))
