@@ -86,8 +86,8 @@ def baselines_cmd(
     save_run(out, None, prepared, {"source": src.name, "baselines": base})
     _print_results(
         src.name,
-        [(k.replace("_", " "), v) for k, v in base["recommendation"].items()],
-        [(k.replace("_", " "), v) for k, v in base["forecast"].items()],
+        _rows(base["recommendation"]),
+        _rows(base["forecast"]),
         prepared.demand_reason,
     )
 
@@ -136,9 +136,9 @@ def train_central_cmd(
     rows = [("BERT (central, non-private)", results["bert"]["test"])]
     forecast = [(f"BERT {k.replace('_', '-')}", v) for k, v in results["bert"]["forecast"].items()]
     if base:
-        rows = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()] + rows
+        rows = _rows(base["recommendation"]) + rows
         rows.append(("BERT + transition-aware rule (served)", results["bert"]["served"]))
-        forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()] + forecast
+        forecast = _rows(base["forecast"]) + forecast
     _print_results(src.name, rows, forecast, prepared.demand_reason)
     console.print(f"results in {out / RESULTS}")
 
@@ -176,9 +176,7 @@ def train_local_cmd(
             console.print(f"[dim]{escape(name)}: {escape(c['no_forecast'])}[/]")
     ranking = results["ranking"]
     rows = [
-        (f"{k.replace('_', ' ')}, own region's", v) for k, v in ranking["rules_own_region"].items()
-    ]
-    rows += [
+        *_rows(ranking["rules_own_region"], ", own region's"),
         ("local model alone", ranking["model"]),
         ("local model + own region's transition rule (served)", ranking["served"]),
     ]
@@ -378,6 +376,11 @@ def _print_results(
     console.print(fc)
 
 
+def _rows(named: dict[str, dict], suffix: str = "") -> list[tuple[str, dict]]:
+    """Table rows from results keyed by their snake_case names."""
+    return [(k.replace("_", " ") + suffix, v) for k, v in named.items()]
+
+
 def _ranking_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     table = Table(
         title=f"{title}: next-item, leave-last-out, full ranking (sampled-100 in brackets)"
@@ -455,15 +458,13 @@ def _print_exact(
     write_json(out / RESULTS, exact)
     name = f"fedshop, federated, {f'DP ε={cfg.epsilon:g}' if cfg.dp else 'no DP'}"
     base = exact["baselines"]
-    rules = [(k.replace("_", " "), v) for k, v in base["recommendation"].items()]
-    own = [(k.replace("_", " "), v) for k, v in base["recommendation_own_region"].items()]
     rows = [
-        *((f"{k}, every region's data", v) for k, v in rules),
-        *((f"{k}, own region's", v) for k, v in own),
+        *_rows(base["recommendation"], ", every region's data"),
+        *_rows(base["recommendation_own_region"], ", own region's"),
         (f"{name}, alone", exact["bert"]["test"]),
         (f"{name} + own region's transition rule (served)", exact["bert"]["served"]),
     ]
-    forecast = [(k.replace("_", " "), v) for k, v in base["forecast"].items()]
+    forecast = _rows(base["forecast"])
     model = exact["bert"]["forecast"].items()
     _print_results(
         f"{name}, exact (a simulation holds every client's data; the rounds above are the "
