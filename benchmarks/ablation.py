@@ -49,6 +49,7 @@ def run(prepared, cfg: ModelConfig, args, epsilon: float | None) -> dict:
             target_delta=args.delta,
             epochs=args.epochs,
             max_grad_norm=1.0,
+            loss_reduction="sum",
         )
     start = time.perf_counter()
     for _ in range(args.epochs):

@@ -151,6 +151,7 @@ def sides(work: Workload, model_cfg: ModelConfig, run: RunConfig, device) -> tup
         max_grad_norm=run.clip_norm,
         poisson_sampling=False,
         noise_generator=torch_generator(device),
+        loss_reduction="sum",
     )
     return (
         Side(

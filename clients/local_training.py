@@ -81,6 +81,7 @@ def train_private(
         max_grad_norm=mech.clip_norm,
         poisson_sampling=False,  # the loader already samples (Poisson, exact steps)
         noise_generator=torch_generator(device),
+        loss_reduction="sum",  # per-user gradients without rescaling every layer's backprops
     )
     # Opacus divides the noisy sum by len(dataset) × q: the exact user count. The released
     # count gives the same scale without making the update's size a function of the exact one.

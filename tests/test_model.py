@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import grad_sample_module
 from opacus.validators import ModuleValidator
 
 from common.data.sequences import IGNORE, Batch
@@ -353,11 +354,13 @@ def test_opacus_validator_accepts_the_model(prepared):
     assert ModuleValidator.validate(BehaviorModel(TINY_MODEL, prepared.shape), strict=False) == []
 
 
-def test_dp_sgd_clips_each_users_exact_gradient(prepared):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_dp_sgd_clips_each_users_exact_gradient(prepared, reduction):
     """DP-SGD's clipped sum (noise off) equals Σ_u clip(g_u) over each user's own gradient
     computed alone: per-user gradients from Opacus (the packed heads, the encoder's windows
     summed per user, both uses of each tied weight) and the item and category tables' own
-    records, clipped over all parameters together."""
+    records, clipped over all parameters together; from a summed loss (the clients') as from
+    a mean, and with the update scaled by the expected batch size either way."""
     torch.manual_seed(0)
     cfg = TINY_MODEL.model_copy(update={"dropout": 0.0})
     model = _released(BehaviorModel(cfg, prepared.shape))
@@ -381,10 +384,12 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
         noise_multiplier=0.0,
         max_grad_norm=clip,
         poisson_sampling=True,
+        loss_reduction=reduction,
     )
     for check_per_user in (True, False):
         optimizer.zero_grad()
-        per_user_loss(dp_model, batch, 0.5)[0].mean().backward()
+        total = per_user_loss(dp_model, batch, 0.5)[0]
+        (total.sum() if reduction == "sum" else total.mean()).backward()
         if check_per_user:
             for name, param in trainable.items():
                 recorded = take_user_rows(param)  # the item and category tables keep their own
@@ -399,14 +404,50 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared):
     for name, param in trainable.items():
         expected = sum(f * a[name] for f, a in zip(factor, alone, strict=True))
         assert torch.allclose(param.summed_grad, expected, atol=1e-5, rtol=1e-4), name
+    optimizer.add_noise()  # σ = 0
+    optimizer.scale_grad()
+    for name, param in trainable.items():
+        assert torch.equal(param.grad, param.summed_grad / optimizer.expected_batch_size), name
     dp_model.remove_hooks()
 
 
-def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
+def test_a_summed_loss_trains_dp_sgd_on_the_batch_mean_gradient(prepared):
+    """`train_epoch` sums the per-user losses of a model wrapped with loss_reduction="sum" (as
+    the clients wrap theirs): with clipping and noise out of the way, the DP-SGD step takes
+    the plain step's mean gradient."""
+    torch.manual_seed(0)
+    cfg = TINY_MODEL.model_copy(update={"dropout": 0.0})
+    model = _released(BehaviorModel(cfg, prepared.shape))
+    batch = _batch(prepared, 6)
+    per_user_loss(model, batch.trim(), 0.5)[0].mean().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    dp_model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader(prepared.train, 6, shuffle=False),
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        loss_reduction="sum",
+    )
+    optimizer.expected_batch_size = 6
+    train_epoch(dp_model, [tuple(batch)], optimizer, torch.device("cpu"), 0.5)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, plain[name], atol=1e-6, rtol=1e-4), name
+    dp_model.remove_hooks()
+
+
+def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared, monkeypatch):
     """Under the engine's hooks, autograd computes no batch-summed gradient: not for a layer
     fed by a gradient-carrying input, nor for an embedding whose indices carry none (its
-    backprops still reach Opacus, through a hook on its output); once the hooks are removed,
-    none is left and plain training has the gradients back."""
+    backprops still reach Opacus, through a hook on its output), and Opacus copies no per-user
+    gradient into a tensor of its own; once the hooks are removed, none is left and plain
+    training has the gradients back."""
+    copies = []
+    monkeypatch.setattr(
+        grad_sample_module, "create_or_accumulate_grad_sample", lambda **kw: copies.append(kw)
+    )
     model = BehaviorModel(TINY_MODEL, prepared.shape)
     trainable = [p.requires_grad for p in model.parameters()]
     dp_model, _, _ = PrivacyEngine(accountant="rdp").make_private(
@@ -426,6 +467,7 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared):
     assert dow.grad is None and dow.grad_sample.shape == (4, *dow.shape)
     assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     assert [p.requires_grad for p in model.parameters()] == trainable
+    assert copies == []
     # A forward call that raises inside a layer leaves its weights out of the graph until the
     # layer's next call, which puts them back.
     dp_model.zero_grad()

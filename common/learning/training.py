@@ -68,7 +68,9 @@ def train_epoch(
     """One pass; returns mean per-user losses (total, next-item, demand).
 
     `after_step(users)` runs after every optimizer step; `on_empty()` steps for a batch that
-    Poisson sampling left empty (DP-SGD still adds its noise and accounts the step there).
+    Poisson sampling left empty (DP-SGD still adds its noise and accounts the step there). The
+    per-user losses are averaged, or summed where the model says so (Opacus' `loss_reduction`
+    on a DP-SGD model).
     """
     model.train()
     sums, users = np.zeros(3), 0
@@ -82,7 +84,8 @@ def train_epoch(
             continue
         total, rec, dem = per_user_loss(model, batch.trim().to(device), demand_weight)
         optimizer.zero_grad(set_to_none=True)
-        total.mean().backward()
+        summed = getattr(model, "loss_reduction", "mean") == "sum"
+        (total.sum() if summed else total.mean()).backward()
         optimizer.step()
         n = len(total)
         sums += n * np.array([total.mean().item(), rec.mean().item(), dem.mean().item()])
