@@ -84,13 +84,16 @@ class SparseRowsDPOptimizer(DPOptimizer):
         # One draw for every parameter at once, with Opacus' own `_generate_noise` (secure mode
         # as configured). Drawn per parameter, as Opacus does, each of ~70 calls also zero-fills
         # a tensor it discards: 1.4 % of a Ta-Feng-sized DP step, side by side in one process.
+        # Each parameter adds its slice of the draw, so no copy of all the sums is made first.
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-        summed = torch.cat([p.summed_grad.flatten() for p in self.params])
-        std = self.noise_multiplier * self.max_grad_norm
-        noisy = summed + _generate_noise(std, summed, self.generator, self.secure_mode)
-        for p, grad in zip(self.params, noisy.split([p.numel() for p in self.params]), strict=True):
-            p.grad = grad.view_as(p)
+        sizes = [p.numel() for p in self.params]
+        reference = self.params[0].new_empty(sum(sizes))  # its shape, device and dtype
+        noise = _generate_noise(
+            self.noise_multiplier * self.max_grad_norm, reference, self.generator, self.secure_mode
+        )
+        for p, part in zip(self.params, noise.split(sizes), strict=True):
+            p.grad = p.summed_grad + part.view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
