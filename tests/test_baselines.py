@@ -156,7 +156,7 @@ def test_baseline_scores_include_the_robust_levels():
     assert scores["median_level"]["wape"] == 0.0
     assert scores["trimmed_mean_level"]["wape"] == 0.0
     assert scores["moving_average_4w"]["wape"] > 0.5
-    assert scores["median_level_backtested"]["wape"] == 0.0
+    assert scores["robust_level_backtested"]["wape"] == 0.0
 
 
 def test_user_spread_counts_buyers_and_one_user_moves_it_by_at_most_one():

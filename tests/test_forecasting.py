@@ -9,14 +9,18 @@ from typer.testing import CliRunner
 
 from common.data.catalog import Catalog
 from common.data.events import EventType
+from common.learning import forecasting
 from common.learning.configs import ModelConfig
 from common.learning.dataset import catalog_shape
 from common.learning.forecasting import (
     LEVEL_WINDOWS,
     RATIO_BOUNDS,
+    TRIM,
+    choose_shrink,
     choose_window,
     coverage,
     planner_forecast,
+    planning_level,
     robust_level,
     weekly_demand,
 )
@@ -33,8 +37,8 @@ def test_an_uninformative_model_leaves_the_robust_level():
     history = rng.poisson(20, (6, 12)).astype(float)
     flat = np.full((6, 5), 7.0)  # the model's sum never moves: ratio 1
     fc = planner_forecast(history, flat)
-    assert fc.window is None  # no trend: the median of all weeks
-    assert np.allclose(fc.point, robust_level(history))
+    assert fc.window is None  # no trend: the trimmed mean of all weeks
+    assert np.allclose(fc.point, robust_level(history, TRIM))
     assert (fc.lower <= fc.point).all() and (fc.point <= fc.upper).all()
 
 
@@ -47,17 +51,37 @@ def test_a_model_wrong_in_the_backtest_gets_no_say():
     assert np.allclose(fc.point, 10.0)
 
 
+# Demand moves from the second category to the first; the model's sums (at the cutoff and
+# 1..5 weeks before it) moved the same way.
+MIX_SHIFT = (
+    np.array([np.r_[np.full(8, 10.0), np.full(4, 20.0)], np.r_[np.full(8, 20.0), [10] * 4]]),
+    np.array([[20.0, 20, 20, 20, 20, 10], [10.0, 10, 10, 10, 10, 20]]),
+)
+
+
 def test_a_model_that_saw_the_mix_shift_corrects_the_levels_within_bounds():
-    # Demand moves from the second category to the first; the model's sums (at the cutoff and
-    # 1..5 weeks before it) moved the same way.
-    history = np.array(
-        [np.r_[np.full(8, 10.0), np.full(4, 20.0)], np.r_[np.full(8, 20.0), [10] * 4]]
-    )
-    sums = np.array([[20.0, 20, 20, 20, 20, 10], [10.0, 10, 10, 10, 10, 20]])
-    fc = planner_forecast(history, sums)
+    fc = planner_forecast(*MIX_SHIFT)
     assert fc.shrink > 0
     assert fc.level[0] < fc.point[0] <= RATIO_BOUNDS[1] * fc.level[0]
     assert RATIO_BOUNDS[0] * fc.level[1] <= fc.point[1] < fc.level[1]
+
+
+def test_a_correction_must_clearly_beat_the_level_in_the_backtest(monkeypatch):
+    """A few backtest cuts over one client's series pick a correction by chance, so one that
+    does not cut the level's backtest error by SHRINK_MARGIN is left out. The mix shift's full
+    correction halves that error: it stays, unless the margin asks for more."""
+    assert choose_shrink(*MIX_SHIFT) == 1.0
+    monkeypatch.setattr(forecasting, "SHRINK_MARGIN", 0.6)
+    assert choose_shrink(*MIX_SHIFT) == 0.0
+
+
+def test_the_planning_level_trims_only_where_trimming_cuts_a_week():
+    """A 20 % trimmed mean of 4 weeks cuts nothing and would follow the spike: the median
+    stands in; from 5 weeks on, one week goes at each end."""
+    history = np.array([[30.0, 10, 10, 100, 12], [0.0, 4, 4, 4, 6]])
+    assert planning_level(history, window=4).tolist() == [11.0, 4.0]
+    assert planning_level(history).tolist() == [pytest.approx(52 / 3), 4.0]
+    assert planning_level(history).tolist() == robust_level(history, TRIM).tolist()
 
 
 def test_the_level_window_follows_a_trend_and_ignores_a_spike():

@@ -1,10 +1,10 @@
 """Demand forecasts from the model: the held-out weeks of a prepared data set, and the weeks
 after a cut in an event log (next week, or each recent week for monitoring).
 
-The forecast is the one planners use: the series' robust level (median of its history weeks,
-the window chosen by a backtest), corrected by how the model's bottom-up sum over users moved,
-with an interval from backtest errors. The raw bottom-up sum and its older calibration stay
-beside it for comparison.
+The forecast is the one planners use: the series' robust level (`planning_level` of its history
+weeks, the window chosen by a backtest), corrected by how the model's bottom-up sum over users
+moved where that clearly helped in a backtest, with an interval from backtest errors. The raw
+bottom-up sum and its older calibration stay beside it for comparison.
 """
 
 from __future__ import annotations

@@ -87,18 +87,27 @@ def moving_average(history: np.ndarray, horizon: int, window: int = 4) -> np.nda
 TRIM = 0.2  # share of weeks cut at each end for the trimmed-mean level
 
 
-def robust_level(
-    history: np.ndarray, trim: float | None = None, window: int | None = None
-) -> np.ndarray:
-    """Per series, the median of the history weeks (the last `window` of them, default all), or
-    with `trim` the mean after cutting that share of weeks at each end (like scipy's
-    trim_mean); [S]. Long windows and order statistics ignore a single spike or an empty week."""
-    history = history[:, -window:] if window else history
+def robust_level(history: np.ndarray, trim: float | None = None) -> np.ndarray:
+    """Per series, the median of the history weeks, or with `trim` the mean after cutting that
+    share of weeks at each end (like scipy's trim_mean); [S]. Long windows and order statistics
+    ignore a single spike or an empty week."""
     if trim is None:
         return np.median(history, axis=1)
     cut = int(trim * history.shape[1])
     ordered = np.sort(history, axis=1)
     return ordered[:, cut : history.shape[1] - cut].mean(1)
+
+
+def planning_level(history: np.ndarray, window: int | None = None) -> np.ndarray:
+    """The level a forecast starts from, over the last `window` history weeks (default all):
+    their TRIM-trimmed mean where that cuts at least one week at each end (5 weeks or more),
+    else their median; [S]. A trimmed mean that cuts nothing is the plain mean, which one spike
+    moves. Over each client's chosen window that scored 0.2736 on Online Retail, whose largest
+    clients keep 4 weeks, against the median's 0.2686; over all weeks the trimmed mean beat
+    the median on Ta-Feng (0.1535 against 0.1558) and the synthetic default (0.2045 against
+    0.2059) (docs/results.md)."""
+    weeks = history[:, -window:] if window else history
+    return robust_level(weeks, TRIM if int(TRIM * weeks.shape[1]) >= 1 else None)
 
 
 def score(actual: np.ndarray, forecast: np.ndarray) -> dict[str, float]:
@@ -110,7 +119,7 @@ MIN_ORIGIN_WEEKS = 3  # history a backtest origin needs before its level means a
 MIN_INTERVAL_WEEKS = 6  # history an interval needs: backtests from three origins
 ERROR_HORIZON = 4  # backtest errors 1..4 weeks ahead, like the held-out weeks
 MIN_SERIES_ERRORS = 12  # fewer backtest errors than this: a series borrows the pooled quantiles
-# Weeks the level's median looks back (None = all), longest first: a tie keeps the longer one.
+# Weeks the planning level looks back (None = all), longest first: a tie keeps the longer one.
 # Short windows follow a trend (Online Retail before Christmas), long ones ignore holidays.
 LEVEL_WINDOWS = (None, 13, 8, 4)
 WINDOW_BACKTEST_WEEKS = 8  # origins in the last weeks of history that choose the window
@@ -120,6 +129,11 @@ WINDOW_BACKTEST_WEEKS = 8  # origins in the last weeks of history that choose th
 # 0.1558, and Online Retail keeps the short windows it needs: docs/results.md).
 WINDOW_MARGIN = 0.1
 SHRINK_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0 = the level alone; ascending: ties keep less model
+# The model's correction must cut the level's backtest error by this share, as a shorter window
+# must (WINDOW_MARGIN): three backtest cuts over one client's series pick a correction by
+# chance. Per client, the chosen corrections cost Ta-Feng 0.1547 against the level's 0.1535 and
+# the synthetic default 0.2048 against 0.2045; Online Retail's gained 0.0001 (docs/results.md).
+SHRINK_MARGIN = 0.1
 RATIO_BOUNDS = (0.67, 1.5)  # the model may correct the level by at most a factor 1.5 either way
 
 
@@ -135,7 +149,7 @@ def choose_window(history: np.ndarray) -> int | None:
             float(
                 np.abs(
                     history[:, o : o + ERROR_HORIZON]
-                    - robust_level(history[:, :o], window=window)[:, None]
+                    - planning_level(history[:, :o], window)[:, None]
                 ).sum()
             )
             for o in origins
@@ -151,13 +165,13 @@ def choose_window(history: np.ndarray) -> int | None:
 def level_errors(
     history: np.ndarray, window: int | None = None, horizon: int = ERROR_HORIZON
 ) -> np.ndarray:
-    """Backtest of the median level: from every origin with ≥ MIN_ORIGIN_WEEKS weeks before it,
+    """Backtest of the planning level: from every origin with ≥ MIN_ORIGIN_WEEKS weeks before it,
     log1p(actual) − log1p(level) for each of the next `horizon` history weeks; [S, errors].
 
     On the log1p scale an error is a ratio that stays defined for empty weeks."""
     errors = []
     for origin in range(MIN_ORIGIN_WEEKS, history.shape[1]):
-        level = np.log1p(robust_level(history[:, :origin], window=window))[:, None]
+        level = np.log1p(planning_level(history[:, :origin], window))[:, None]
         errors.append(np.log1p(history[:, origin : origin + horizon]) - level)
     return np.concatenate(errors, axis=1)
 
@@ -193,7 +207,8 @@ def correction(ratio: np.ndarray, shrink: float) -> np.ndarray:
 
 
 def choose_shrink(history: np.ndarray, sums: np.ndarray, window: int | None = None) -> float:
-    """The shrinkage with the least absolute error over backtest cuts before the cutoff.
+    """The shrinkage with the least absolute error over backtest cuts before the cutoff, if it
+    beats the level alone by SHRINK_MARGIN (else 0).
 
     At a cut k weeks before the cutoff (it needs a model sum at an earlier cut), the level of
     the weeks before the cut, corrected by the ratio at the cut, forecasts the k weeks from the
@@ -203,14 +218,15 @@ def choose_shrink(history: np.ndarray, sums: np.ndarray, window: int | None = No
     for k in range(1, sums.shape[1] - 1):
         if n - k < MIN_ORIGIN_WEEKS:
             continue
-        level = robust_level(history[:, : n - k], window=window)
+        level = planning_level(history[:, : n - k], window)
         ratio = model_ratio(sums, k)
         actual = history[:, n - k :]
         for shrink in SHRINK_GRID:
             errors[shrink] += float(
                 np.abs(actual - (level * correction(ratio, shrink))[:, None]).sum()
             )
-    return min(SHRINK_GRID, key=lambda s: errors[s])
+    best = min(SHRINK_GRID, key=errors.__getitem__)
+    return best if errors[best] < (1 - SHRINK_MARGIN) * errors[0.0] else 0.0
 
 
 @dataclass
@@ -218,7 +234,7 @@ class Forecast:
     """Per series, a flat weekly forecast: the robust level corrected by the model, and the
     interval from the level's backtest errors placed around it."""
 
-    level: np.ndarray  # [S] median of the last `window` history weeks
+    level: np.ndarray  # [S] planning level of the last `window` history weeks
     window: int | None  # chosen by backtest; None = all weeks
     ratio: np.ndarray  # [S] factor applied to the level (after shrinkage and clipping)
     shrink: float
@@ -234,7 +250,7 @@ def planner_forecast(
     """Forecast the weeks after `history` [S, T] from the model's sums [S, cuts] (column 0 at
     the cutoff, column k at k weeks before it); without sums, the level alone (a baseline)."""
     window = choose_window(history)
-    level = robust_level(history, window=window)
+    level = planning_level(history, window)
     ratio, shrink = np.ones(len(level)), 0.0
     if sums is not None and sums.shape[1] > 1:
         shrink = choose_shrink(history, sums, window)
@@ -273,32 +289,27 @@ def coverage(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
 
 
 def baseline_scores(series: DemandSeries, holdout_weeks: int = 4) -> dict[str, dict]:
-    """WAPE and MAE of each baseline on the held-out weeks. The median levels also report how
-    often their interval covered them (NaN when the history is too short for one); the one
-    whose window a backtest chose is the model's forecast without the model's correction."""
+    """WAPE and MAE of each baseline on the held-out weeks. The backtested level is the model's
+    forecast without the model's correction, and reports how often its interval covered the
+    held-out weeks (NaN when the history is too short for one)."""
     history, actual = series.holdout(holdout_weeks)
 
     def flat(level: np.ndarray) -> np.ndarray:
         return np.repeat(level[:, None], holdout_weeks, axis=1)
 
-    median = robust_level(history)
-    scores = {
+    level = planner_forecast(history, None)
+    return {
         "seasonal_naive": score(actual, seasonal_naive(history, holdout_weeks)),
         "moving_average_4w": score(actual, moving_average(history, holdout_weeks)),
-        "median_level": score(actual, flat(median)),
+        "median_level": score(actual, flat(robust_level(history))),
         "trimmed_mean_level": score(actual, flat(robust_level(history, TRIM))),
+        "robust_level_backtested": score(actual, flat(level.point))
+        | {
+            "window": level.window,
+            "coverage": coverage(actual, level.lower, level.upper),
+            "interval": list(QUANTILES),
+        },
     }
-    scores["median_level"] |= {
-        "coverage": coverage(actual, *interval(median, history, QUANTILES)),
-        "interval": list(QUANTILES),
-    }
-    level = planner_forecast(history, None)
-    scores["median_level_backtested"] = score(actual, flat(level.point)) | {
-        "window": level.window,
-        "coverage": coverage(actual, level.lower, level.upper),
-        "interval": list(QUANTILES),
-    }
-    return scores
 
 
 def bottom_up(

@@ -109,8 +109,9 @@ def forecast_cmd(
     week = table_df["week_start"].iloc[0]
     low, high = QUANTILES
     table = Table(
-        title=f"units in the week from {week}: forecast = level (median of recent weeks, window "
-        f"chosen by backtest) × the model's ratio, with its {low:.0%}–{high:.0%} interval",
+        title=f"units in the week from {week}: forecast = level (trimmed mean of the weeks in "
+        "a window chosen by backtest, median in a 4-week one) × the model's ratio, with its "
+        f"{low:.0%}–{high:.0%} interval",
         box=box.SIMPLE_HEAD,
     )
     for col in ("region", "category"):
