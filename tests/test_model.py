@@ -354,6 +354,21 @@ def test_opacus_validator_accepts_the_model(prepared):
     assert ModuleValidator.validate(BehaviorModel(TINY_MODEL, prepared.shape), strict=False) == []
 
 
+def _dp_sgd(
+    model: BehaviorModel, prepared, clip: float, reduction: str = "mean"
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """`model` under the engine's DP-SGD with noise off: SGD, a Poisson loader of 8 users."""
+    dp_model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(prepared.train, 8, shuffle=False),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        loss_reduction=reduction,
+    )
+    return dp_model, optimizer
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_dp_sgd_clips_each_users_exact_gradient(prepared, reduction):
     """DP-SGD's clipped sum (noise off) equals Σ_u clip(g_u) over each user's own gradient
@@ -376,16 +391,7 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared, reduction):
         alone.append({n: p.grad.clone() for n, p in trainable.items()})
     norms = torch.stack([torch.cat([g.flatten() for g in a.values()]).norm() for a in alone])
     clip = float(norms.median())  # some users clipped, some not
-    engine = PrivacyEngine(accountant="rdp")
-    dp_model, optimizer, _ = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader(prepared.train, 8, shuffle=False),
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        poisson_sampling=True,
-        loss_reduction=reduction,
-    )
+    dp_model, optimizer = _dp_sgd(model, prepared, clip, reduction)
     for check_per_user in (True, False):
         optimizer.zero_grad()
         total = per_user_loss(dp_model, batch, 0.5)[0]
@@ -422,14 +428,7 @@ def test_a_summed_loss_trains_dp_sgd_on_the_batch_mean_gradient(prepared):
     per_user_loss(model, batch.trim(), 0.5)[0].mean().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    dp_model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        data_loader=loader(prepared.train, 6, shuffle=False),
-        noise_multiplier=0.0,
-        max_grad_norm=1e6,
-        loss_reduction="sum",
-    )
+    dp_model, optimizer = _dp_sgd(model, prepared, clip=1e6, reduction="sum")
     optimizer.expected_batch_size = 6
     train_epoch(dp_model, [tuple(batch)], optimizer, torch.device("cpu"), 0.5)
     for name, param in model.named_parameters():
@@ -450,13 +449,7 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared, monkeypatch)
     )
     model = BehaviorModel(TINY_MODEL, prepared.shape)
     trainable = [p.requires_grad for p in model.parameters()]
-    dp_model, _, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader(prepared.train, 8, shuffle=False),
-        noise_multiplier=0.0,
-        max_grad_norm=1.0,
-    )
+    dp_model, _ = _dp_sgd(model, prepared, clip=1.0)
     # The backprops come from hooks on the layers' outputs: no full backward hook anywhere.
     assert not any(m._backward_hooks for m in model.modules())
     query = model.bert.encoder.layer[0].attention.self.query.weight
