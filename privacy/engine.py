@@ -29,7 +29,6 @@ import opacus
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import prepare_layer
-from opacus.grad_sample.grad_sample_module import create_or_accumulate_grad_sample
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import (
     _check_processed_flag,
@@ -274,21 +273,18 @@ def _kept(sampler: Callable[..., dict]) -> Callable[..., dict]:
     """A grad sampler that keeps the per-user gradients it computes as the parameters' own and
     leaves Opacus nothing to store. Opacus copies each into a zeroed tensor of its own
     (`create_or_accumulate_grad_sample`): ~2 % of a Ta-Feng-sized DP step, on fixed batches.
-    A weight used twice (tied) gets the sum, out of place, as a kept tensor may be a view."""
+    A weight used twice (tied) gets the sum, and a short one zero rows, out of place: a kept
+    tensor may be a view of the backprops autograd passes on."""
 
     def keep(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
         for param, sample in sampler(layer, activations, backprops).items():
             if not param.requires_grad:
                 continue
+            if len(sample) < layer.max_batch_len:  # zero rows for the rest, as Opacus pads
+                missing = sample.new_zeros(layer.max_batch_len - len(sample), *sample.shape[1:])
+                sample = torch.cat([sample, missing])
             current = getattr(param, "_current_grad_sample", None)
-            if len(sample) != layer.max_batch_len:  # Opacus pads it into a batch-long tensor
-                create_or_accumulate_grad_sample(
-                    param=param, grad_sample=sample, max_batch_len=layer.max_batch_len
-                )
-            elif current is None:
-                param._current_grad_sample = sample
-            else:
-                param._current_grad_sample = current + sample
+            param._current_grad_sample = sample if current is None else current + sample
         return {}
 
     return keep

@@ -3,14 +3,15 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import grad_sample_module
 from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
 
 from common.data.sequences import IGNORE, Batch
 from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
 from common.learning.model import NEIGHBOUR_OFFSETS, Basket, BehaviorModel, Seen, per_user_loss
-from common.learning.packed import BucketBias, UserRows, take_user_rows
+from common.learning.packed import BucketBias, UserRows, set_window_users, take_user_rows
 from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
-from privacy.engine import PrivacyEngine
+from privacy.engine import PrivacyEngine, _kept
 
 # Two windows of 6 events: long histories span windows, so every path of the model is exercised.
 TINY_MODEL = ModelConfig(
@@ -355,13 +356,13 @@ def test_opacus_validator_accepts_the_model(prepared):
 
 
 def _dp_sgd(
-    model: BehaviorModel, prepared, clip: float, reduction: str = "mean"
+    model: torch.nn.Module, data: DataLoader, clip: float, reduction: str = "mean"
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """`model` under the engine's DP-SGD with noise off: SGD, a Poisson loader of 8 users."""
+    """`model` under the engine's DP-SGD with noise off: SGD, Poisson batches of `data`."""
     dp_model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader(prepared.train, 8, shuffle=False),
+        data_loader=data,
         noise_multiplier=0.0,
         max_grad_norm=clip,
         loss_reduction=reduction,
@@ -391,7 +392,7 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared, reduction):
         alone.append({n: p.grad.clone() for n, p in trainable.items()})
     norms = torch.stack([torch.cat([g.flatten() for g in a.values()]).norm() for a in alone])
     clip = float(norms.median())  # some users clipped, some not
-    dp_model, optimizer = _dp_sgd(model, prepared, clip, reduction)
+    dp_model, optimizer = _dp_sgd(model, loader(prepared.train, 8, shuffle=False), clip, reduction)
     for check_per_user in (True, False):
         optimizer.zero_grad()
         total = per_user_loss(dp_model, batch, 0.5)[0]
@@ -417,6 +418,44 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared, reduction):
     dp_model.remove_hooks()
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_windows_sum_per_user_without_touching_the_gradient_that_flows_on(reduction):
+    """On 2-D inputs Opacus' bias samplers return the layer's backprops themselves, which a
+    summed loss hands over uncopied: adding a user's extra windows into them in place would
+    change the gradient that reaches the layers below."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, window_user = torch.randn(3, 3), torch.tensor([0, 1, 0])  # user 0 has two windows
+    alone = []
+    for user in (0, 1):
+        net.zero_grad()
+        net(x[window_user == user]).square().sum().backward()
+        alone.append([p.grad.clone() for p in net.parameters()])
+    dp_net, _ = _dp_sgd(net, DataLoader(TensorDataset(x), batch_size=2), 1e6, reduction)
+    set_window_users(net, window_user, users=2)
+    loss = dp_net(x).square().sum(1)
+    per_user = torch.zeros(2).index_add_(0, window_user, loss)
+    (per_user.sum() if reduction == "sum" else per_user.mean()).backward()
+    for i, param in enumerate(net.parameters()):
+        for user in (0, 1):
+            assert torch.allclose(param.grad_sample[user], alone[user][i], atol=1e-6), (i, user)
+    dp_net.remove_hooks()
+
+
+def test_kept_per_user_gradients_pad_and_sum_without_touching_the_backprops():
+    """What a grad sampler returns is kept as the parameter's per-user gradient: zero rows
+    for users it has none for, as Opacus pads, and a second use added out of place, since
+    the kept tensor may be the backprops autograd passes on."""
+    layer = torch.nn.Linear(2, 1)
+    layer.max_batch_len = 3
+    backprops = torch.ones(2, 1)
+    keep = _kept(lambda module, activations, grad: {module.bias: grad})
+    assert keep(layer, [], backprops) == {}
+    keep(layer, [], backprops)
+    assert layer.bias._current_grad_sample.tolist() == [[2.0], [2.0], [0.0]]
+    assert backprops.tolist() == [[1.0], [1.0]]
+
+
 def test_a_summed_loss_trains_dp_sgd_on_the_batch_mean_gradient(prepared):
     """`train_epoch` sums the per-user losses of a model wrapped with loss_reduction="sum" (as
     the clients wrap theirs): with clipping and noise out of the way, the DP-SGD step takes
@@ -428,7 +467,9 @@ def test_a_summed_loss_trains_dp_sgd_on_the_batch_mean_gradient(prepared):
     per_user_loss(model, batch.trim(), 0.5)[0].mean().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    dp_model, optimizer = _dp_sgd(model, prepared, clip=1e6, reduction="sum")
+    dp_model, optimizer = _dp_sgd(
+        model, loader(prepared.train, 8, shuffle=False), clip=1e6, reduction="sum"
+    )
     optimizer.expected_batch_size = 6
     train_epoch(dp_model, [tuple(batch)], optimizer, torch.device("cpu"), 0.5)
     for name, param in model.named_parameters():
@@ -449,7 +490,7 @@ def test_dp_sgd_skips_the_summed_gradients_it_never_reads(prepared, monkeypatch)
     )
     model = BehaviorModel(TINY_MODEL, prepared.shape)
     trainable = [p.requires_grad for p in model.parameters()]
-    dp_model, _ = _dp_sgd(model, prepared, clip=1.0)
+    dp_model, _ = _dp_sgd(model, loader(prepared.train, 8, shuffle=False), clip=1.0)
     # The backprops come from hooks on the layers' outputs: no full backward hook anywhere.
     assert not any(m._backward_hooks for m in model.modules())
     query = model.bert.encoder.layer[0].attention.self.query.weight

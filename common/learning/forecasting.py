@@ -89,8 +89,8 @@ TRIM = 0.2  # share of weeks cut at each end for the trimmed-mean level
 
 def robust_level(history: np.ndarray, trim: float | None = None) -> np.ndarray:
     """Per series, the median of the history weeks, or with `trim` the mean after cutting that
-    share of weeks at each end (like scipy's trim_mean); [S]. Long windows and order statistics
-    ignore a single spike or an empty week."""
+    share of weeks at each end (like scipy's trim_mean); [S]. Over many weeks, both ignore a
+    single spike or an empty week."""
     if trim is None:
         return np.median(history, axis=1)
     cut = int(trim * history.shape[1])

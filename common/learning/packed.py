@@ -240,12 +240,21 @@ def _summed_over_windows(sampler: _Sampler) -> _Sampler:
             return samples
         users = layer.max_batch_len
         # Rows < users are one window per user: adding the extra windows to them in place
-        # spares a zeroed copy of every window's gradient.
+        # spares a zeroed copy of every window's gradient. On a 2-D input Opacus' bias
+        # samplers return the backprops themselves, which under a summed loss are the gradient
+        # autograd passes on to the layers below: that one is added into a copy.
         return {
-            p: g[:users].index_add_(0, window_user[users:], g[users:]) for p, g in samples.items()
+            p: _own(g, backprops)[:users].index_add_(0, window_user[users:], g[users:])
+            for p, g in samples.items()
         }
 
     return per_user
+
+
+def _own(grad: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """`grad`, or a copy of it where it shares memory with `backprops`."""
+    shared = grad.untyped_storage().data_ptr() == backprops.untyped_storage().data_ptr()
+    return grad.clone() if shared else grad
 
 
 for _layer in (nn.Linear, nn.LayerNorm, nn.Embedding):

@@ -110,7 +110,7 @@ def forecast_cmd(
     low, high = QUANTILES
     table = Table(
         title=f"units in the week from {week}: forecast = level (trimmed mean of the weeks in "
-        "a window chosen by backtest, median in a 4-week one) × the model's ratio, with its "
+        "a window chosen by backtest, median under 5 weeks) × the model's ratio, with its "
         f"{low:.0%}–{high:.0%} interval",
         box=box.SIMPLE_HEAD,
     )
