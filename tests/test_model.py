@@ -10,7 +10,13 @@ from common.learning.configs import ModelConfig
 from common.learning.dataset import prepare
 from common.learning.model import NEIGHBOUR_OFFSETS, Basket, BehaviorModel, Seen, per_user_loss
 from common.learning.packed import BucketBias, UserRows, set_window_users, take_user_rows
-from common.learning.training import evaluate_ranking, loader, predict_demand, train_epoch
+from common.learning.training import (
+    evaluate_ranking,
+    loader,
+    predict_demand,
+    reduced_loss,
+    train_epoch,
+)
 from privacy.engine import PrivacyEngine, _kept
 
 # Two windows of 6 events: long histories span windows, so every path of the model is exercised.
@@ -395,8 +401,7 @@ def test_dp_sgd_clips_each_users_exact_gradient(prepared, reduction):
     dp_model, optimizer = _dp_sgd(model, loader(prepared.train, 8, shuffle=False), clip, reduction)
     for check_per_user in (True, False):
         optimizer.zero_grad()
-        total = per_user_loss(dp_model, batch, 0.5)[0]
-        (total.sum() if reduction == "sum" else total.mean()).backward()
+        reduced_loss(dp_model, per_user_loss(dp_model, batch, 0.5)[0]).backward()
         if check_per_user:
             for name, param in trainable.items():
                 recorded = take_user_rows(param)  # the item and category tables keep their own
@@ -435,7 +440,7 @@ def test_windows_sum_per_user_without_touching_the_gradient_that_flows_on(reduct
     set_window_users(net, window_user, users=2)
     loss = dp_net(x).square().sum(1)
     per_user = torch.zeros(2).index_add_(0, window_user, loss)
-    (per_user.sum() if reduction == "sum" else per_user.mean()).backward()
+    reduced_loss(dp_net, per_user).backward()
     for i, param in enumerate(net.parameters()):
         for user in (0, 1):
             assert torch.allclose(param.grad_sample[user], alone[user][i], atol=1e-6), (i, user)

@@ -56,6 +56,12 @@ def loader(seqs: Sequences, batch_size: int, shuffle: bool, seed: int = 0) -> Da
     )
 
 
+def reduced_loss(model: nn.Module, per_user: torch.Tensor) -> torch.Tensor:
+    """The per-user losses [B] summed where the model says so (Opacus' `loss_reduction` on a
+    DP-SGD model: its per-user gradients are then the backprops as they come), else averaged."""
+    return per_user.sum() if getattr(model, "loss_reduction", "mean") == "sum" else per_user.mean()
+
+
 def train_epoch(
     model: nn.Module,
     batches: DataLoader,
@@ -69,8 +75,7 @@ def train_epoch(
 
     `after_step(users)` runs after every optimizer step; `on_empty()` steps for a batch that
     Poisson sampling left empty (DP-SGD still adds its noise and accounts the step there). The
-    per-user losses are averaged, or summed where the model says so (Opacus' `loss_reduction`
-    on a DP-SGD model).
+    per-user losses are reduced as the model asks (`reduced_loss`).
     """
     model.train()
     sums, users = np.zeros(3), 0
@@ -84,8 +89,7 @@ def train_epoch(
             continue
         total, rec, dem = per_user_loss(model, batch.trim().to(device), demand_weight)
         optimizer.zero_grad(set_to_none=True)
-        summed = getattr(model, "loss_reduction", "mean") == "sum"
-        (total.sum() if summed else total.mean()).backward()
+        reduced_loss(model, total).backward()
         optimizer.step()
         n = len(total)
         sums += n * np.array([total.mean().item(), rec.mean().item(), dem.mean().item()])
