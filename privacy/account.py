@@ -7,6 +7,7 @@ releases then), and writes every release to the signed ledger before anything le
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.run_files import CLIENT_LEDGER
+from common.atomic import write_json
+from common.run_files import CLIENT_LEDGER, NOISY_COUNT
 from common.runconfig import RunConfig
 from privacy.accounting import (
     Budget,
@@ -23,12 +25,23 @@ from privacy.accounting import (
     PrivacyState,
     RoundSpend,
     Step,
+    Unplannable,
     plan_mechanism,
     release_steps,
     restore,
     spend_fields,
 )
-from privacy.ledger import Line, Release, Spend, append, check_head, locked, parse, read_lines
+from privacy.ledger import (
+    LedgerError,
+    Line,
+    Release,
+    Spend,
+    append,
+    check_head,
+    locked,
+    parse,
+    read_signed,
+)
 from privacy.policy import PrivacyPolicy, Refused
 from privacy.randomness import gaussian_release
 from privacy.signing import load_or_create
@@ -37,6 +50,19 @@ from privacy.signing import load_or_create
 # to each, so one user added or removed moves the vector by at most √3 in L2.
 EVAL_VALUES = 3
 EVAL_L2 = math.sqrt(EVAL_VALUES)
+
+
+def _check_release_noise(spends: list[Spend], policy: PrivacyPolicy) -> None:
+    """`Refused` if the policy's evaluation noise is not the one the ledger released with: one
+    kind of release keeps one mechanism (the verifier checks it), and the plan reserved each
+    round's evaluation at that noise."""
+    for spend in spends:
+        for release in spend.releases:
+            if release.what == "evaluation" and release.noise_multiplier != policy.evaluation_noise:
+                raise Refused(
+                    f"this client's policy sets evaluation noise {policy.evaluation_noise:g}; "
+                    f"its ledger (entry {spend.seq}) fixed {release.noise_multiplier:g}"
+                )
 
 
 def mechanism_shape(noisy_users: int, request: RunConfig) -> tuple[float, int]:
@@ -79,12 +105,17 @@ class PrivacyAccount:
         the client allows, `LedgerError` if the ledger lacks what the server saw (`head`)."""
         path = state_dir / CLIENT_LEDGER
         with locked(path):
-            lines = read_lines(path) if path.exists() else []
+            public = load_or_create(key_path).public_key() if path.exists() else None
+            lines = read_signed(path, public) if public else []
             check_head(path, lines, head)
             spends = [parse(path, line, Spend) for line in lines]
             fixed = Budget.of_entry(spends[0]) if spends else None
             budget, cap = policy.answer(request, fixed)
-            state = restore(client, budget, spends)
+            _check_release_noise(spends, policy)
+            try:
+                state = restore(client, budget, spends)
+            except ValueError as exc:
+                raise LedgerError(f"{path}: {exc}") from exc
             yield cls(client, path, key_path, policy, request, state, cap, str(run_id), [])
 
     def mechanism(self, users: int, popularity: Callable[[], np.ndarray]) -> Mechanism:
@@ -113,24 +144,27 @@ class PrivacyAccount:
         items = Release(
             what="item-popularity", noise_multiplier=self.policy.popularity_noise, sensitivity=1
         )
-        noisy = max(1, round(float(gaussian_release(np.array(users), self.policy.count_noise))))
+        noisy = self._noisy_count(users)
         if self.state.budget.delta >= 1 / noisy:
             raise Refused(  # no count in the message: this one was never released
                 f"δ = {self.state.budget.delta:g} is not below 1/users: the guarantee would "
                 "allow revealing a user"
             )
         q, steps = mechanism_shape(noisy, self.request)
-        mech = plan_mechanism(
-            self.state.budget,
-            q,
-            steps,
-            self.request.budget_rounds,
-            self.request.clip_norm,
-            self.policy.accountant.value,
-            noisy_users=noisy,
-            spent=[*self.state.history, *release_steps([count, items])],
-            per_round=release_steps([self._evaluation_release()]),
-        )
+        try:
+            mech = plan_mechanism(
+                self.state.budget,
+                q,
+                steps,
+                self.request.budget_rounds,
+                self.request.clip_norm,
+                self.policy.accountant.value,
+                noisy_users=noisy,
+                spent=[*self.state.history, *release_steps([count, items])],
+                per_round=release_steps([self._evaluation_release()]),
+            )
+        except Unplannable as exc:
+            raise Refused(str(exc)) from exc
         if (
             q > self.policy.max_sample_rate
             or mech.noise_multiplier < self.policy.min_noise_multiplier
@@ -143,6 +177,20 @@ class PrivacyAccount:
         self.pending = [count, items]
         self.popularity = gaussian_release(popularity(), self.policy.popularity_noise)
         return mech
+
+    def _noisy_count(self, users: int) -> int:
+        """The noisy user count, drawn once and kept beside the ledger until the first trained
+        entry records its release: every refusal before then is a function of that one
+        release, never of fresh draws that a server asking again and again could average."""
+        path = self.ledger.with_name(NOISY_COUNT)
+        if path.exists():
+            try:
+                return int(json.loads(path.read_text())["noisy_users"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise LedgerError(f"{path}: not a kept noisy user count ({exc})") from exc
+        noisy = max(1, round(float(gaussian_release(np.array(users), self.policy.count_noise))))
+        write_json(path, {"noisy_users": noisy})
+        return noisy
 
     def _evaluation_release(self) -> Release:
         return Release(
@@ -179,7 +227,9 @@ class PrivacyAccount:
         ok, after = self.state.affordable([*sgd, *release_steps(self.pending)], self.cap)
         if not ok:
             raise RuntimeError(f"the round would reach ε = {after:.4f}, past the limit; withheld")
-        return self._write(self.state.record(server_round, sgd, "trained", self.pending))
+        line = self._write(self.state.record(server_round, sgd, "trained", self.pending))
+        self.ledger.with_name(NOISY_COUNT).unlink(missing_ok=True)  # the ledger holds it now
+        return line
 
     def evaluation(self, server_round: int, sums: np.ndarray) -> np.ndarray:
         """`sums` (per-user contributions each in [0, 1]) released with Gaussian noise and

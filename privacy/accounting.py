@@ -68,6 +68,11 @@ def _replay(merged: tuple[Step, ...], delta: float, accountant: str) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
+class Unplannable(ValueError):
+    """No DP-SGD plan fits the budget: the other releases take it all, or even the most noise
+    would pass it."""
+
+
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epsilon: float = Field(gt=0)
@@ -200,7 +205,7 @@ def plan_mechanism(
         )
 
     if fixed and eps(MAX_SIGMA) > budget.epsilon:
-        raise ValueError(
+        raise Unplannable(
             f"budget ε = {budget.epsilon:g} cannot cover the other releases "
             f"(already spent and reserved per round) even without any training"
         )
@@ -211,7 +216,7 @@ def plan_mechanism(
     while eps_high > budget.epsilon:
         high *= 2
         if high > MAX_SIGMA:
-            raise ValueError(f"budget ε = {budget.epsilon:g} is too low to train at all")
+            raise Unplannable(f"budget ε = {budget.epsilon:g} is too low to train at all")
         eps_high = eps(high)
     tried = [(high, eps_high)]
     while budget.epsilon - eps_high > tolerance:

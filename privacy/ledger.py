@@ -178,6 +178,29 @@ def entries(path: Path, model: type[Chained]) -> list[Chained]:
     return [parse(path, line, model) for line in read_lines(path)]
 
 
+def read_signed(path: Path, public: Ed25519PublicKey) -> list[Line]:
+    """The lines of a ledger that `public`'s owner wrote, each checked (hash, sequence, chain,
+    signature) before anyone spends from it.
+
+    A signer reads back only what it signed: an edited entry (fewer steps, say) would
+    otherwise lower the privacy it believes it has spent. A ledger exists from its first
+    append on, so an empty file was cut, not started."""
+    lines = read_lines(path)
+    if not lines:
+        raise LedgerError(f"{path}: the ledger is empty; it held at least one entry once")
+
+    def key_for(line: Line) -> Ed25519PublicKey | None:
+        return public if line.body.get("key") == fingerprint(public) else None
+
+    for finding in check_chain(lines, key_for):
+        raise LedgerError(
+            f"{path}, line {finding.line}: {finding.problem}; nothing is spent from a ledger "
+            "its own signer cannot vouch for",
+            finding.line,
+        )
+    return lines
+
+
 def check_head(path: Path, lines: list[Line], head: tuple[int, str] | None) -> None:
     """Refuse a ledger that lacks an entry the server recorded from this client.
 

@@ -30,7 +30,7 @@ class Refused(Exception):
 class PrivacyPolicy(BaseModel):
     """What a client allows. Defaults are conservative: DP required, ε = 8 for its lifetime."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     require_dp: bool = True
     epsilon: float = Field(8.0, gt=0, description="Lifetime budget ε, user-level")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ; kept below 1/users")
@@ -113,6 +113,11 @@ class PrivacyPolicy(BaseModel):
             raise Refused(
                 f"the server asked for ε = {request.epsilon:g}, δ = {request.delta:g}; this "
                 f"client allows at most ε = {allowed.epsilon:g}, δ = {allowed.delta:g}"
+            )
+        if fixed and request.delta < fixed.delta:
+            raise Refused(  # ε at a smaller δ is larger: the cap would not mean what was asked
+                f"the server asked for δ = {request.delta:g}; this client's ledger fixed "
+                f"δ = {fixed.delta:g}, and every ε it reports is at that δ"
             )
         budget = fixed or Budget(epsilon=request.epsilon, delta=request.delta)
         return budget, request.epsilon

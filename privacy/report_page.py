@@ -60,9 +60,10 @@ ASSUMPTIONS = [
     "Not covered by ε: when a client answers, declines or refuses is visible to the server; "
     "declining depends only on the ledger, never on the data. The ledger (shown to compliance, "
     "never sent to the server) reveals the released noisy count through the sample rate. A "
-    "first-round refusal because δ is not below 1/users or the plan breaks the policy's limits "
-    "is one bit about the noisy user count before it is released; a 'cannot take part' refusal "
-    "(no user with 3 or more events) is one bit about the client's data.",
+    "first-round refusal because δ is not below 1/users, the plan breaks the policy's limits "
+    "or no plan fits the budget is one bit about the noisy user count before it is released "
+    "(drawn once and kept until then, however often the server asks); a 'cannot take part' "
+    "refusal (no user with 3 or more events) is one bit about the client's data.",
     "The catalogue and the demand-bin calendar are platform data, public to all clients.",
 ]
 AUDIT_CAVEAT = (
