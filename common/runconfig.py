@@ -7,13 +7,21 @@ twins. Validation happens once, where the config enters (ServerApp, ClientApp, C
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import date
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from common.data.synth import SynthConfig
-from common.learning.configs import ModelConfig
+from common.learning.configs import Device, ModelConfig
 
 
 class StrategyName(StrEnum):
@@ -136,7 +144,7 @@ class RunConfig(BaseModel):
         "", description="Node registry (client name → SuperNode); empty = bind names at first reply"
     )
     resume: bool = Field(True, description="Resume from the run folder's checkpoint")
-    device: str = Field("auto", description="auto (CUDA if present), cpu or cuda")
+    device: Device = Field("auto", description="auto (CUDA if present), cpu or cuda")
     hidden: int = Field(64, ge=8, description="BERT hidden size")
     layers: int = Field(2, ge=1, description="BERT layers")
     heads: int = Field(2, ge=1, description="Attention heads (must divide hidden)")
@@ -147,6 +155,16 @@ class RunConfig(BaseModel):
     # NDCG@10 and time a round (docs/results.md).
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the encoder")
     demand_start: str = Field("", description="First day of the weekly demand bins (ISO date)")
+
+    @field_validator("demand_start")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        if value:
+            try:
+                return date.fromisoformat(value).isoformat()
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not an ISO date (YYYY-MM-DD)") from exc
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

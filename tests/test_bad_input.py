@@ -199,6 +199,8 @@ GOOD_FRAME = pd.read_csv(io.StringIO(GOOD), dtype=str)
         ({"region": [{"a": 1}] * 12}, "'region' holds dict values"),
         ({"timestamp": list(range(12))}, "'timestamp' holds no parseable times"),
         ({"quantity": [True] * 12}, None),  # booleans are numbers: accepted
+        # a date column mapped as quantities would read as nanoseconds: ~1.6e15 units a row
+        ({"quantity": pd.date_range("2024-01-01", periods=12)}, "'quantity' holds datetime64"),
         ({"user_id": [b"u\xff"] * 6 + [b"v"] * 6}, None),  # binary text: decoded
     ],
 )
@@ -209,6 +211,17 @@ def test_parquet_columns_of_the_wrong_type(tmp_path, change, problem):
         assert result.exit_code == 0, result.output
     else:
         refused(result, path, problem)
+
+
+def test_float_ids_that_are_no_integers_are_rejected_or_kept_as_text(tmp_path):
+    ids = [1.0] * 9 + [math.inf, 1e20, np.nan]  # inf is no id; 1e20 has no exact int64
+    path = _parquet(GOOD_FRAME.assign(user_id=ids), tmp_path / "ids.parquet")
+    out = tmp_path / "out"
+    result = check(path, out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "ids.summary.json").read_text())
+    assert summary["rejected_by_reason"] == {"bad_user_id": 1, "missing_user_id": 1}
+    assert summary["accepted"] == len(ROWS) - 2
 
 
 def test_parquet_with_a_repeated_column_is_refused(tmp_path):
@@ -364,6 +377,33 @@ def test_train_local_with_a_one_user_region(tmp_path, tiny_events):
     assert clients["solo"]["users"] == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_device_this_machine_lacks_is_named_before_the_data_is_read(tmp_path):
+    args = ["train-central", "--device", "cuda", "--data", str(tmp_path / "none.parquet")]
+    refused(runner.invoke(app, args), "--device", "no CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("start", "problem"),
+    [("garbage", "not an ISO date"), ("2999-01-01", "between 1970 and today")],
+)
+def test_synthetic_data_starts_on_a_real_date_in_the_past(tmp_path, start, problem):
+    out = tmp_path / "synth.parquet"
+    result = runner.invoke(app, ["data", "synth", "--start", start, "--out", str(out)])
+    refused(result, "--start", problem)
+    assert not out.exists()
+
+
+def test_registering_a_node_in_a_damaged_registry_names_it(tmp_path):
+    registry, key = tmp_path / "registry.json", tmp_path / "north.pub"
+    registry.write_text('{"clie')
+    key.write_text("not a key")
+    args = ["node", "register", "north", "--node-key", str(key), "--ledger-key", str(key)]
+    result = runner.invoke(app, [*args, "--registry", str(registry)])
+    refused(result, registry, "not a readable node registry")
+    assert registry.read_text() == '{"clie'
+
+
 @pytest.mark.parametrize("command", ["baselines", "train-central", "train-local"])
 def test_training_on_users_all_filtered_out_is_a_named_error(tmp_path, tiny_events, command):
     data = _parquet(tiny_events.drop_duplicates("user_id"), tmp_path / "once.parquet")
@@ -493,6 +533,8 @@ def test_bad_run_config_option_is_named(tmp_path, no_flower, args, problem):
         ("strategy", "fedsgd"),
         ("min-clients", 0),
         ("batch-size", 0),
+        ("demand-start", "garbage"),
+        ("device", "gpu"),
     ],
 )
 def test_flower_run_config_names_the_key(key, value):
@@ -798,6 +840,28 @@ def served(export):
 @pytest.mark.parametrize("command", ["recommend", "forecast"])
 def test_damaged_export_names_the_model_folder(export, command, name, blob, problem):
     refused(serve(export, command, **{name: blob}), export[0], problem)
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda c: c["category_top"].__setitem__(1, 999), "'category_top' points outside"),
+        (lambda c: c["item_category"].append(0), "'item_category' has"),
+        (lambda c: c.update(top_category_chars="x"), "'top_category_chars'"),
+        (lambda c: c.update(items=list(range(len(c["items"])))), "'items.0'"),
+    ],
+)
+def test_a_catalog_that_points_nowhere_names_the_field(export, edit, problem):
+    catalog = json.loads(export[2][CATALOG])
+    edit(catalog)
+    refused(serve(export, **{CATALOG: json.dumps(catalog).encode()}), export[0], problem)
+
+
+@pytest.mark.parametrize("option", [["-k", "0"], ["-k", "-3"], ["--limit", "0"]])
+def test_recommend_needs_at_least_one_item_and_one_user(export, option):
+    folder, events, _, _ = export
+    args = ["recommend", "--model", str(folder), "--events", str(events), *option]
+    refused(runner.invoke(app, args), option[0])
 
 
 def test_export_of_another_model_shape_is_refused(export):

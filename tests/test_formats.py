@@ -96,6 +96,18 @@ def test_tafeng_adapter_reads_zipped_csv(tmp_path):
     assert result.spec.top_category_chars == 2
 
 
+def test_tafeng_line_total_that_is_no_number_rejects_its_row(tmp_path):
+    path = tmp_path / "tf.csv"
+    path.write_text(
+        "TRANSACTION_DT,CUSTOMER_ID,AGE_GROUP,PIN_CODE,PRODUCT_SUBCLASS,PRODUCT_ID,AMOUNT,ASSET,"
+        "SALES_PRICE\n11/1/2000,1104905,45-49,115,110411,4710199010372,2,24,30\n"
+        "11/2/2000,1104905,45-49,115,130315,4909978112950,1,48,xyz\n"
+    )
+    result = load_events(path)
+    assert len(result.events) == 1
+    assert result.rejected["reason"].tolist() == ["bad_price"]
+
+
 def test_online_retail_adapter_handles_cancellations_and_anonymous_rows(tmp_path):
     frame = pd.DataFrame(
         {

@@ -32,6 +32,7 @@ from common.run_files import (
     CLIENT_LEDGER,
     CLIENTS,
     PRIVACY_REPORT_HTML,
+    RESULTS,
     ROUNDS,
     SERVER_LEDGER,
 )
@@ -218,3 +219,16 @@ def test_a_report_that_cannot_be_written_is_one_clear_error_and_the_old_one_stay
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "error: cannot write" in result.output and "No space left on device" in result.output
     assert (tmp_path / PRIVACY_REPORT_HTML).read_bytes() == old
+
+
+def test_local_results_that_cannot_be_written_keep_the_old_ones(tmp_path, disk, tiny_events):
+    data, out = tmp_path / "shop.parquet", tmp_path / "local"
+    tiny_events.to_parquet(data)
+    out.mkdir()
+    (out / RESULTS).write_text('{"old": true}')
+    disk.fail(RESULTS, "full")
+    tiny = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--max-len", "12"]
+    result = CliRunner().invoke(app, ["train-local", "--data", str(data), *tiny, "--out", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: cannot write" in result.output
+    assert (out / RESULTS).read_text() == '{"old": true}'

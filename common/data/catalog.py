@@ -7,12 +7,12 @@ outside the vocabulary land in hashed out-of-vocabulary rows instead of being lo
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import TypeAdapter, ValidationError
 
 from common.atomic import write_json
 
@@ -117,7 +117,36 @@ class Catalog:
 
     @classmethod
     def load(cls, path: str | Path) -> Catalog:
+        """The catalog saved at `path`; a ValueError naming the file and field if it is not one
+        (every index inside the list it points into, one category per item and one top
+        category per category)."""
         try:
-            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as exc:
+            catalog = TypeAdapter(cls).validate_json(Path(path).read_bytes(), strict=True)
+        except OSError as exc:
             raise ValueError(f"{path}: not a valid catalog: {exc}") from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{path}: not a valid catalog: '{field}': {first['msg']}") from exc
+        for problem in catalog._problems():
+            raise ValueError(f"{path}: not a valid catalog: {problem}")
+        return catalog
+
+    def _problems(self) -> list[str]:
+        indexes = (
+            ("item_category", self.item_category, self.items, self.categories),
+            ("category_top", self.category_top, self.categories, self.top_categories),
+        )
+        problems = [
+            f"'{name}' has {len(index)} entries for {len(owners)}"
+            for name, index, owners, _ in indexes
+            if len(index) != len(owners)
+        ]
+        problems += [
+            f"'{name}' points outside its {len(targets)} entries ({bad})"
+            for name, index, _, targets in indexes
+            for bad in [i for i in index if not 0 <= i < len(targets)][:1]
+        ]
+        if self.oov_buckets < 1 or (self.top_category_chars or 1) < 1:
+            problems.append("'oov_buckets' and 'top_category_chars' must be at least 1")
+        return problems

@@ -42,6 +42,9 @@ def _first_bad(frame: pd.DataFrame, values: pd.Series, bad: pd.Series) -> str:
 
 def _coerce_numeric(frame: pd.DataFrame, col: str, source: str) -> pd.Series:
     raw = frame[col]
+    if pd.api.types.is_datetime64_any_dtype(raw) or pd.api.types.is_timedelta64_dtype(raw):
+        # to_numeric would read them as nanoseconds: a column mapped wrongly, not numbers
+        raise DataError(f"{source}: column '{col}' holds {raw.dtype} values, not numbers")
     num = pd.to_numeric(raw, errors="coerce")
     present = raw.notna() & (raw.astype("string").str.strip() != "")
     if present.any() and num[present].isna().all():
@@ -79,13 +82,22 @@ def _coerce_time(frame: pd.DataFrame, source: str, fmt: str | None) -> pd.Series
 
 
 def _as_id(series: pd.Series) -> pd.Series:
-    """Ids as clean strings; integral floats (NaN-able ints, e.g. 13085.0) lose their '.0'."""
+    """Ids as clean strings; integral floats (NaN-able ints, e.g. 13085.0) lose their '.0'.
+    An infinite float is no id: NA, like a missing one (`_bad_id` says which it was)."""
     if pd.api.types.is_float_dtype(series):
+        series = series.where(np.isfinite(series))
         whole = series.dropna()
-        if (whole == np.floor(whole)).all():
+        if ((whole == np.floor(whole)) & (whole.abs() < 2.0**63)).all():
             series = series.astype("Int64")
     out = series.astype("string").str.strip()
     return out.mask(out == "")
+
+
+def _bad_id(raw: pd.Series) -> pd.Series:
+    """Where an id cell holds an infinite float."""
+    if not pd.api.types.is_float_dtype(raw):
+        return pd.Series(False, index=raw.index)
+    return np.isinf(raw)
 
 
 def standardize(
@@ -118,6 +130,8 @@ def standardize(
     out["user_id"] = _as_id(frame["user_id"])
     out["item_id"] = _as_id(frame["item_id"])
     ts = _coerce_time(frame, source, timestamp_format)
+    reject(_bad_id(frame["user_id"]), "bad_user_id")
+    reject(_bad_id(frame["item_id"]), "bad_item_id")
     reject(out["user_id"].isna(), "missing_user_id")
     reject(out["item_id"].isna(), "missing_item_id")
     reject(frame["timestamp"].isna(), "missing_timestamp")

@@ -103,7 +103,10 @@ def _prepare_tafeng(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
     amount = pd.to_numeric(frame["AMOUNT"], errors="coerce")
     total = pd.to_numeric(frame["SALES_PRICE"], errors="coerce")
     frame = frame.assign(unit_price=(total / amount).where(amount > 0))
-    return frame, _no_reasons(frame)
+    reasons = _no_reasons(frame)
+    # The unit price is NaN wherever the amount is bad too; only the total's own cell says why.
+    reasons[total.isna() & frame["SALES_PRICE"].notna()] = "bad_price"
+    return frame, reasons
 
 
 def _prepare_online_retail(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:

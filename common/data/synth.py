@@ -8,9 +8,11 @@ Everything is drawn from one seeded generator, so a seed gives the same table ev
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from common.data.events import ROW, EventType
 
@@ -36,6 +38,19 @@ class SynthConfig(BaseModel):
         0.3, ge=0, le=1, description="Share of events on one of the user's four favourite items."
     )
     seed: int = Field(0, description="Random seed; the same seed gives the same data.")
+
+    @field_validator("start")
+    @classmethod
+    def _in_the_past(cls, value: str, info: ValidationInfo) -> str:
+        # Event loaders refuse times before 1970 or in the future; generate none of them.
+        try:
+            start = date.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an ISO date (YYYY-MM-DD)") from exc
+        days = info.data.get("days", 0)
+        if start < date(1970, 1, 1) or start + timedelta(days=days) > date.today():
+            raise ValueError(f"{value} and {days} days after it must lie between 1970 and today")
+        return value
 
 
 def _sample_rows(cum: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -3,7 +3,12 @@ configuration or building the CLI's options loads neither torch nor transformers
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# Where models train and run: auto = CUDA where present.
+Device = Literal["auto", "cpu", "cuda"]
 
 
 class ModelConfig(BaseModel):
@@ -30,7 +35,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1, description="Users per batch.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     seed: int = Field(0, description="Random seed.")
-    device: str = Field("auto", description="auto (CUDA if present), cpu or cuda.")
+    device: Device = Field("auto", description="auto (CUDA if present), cpu or cuda.")
 
 
 # The model's priors: scalars that every user's data informs alike (the mixture's gate biases,

@@ -38,6 +38,8 @@ def pick_device(name: str = "auto") -> torch.device:
     """CUDA when present (regional data centers have GPUs), else CPU; an explicit name wins."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but this machine has no CUDA device")
     return torch.device(name)
 
 

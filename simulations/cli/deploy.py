@@ -114,8 +114,8 @@ def register(
     Runs `flwr supernode register` and records the node id it returns, with the node's key and
     NAME's ledger key, in the registry the ServerApp reads (run config `registry`).
     """
-    reg = Registry.load(registry) if registry.exists() else Registry()
     try:
+        reg = Registry.load(registry) if registry.exists() else Registry()
         ledger_pem = public_pem(load_public(ledger_key)).decode()
         node_public = node_key.read_text().strip()
         if name in reg.clients:  # checked before the SuperLink learns of the key

@@ -60,8 +60,8 @@ def recommend_cmd(
         list[str] | None,
         typer.Option("--user", help="User id(s); default: the first --limit users."),
     ] = None,
-    k: Annotated[int, typer.Option("-k", help="Items per user.")] = 10,
-    limit: Annotated[int, typer.Option(help="Users shown when no --user is given.")] = 5,
+    k: Annotated[int, typer.Option("-k", min=1, help="Items per user.")] = 10,
+    limit: Annotated[int, typer.Option(min=1, help="Users shown when no --user is given.")] = 5,
 ) -> None:
     """Top-k next items (with categories) for users, after their most recent events.
 

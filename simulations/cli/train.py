@@ -167,8 +167,7 @@ def train_local_cmd(
             )
         except NoHistory as exc:
             raise fail(f"{src.name}: {exc}") from exc
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).write_text(json.dumps({"source": src.name, **results}, indent=2))
+    write_json(out / RESULTS, {"source": src.name, **results})
     for name, why in results["skipped"].items():
         console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}")
     for name, c in results["clients"].items():
@@ -302,12 +301,18 @@ def _prepared(src: Source, **options: int) -> Prepared:
 
 def _central_config(given: dict) -> CentralConfig:
     """The model's and the trainer's settings given on the command line, validated."""
+    from common.learning.training import pick_device
     from simulations.central import CentralConfig
 
-    return CentralConfig(
+    cfg = CentralConfig(
         model=validated(ModelConfig, only(ModelConfig, given)),
         train=validated(TrainConfig, only(TrainConfig, given)),
     )
+    try:  # before any data is read: this machine, not the data, decides it
+        pick_device(cfg.train.device)
+    except ValueError as exc:
+        raise fail(f"--device: {exc}") from exc
+    return cfg
 
 
 def _run_config(path: Path | None, given: dict) -> tuple[RunConfig, set[str]]:
