@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -35,6 +36,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+        _sync_folder(target)
     except StorageError:
         raise
     except OSError as exc:
@@ -44,6 +46,22 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+def _sync_folder(target: Path) -> None:
+    """Make the rename itself durable: until the folder's entry reaches the disk, a power cut
+    can bring back the old file, e.g. a ledger without the spend its update already carried."""
+    try:
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a file system that cannot sync a folder
+            return
+        why = exc.strerror or str(exc)
+        raise StorageError(exc.errno, f"wrote {target}, but cannot make it durable: {why}") from exc
 
 
 def _mode(target: Path) -> int:

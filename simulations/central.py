@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from flwr.app import ArrayRecord
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import save_file
 
-from common.atomic import write_json, write_with
+from common.atomic import write_json
 from common.data.partition import Partition, select
 from common.learning.blend import served_results
 from common.learning.configs import ModelConfig, TrainConfig
@@ -30,7 +30,8 @@ from common.learning.training import (
     pick_device,
     train_epoch,
 )
-from common.run_files import CATALOG, MODEL, RESULTS
+from common.run_files import CATALOG, RESULTS
+from server.export import export
 from server.platform import demand_start
 
 
@@ -251,9 +252,11 @@ def pool_client_scores(scored: list[tuple[Prepared, dict]]) -> dict:
 
 
 def save_run(out: Path, model: BehaviorModel | None, prepared: Prepared, results: dict) -> None:
+    """The catalog, the results and, with a model, the model exported as a federated run
+    exports it, so `fedshop recommend` and `forecast` serve it the same way."""
     out.mkdir(parents=True, exist_ok=True)
     prepared.catalog.save(out / CATALOG)
     if model is not None:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        write_with(out / MODEL, lambda p: save_file(state, str(p)))
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        export(out, arrays, model.cfg, prepared.shape, {"training": "centralized, non-private"})
     write_json(out / RESULTS, results)

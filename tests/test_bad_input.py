@@ -174,6 +174,18 @@ def test_odd_rows_are_rejected_or_noted_with_a_reason_not_fatal(tmp_path):
     assert "9999-12-31" in set(quarantine["timestamp"])  # kept as it was in the file
 
 
+def test_checks_of_two_files_of_one_stem_keep_both_outputs(tmp_path):
+    out = tmp_path / "out"
+    for year in ("2020", "2021"):
+        path = tmp_path / f"shop.{year}.csv.gz"
+        path.write_bytes(gzip.compress(GOOD.encode()))
+        assert check(path, out).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.summary.json")) == [
+        "shop.2020.summary.json",
+        "shop.2021.summary.json",
+    ]
+
+
 @pytest.mark.parametrize("encoding", ["latin-1", "utf-16", "utf-8-sig"])
 def test_other_text_encodings_read_the_same(tmp_path, encoding):
     path = tmp_path / "shop.csv"
@@ -222,6 +234,12 @@ def test_float_ids_that_are_no_integers_are_rejected_or_kept_as_text(tmp_path):
     summary = json.loads((out / "ids.summary.json").read_text())
     assert summary["rejected_by_reason"] == {"bad_user_id": 1, "missing_user_id": 1}
     assert summary["accepted"] == len(ROWS) - 2
+
+
+def test_two_spellings_of_one_column_are_refused_not_resolved_silently(tmp_path):
+    path = tmp_path / "shop.csv"
+    path.write_text(with_column("User ID", [f"v{i}" for i in range(len(ROWS))]))
+    refused(check(path, tmp_path / "out"), path, "'user_id' and 'User ID'", "ambiguous")
 
 
 def test_parquet_with_a_repeated_column_is_refused(tmp_path):

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from clients import client_app
 from clients.rounds import _client
-from common.atomic import StorageError
+from common.atomic import StorageError, write_json
 from common.learning.model import BehaviorModel
 from common.messages import ARRAYS, CLIENT, CONFIG, NAME, SERVER_ROUND
 from common.run_files import (
@@ -232,3 +232,16 @@ def test_local_results_that_cannot_be_written_keep_the_old_ones(tmp_path, disk, 
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "error: cannot write" in result.output
     assert (out / RESULTS).read_text() == '{"old": true}'
+
+
+def test_the_new_content_and_then_its_rename_reach_the_disk(tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr("common.atomic.os.fsync", record)
+    write_json(tmp_path / "state.json", {"a": 1})
+    assert ".state.json." in synced[0]  # the temporary file's data, before the rename
+    assert synced[1:] == [str(tmp_path)]  # then the folder holding the renamed entry

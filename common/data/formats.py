@@ -244,6 +244,17 @@ def _match(name: str, columns: pd.Index) -> tuple[HeaderMatch | None, list[str]]
     return None, closest
 
 
+def table_stem(path: Path) -> str:
+    """A table file's name without its compression and table suffixes, and nothing more:
+    `a.2020.csv.gz` → `a.2020`, so the outputs of two files never share a name."""
+    name = path.name
+    for suffixes in ((".gz", ".zip"), (".parquet", ".pq", ".csv", ".tsv", ".txt")):
+        cut = next((s for s in suffixes if name.lower().endswith(s)), "")
+        if cut and len(name) > len(cut):
+            name = name[: -len(cut)]
+    return name
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read CSV (also .gz/.zip) or Parquet; CSV cells stay strings so bad cells are row errors."""
     if not path.exists():
@@ -307,6 +318,15 @@ def _check_header(path: Path, names: list[str]) -> None:
         raise DataError(
             f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once in the "
             "header; which one holds the data is ambiguous"
+        )
+    spellings: dict[str, list[str]] = {}
+    for name in names:
+        spellings.setdefault(_header_key(name), []).append(name)
+    alike = [same for key, same in spellings.items() if key and len(same) > 1]
+    if alike:
+        raise DataError(
+            f"{path}: columns {' and '.join(map(repr, alike[0]))} are one column to the header "
+            "match (case, spaces and punctuation aside); which one holds the data is ambiguous"
         )
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from common.atomic import write_text
-from common.data.formats import write_events, write_quarantine
+from common.data.formats import table_stem, write_events, write_quarantine
 from common.data.synth import SynthConfig, generate
 from simulations.cli.shared import (
     FormatOpt,
@@ -41,7 +41,7 @@ def data_check(
     """Validate an event log and summarize it; rejected rows go to a quarantine CSV."""
     result = events_from(path, fmt, spec, maps, history=False).load
     summary = result.summary()
-    stem = path.name.split(".")[0]
+    stem = table_stem(path)
     quarantine = out / f"{stem}.rejected.csv"
     try:
         write_quarantine(result, quarantine)
