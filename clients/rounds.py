@@ -100,9 +100,14 @@ def _account(
 
 
 def _policy(context: Context, cfg: RunConfig) -> PrivacyPolicy:
-    """The client's own policy: node config in deployment, the simulation's file otherwise."""
-    simulated = Path(cfg.out) / CLIENTS / POLICY
-    return PrivacyPolicy.from_node_config(dict(context.node_config), simulated)
+    """The client's own policy: node config in deployment, the simulation's file otherwise.
+
+    The file's path comes from the server's run config, so only a simulated client (a
+    partition of the server's data, no `data-path` of its own) reads it: a deployed client
+    without `privacy-*` keys keeps the defaults, whatever file the server points at."""
+    node = dict(context.node_config)
+    simulated = None if "data-path" in node else Path(cfg.out) / CLIENTS / POLICY
+    return PrivacyPolicy.from_node_config(node, simulated)
 
 
 def _client(name: str, line: Line | None = None) -> ConfigRecord:

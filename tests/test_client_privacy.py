@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from clients import client_app
 from clients.local_training import dp_loader
+from clients.rounds import _policy
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
-from common.run_files import CLIENT_LEDGER, POLICY
+from common.run_files import CLIENT_LEDGER, CLIENTS, POLICY
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
 from privacy.accounting import (
@@ -137,6 +138,18 @@ def test_policy_comes_from_node_config_first_and_errors_name_the_key(tmp_path):
     assert PrivacyPolicy.from_node_config({}, None) == PrivacyPolicy()
     with pytest.raises(ValueError, match="privacy-delta"):
         PrivacyPolicy.from_node_config({"privacy-delta": 2.0}, None)
+
+
+def test_a_deployed_client_never_reads_a_policy_file_the_server_points_at(tmp_path):
+    cfg = RunConfig(out=str(tmp_path))  # the run config comes from the server
+    PrivacyPolicy(epsilon=80.0, share_demand_evaluation=True).write(tmp_path / CLIENTS / POLICY)
+
+    def policy(node_config: dict) -> PrivacyPolicy:
+        context = Context(1, 1, node_config, RecordDict(), cfg.to_flower())
+        return _policy(context, cfg)
+
+    assert policy({"data-path": "/srv/north.csv"}) == PrivacyPolicy()
+    assert policy({"partition-id": 0, "num-partitions": 2}).epsilon == 80.0
 
 
 class _Rows:
