@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from common.data.sequences import Sequences
 from common.learning.model import BehaviorModel
 from common.learning.training import adam, loader, train_epoch
+from common.messages import STEPS
 from common.runconfig import RunConfig
 from privacy.accounting import Mechanism, Step
 from privacy.engine import PrivacyEngine
@@ -103,7 +104,7 @@ def train_private(
     finally:
         dp_model.remove_hooks()  # the caller's model stays a plain module, reusable next round
     history = list(engine.accountant.history)
-    return RoundResult(True, {**losses, "steps": sum(s for _, _, s in history)}, history)
+    return RoundResult(True, {**losses, STEPS: sum(s for _, _, s in history)}, history)
 
 
 def train_plain(
@@ -120,4 +121,4 @@ def train_plain(
     losses = {}
     for _ in range(cfg.local_epochs):
         losses = train_epoch(model, batches, optimizer, device, cfg.model.demand_weight, pull)
-    return RoundResult(True, {**losses, "steps": cfg.local_epochs * len(batches)})
+    return RoundResult(True, {**losses, STEPS: cfg.local_epochs * len(batches)})

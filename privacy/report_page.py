@@ -239,9 +239,11 @@ def _central_section(central: dict | None) -> str:
         f"<p>Server-side DP with Flower's {html.escape(str(central['wrapper']))}: "
         f"noise multiplier {central['noise_multiplier']:g}, clipping norm "
         f"{central['clipping_norm']:g}. Client-level ε = <b>{_num(central.get('epsilon'))}</b> at "
-        f"δ = {central['delta']:g} (Flower's RDP accountant): whatever the model reveals, it would "
-        "have been about as likely had any one <i>client</i> (all of its users) stayed out. "
-        "This sits on top of the per-client user-level ε above.</p>"
+        f"δ = {central['delta']:g} (Flower's RDP accountant): the model's weights would have "
+        "been about as likely had any one <i>client</i> (all of its users) stayed out. "
+        "This sits on top of the per-client user-level ε above. Not covered at client level: "
+        "the model's item-popularity prior, the sum of the clients' noisy histograms, each "
+        "covered only by its own client's user-level ε.</p>"
     )
 
 

@@ -78,6 +78,8 @@ from common.messages import (
     EPSILON,
     EPSILON_BUDGET,
     ITEM_POPULARITY,
+    LEDGER_HASH,
+    LEDGER_SEQ,
     METRICS,
     NAME,
     NOISE_MULTIPLIER,
@@ -95,6 +97,9 @@ from privacy.account import mechanism_shape
 BETA1, BETA2 = 0.9, 0.999
 SLACK = 1.5  # the bound is exact arithmetic; this only keeps honest replies far from it
 EXACT_STEPS = 10_000  # ρ(t) summed exactly up to here, bounded by ρ∞ beyond
+# No shop counts this many users, units or steps. A larger finite value could only overflow
+# the sums it joins (the popularity histogram is summed in float32) into Inf, then NaN.
+LARGEST = 1e15
 
 # What a trained reply's MetricRecord holds: without DP and with it (clients/rounds.py).
 PLAIN_METRICS = frozenset({DECLINED, UNIFORM, WEIGHT, EPSILON})
@@ -160,7 +165,23 @@ def _number(metrics, key: str) -> float | None:
         value = float(metrics[key])
     except (KeyError, TypeError, ValueError):
         return None
-    return value if math.isfinite(value) else None
+    return value if math.isfinite(value) and abs(value) <= LARGEST else None
+
+
+def _unreadable(m: Message, plain_epsilon: bool) -> str | None:
+    """Why the metrics or the client record of a training reply, declined or not, cannot be
+    recorded: every metric a finite number within LARGEST (a non-private client's ε is
+    infinite), the ledger entry it cites a whole number and a hash."""
+    metrics = m.content[METRICS]
+    for key in sorted(metrics):
+        infinite = plain_epsilon and key == EPSILON and metrics[key] == math.inf
+        if _number(metrics, key) is None and not infinite:
+            return f"metric {key!r} is {metrics[key]!r}, not a finite number within ±{LARGEST:g}"
+    client = m.content.config_records.get(CLIENT, {})
+    seq, digest = client.get(LEDGER_SEQ, -1), client.get(LEDGER_HASH, "")
+    if type(seq) is not int or seq < -1 or not isinstance(digest, str):
+        return f"ledger entry {seq!r} ({digest!r}) is not an entry number and a hash"
+    return None
 
 
 @dataclass(frozen=True)
@@ -173,11 +194,12 @@ class ReplyChecks:
     def proximal_mu(self) -> float:
         return self.cfg.proximal_mu if self.cfg.strategy is StrategyName.FEDPROX else 0.0
 
-    def rejection(self, m: Message, sent: ArrayRecord) -> str | None:
+    def rejection(self, m: Message, sent: ArrayRecord, secure: bool = False) -> str | None:
         """Why the training reply `m` (to a request that carried `sent`) must not be
         aggregated, naming its client; None when it may. A declined reply holds no update and
-        passes once its metrics are readable."""
-        why = self._problem(m, sent)
+        passes once its metrics are readable. Under SecAgg+ (`secure`) the server never holds
+        one client's arrays, so only its metrics and popularity histogram are checked."""
+        why = self._problem(m, sent, secure)
         return f"{client_name(m)}: {why}" if why else None
 
     def evaluation_rejection(self, m: Message) -> str | None:
@@ -201,19 +223,24 @@ class ReplyChecks:
         for key in sorted(keys):
             value = _number(metrics, key)
             if value is None:
-                return f"metric {key!r} is {metrics[key]!r}, not a finite number"
+                return (
+                    f"metric {key!r} is {metrics[key]!r}, not a finite number within ±{LARGEST:g}"
+                )
             if key in DEMAND_SUMS and value < 0:
                 return f"metric {key!r} is {value:g}: an exact sum of absolute values or counts"
         if _number(metrics, UNIFORM) != 1.0 or _number(metrics, WEIGHT) < 1.0:
             return f"{UNIFORM!r} must be 1 and {WEIGHT!r} at least 1"
         return None
 
-    def _problem(self, m: Message, sent: ArrayRecord) -> str | None:
+    def _problem(self, m: Message, sent: ArrayRecord, secure: bool) -> str | None:
         content = m.content
         metric_records = list(content.metric_records)
         if metric_records != [METRICS]:
             return f"expected one MetricRecord {METRICS!r}, got {metric_records}"
         metrics = content[METRICS]
+        unreadable = _unreadable(m, not self.cfg.dp)
+        if unreadable:
+            return unreadable
         declined = _number(metrics, DECLINED)
         if declined not in (0.0, 1.0):
             return f"metric {DECLINED!r} is {metrics.get(DECLINED)!r}, not 0 or 1"
@@ -231,13 +258,15 @@ class ReplyChecks:
         steps = self.steps(metrics)
         if isinstance(steps, str):
             return steps
-        array_records = list(content.array_records)
-        if array_records != [ARRAYS]:
-            return f"expected one ArrayRecord {ARRAYS!r}, got {array_records}"
         if POPULARITY in content.config_records and ITEM_POPULARITY in sent:
             why = _popularity(content[POPULARITY], sent[ITEM_POPULARITY])
             if why:
                 return why
+        if secure:
+            return None
+        array_records = list(content.array_records)
+        if array_records != [ARRAYS]:
+            return f"expected one ArrayRecord {ARRAYS!r}, got {array_records}"
         return self._arrays(content[ARRAYS], sent, steps)
 
     def steps(self, metrics) -> int | str:
@@ -321,8 +350,8 @@ def _popularity(reply: ConfigRecord, sent: Array) -> str | None:
         return f"popularity is not a list of numbers ({exc})"
     if value.shape != tuple(sent.shape):
         return f"popularity holds {list(value.shape)} values, the catalogue {list(sent.shape)}"
-    if not np.isfinite(value).all():
-        return "popularity holds NaN or Inf"
+    if not (np.abs(value) <= LARGEST).all():
+        return f"popularity holds NaN, Inf or values past {LARGEST:g}"
     return None
 
 

@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.messages import CLIENT, DECLINED, LEDGER_HEADS, NAME, REASON, REFUSED
+from common.messages import CLIENT, DECLINED, LEDGER_HEADS, METRICS, NAME, REASON, REFUSED
 from server import checkpoint
 from server.aggregation import aggregate_evaluation
 from server.aggregation_ledger import AggregationLedger
@@ -61,7 +61,7 @@ def triage(
         broken = [(m, why) for m in answered if (why := check(m))]
         rejected += broken
         answered = [m for m in answered if all(m is not r for r, _ in broken)]
-    declined = [m for m in answered if float(m.content["metrics"].get(DECLINED, 0)) > 0]
+    declined = [m for m in answered if float(m.content[METRICS].get(DECLINED, 0)) > 0]
     trained = [m for m in answered if m not in declined]
     return Triage(trained, declined, failed, refused, rejected)
 
@@ -97,7 +97,7 @@ def client_rows(
                     "client": _name(m),
                     "node": m.metadata.src_node_id,
                     "status": status,
-                    **{k: float(v) for k, v in m.content["metrics"].items()},
+                    **{k: float(v) for k, v in m.content[METRICS].items()},
                 }
             )
     for m in t.refused:
@@ -107,7 +107,7 @@ def client_rows(
                 "client": _name(m),
                 "node": m.metadata.src_node_id,
                 "status": "refused",
-                "error": str(m.content[REFUSED][REASON]),
+                "error": str(m.content[REFUSED].get(REASON, "")),
             }
         )
     for m in t.failed:
@@ -225,10 +225,11 @@ class RoundLoop:
                 reason = f"round {rnd}: secure aggregation cannot run: {exc}; the run stops here"
                 return arrays, self._stop({"round": rnd, "clients": []}, reason)
             # Under SecAgg+ the server holds only the masked sum, never one client's arrays:
-            # nothing to check per client (the run config refuses robust strategies there).
+            # only their metrics and histograms are checked (the run config refuses robust
+            # strategies there).
             check = None
-            if self.checks is not None and not secure:
-                check = partial(self.checks.rejection, sent=arrays)
+            if self.checks is not None:
+                check = partial(self.checks.rejection, sent=arrays, secure=bool(secure))
             t = triage(replies, self.binder, check)
             node_of = addressee(asked)
             silent = silent_rows(rnd, asked, replies, self.timeout)
@@ -254,7 +255,8 @@ class RoundLoop:
                     m.error.reason,
                 )
             for m in t.refused:
-                log(WARNING, "%s refused round %s: %s", _name(m), rnd, m.content[REFUSED][REASON])
+                why = m.content[REFUSED].get(REASON, "")
+                log(WARNING, "%s refused round %s: %s", _name(m), rnd, why)
             for _, why in t.rejected:
                 log(WARNING, "round %s: reply rejected: %s", rnd, why)
             if len(t.trained) < self.min_clients:
@@ -275,7 +277,11 @@ class RoundLoop:
                 )
                 return arrays, self._stop(record, reason)
             trained = t.trained
-            if secure:
+            if secure and t.rejected:
+                # A rejected client's masked update is inside the sum and cannot be taken out.
+                log(WARNING, "round %s: a reply under SecAgg+ was rejected; sum dropped", rnd)
+                trained = []
+            elif secure:
                 trained = secure.with_aggregate(trained) if secure.aggregate is not None else []
             new_arrays, train_metrics = (
                 strategy.aggregate_train(rnd, trained) if trained else (None, None)
@@ -306,7 +312,7 @@ class RoundLoop:
             for _, why in answers.rejected:
                 log(WARNING, "evaluation %s: reply rejected: %s", rnd, why)
             for m in answers.refused:
-                reason = m.content[REFUSED][REASON]
+                reason = m.content[REFUSED].get(REASON, "")
                 log(WARNING, "%s refused evaluation %s: %s", _name(m), rnd, reason)
             # Our own sums, not the strategy's aggregate_evaluate: Flower's refuses replies whose
             # metric names differ, and clients differ legitimately (demand sums only where a

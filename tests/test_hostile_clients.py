@@ -39,11 +39,13 @@ from common.messages import (
     EPSILON,
     EPSILON_BUDGET,
     HITS_SUM,
+    LEDGER_SEQ,
     METRICS,
     NAME,
     NDCG_SUM,
     NOISE_MULTIPLIER,
     POPULARITY,
+    REFUSED,
     SAMPLE_RATE,
     STEPS,
     UNIFORM,
@@ -134,12 +136,21 @@ BROKEN = {
     "extra metric": lambda: reply(9, "mallory", metrics=dp_metrics(loss=0.1)),
     "no metrics": lambda: reply(9, "mallory", content={METRICS: ConfigRecord({"x": 1})}),
     "second array record": lambda: reply(9, "mallory", content={"more": _record(SENT)}),
+    # values the round record and the ledger would fail on, or carry as NaN
+    "nan epsilon": lambda: reply(9, "mallory", metrics=dp_metrics(**{EPSILON: float("nan")})),
+    "list epsilon": lambda: reply(9, "mallory", metrics=dp_metrics(**{EPSILON: [1.0, 2.0]})),
+    "declined with a list": lambda: reply(9, "mallory", metrics={DECLINED: 1, WEIGHT: [0.0]}),
+    "huge weight": lambda: reply(9, "mallory", metrics=dp_metrics(**{WEIGHT: 1e300})),
+    "ledger seq text": lambda: reply(
+        9, "mallory", content={CLIENT: ConfigRecord({NAME: "mallory", LEDGER_SEQ: "oops"})}
+    ),
 }
 
 
 POPULARITIES = {  # a first round's histogram the server cannot sum; the catalogue has 3 items
     "too short": ([1.0, 2.0], "popularity holds [2] values, the catalogue [3]"),
-    "nan": ([1.0, float("nan"), 0.0], "popularity holds NaN or Inf"),
+    "nan": ([1.0, float("nan"), 0.0], "popularity holds NaN, Inf or values past 1e+15"),
+    "huge": ([1e38, 1e38, 0.0], "popularity holds NaN, Inf or values past 1e+15"),  # f32 Inf
     "text": (["a", "b", "c"], "popularity is not a list of numbers"),
 }
 
@@ -193,6 +204,29 @@ def test_the_reasons_say_what_is_wrong():
     }
     for kind, text in expect.items():
         assert text in checks.rejection(BROKEN[kind](), sent), kind
+
+
+def test_under_secagg_metrics_and_histograms_are_checked_but_not_the_masked_arrays():
+    checks, sent = ReplyChecks(CFG), _record({**SENT, "item_popularity": np.zeros(3, np.float32)})
+
+    def masked(metrics: dict, popularity: list[float]) -> Message:
+        content = {METRICS: MetricRecord(metrics), CLIENT: ConfigRecord({NAME: "north"})}
+        content[POPULARITY] = ConfigRecord({"item_popularity": popularity})
+        asked = Message(RecordDict(), dst_node_id=1, message_type="train")
+        return Message(RecordDict(content), reply_to=asked)
+
+    assert checks.rejection(masked(dp_metrics(), [1.0, 2.0, 3.0]), sent, secure=True) is None
+    for bad in (
+        masked(dp_metrics(**{WEIGHT: -600}), [1.0, 2.0, 3.0]),
+        masked(dp_metrics(), [float("nan")] * 3),
+    ):
+        assert checks.rejection(bad, sent, secure=True) is not None
+
+
+def test_a_refusal_without_a_reason_is_recorded_not_a_crash():
+    refusal = reply(9, "mallory", content={REFUSED: ConfigRecord({})})
+    t = triage([reply(1, "north"), refusal], NodeBinder.for_run(""), None)
+    assert client_rows(1, t)[-1]["error"] == ""
 
 
 def test_plausible_updates_pass_and_declined_replies_are_left_to_triage():
@@ -431,6 +465,7 @@ class _Grid:
 
 EVALUATIONS = {  # what a client's evaluation reply may not hold
     "nan": SUMS | {HITS_SUM: float("nan")},
+    "huge": SUMS | {HITS_SUM: 1e308},  # finite, but the pooled sum would overflow
     "extra key": SUMS | {"loss": 0.1},
     "some demand sums": SUMS | {DEMAND_ACTUAL_SUM: 5.0},
     "negative demand": SUMS | dict.fromkeys(DEMAND_SUMS, 1.0) | {DEMAND_ACTUAL_SUM: -5.0},

@@ -40,7 +40,7 @@ from common.messages import (
     REFUSED,
     USERS_SUM,
 )
-from common.run_files import CARD, CATALOG, CLIENT_LEDGER, MODEL, POLICY
+from common.run_files import CARD, CATALOG, CLIENT_LEDGER, MODEL
 from common.runconfig import RunConfig
 from privacy.verify import verify_paths
 from server.platform import platform_for
@@ -66,7 +66,11 @@ def deployed(tmp_path, tiny_events):
         batch_size=16, delta=1e-3, epsilon=6.0, accountant="rdp",
     )  # fmt: skip
     platform = platform_for(cfg, Path(cfg.out))
-    simulated_policy(cfg).write(Path(cfg.out) / "clients" / POLICY)  # shares demand sums
+    # A deployed client's policy is its own node config (here sharing demand sums)
+    policy = {
+        f"privacy-{k.replace('_', '-')}": v
+        for k, v in simulated_policy(cfg).model_dump(mode="json").items()
+    }
     model = BehaviorModel(cfg.model, catalog_shape(platform.catalog))
 
     def call(
@@ -80,6 +84,7 @@ def deployed(tmp_path, tiny_events):
             "client-name": name,
             "state-dir": str(tmp_path / f"{name}.state"),
             "catalog": str(platform.catalog_path),
+            **policy,
         }
         shared = {"catalog": str(platform.catalog_path), "demand-start": demand_start}
         config = ConfigRecord(shared | {"server-round": 1})
