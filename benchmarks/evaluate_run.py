@@ -29,7 +29,8 @@ else:
     events, chars = generate(SynthConfig()), None
 card = json.loads((run / CARD).read_text())
 parts = plan(events, len(card["privacy"]["clients"]))
-exact = evaluate_exported(run, events, chars, parts, card["run_config"].get("demand_start") or "")
+calendar = [card["run_config"].get(k) or "" for k in ("demand-start", "demand-end")]
+exact = evaluate_exported(run, events, chars, parts, *calendar)
 ranking, forecast = exact["bert"]["test"], exact["bert"]["forecast"]
 out = {"users": ranking["users"], **ranking["full"], "served": exact["bert"]["served"]["full"]}
 out["served_choices"] = exact["bert"]["clients"]

@@ -43,7 +43,7 @@ from clients.local_data import load_client_data
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
 from common.learning.training import evaluate_ranking
-from common.messages import ARRAYS, CATALOG_PATH, DEMAND_START, METRICS
+from common.messages import ARRAYS, CATALOG_PATH, DEMAND_END, DEMAND_START, METRICS
 from common.run_files import CLIENTS, POLICY
 from common.runconfig import RunConfig
 from privacy.signing import load_or_create
@@ -143,7 +143,8 @@ def pooled_metrics(cfg: RunConfig, arrays: ArrayRecord, shared: dict, clients: i
     users = hits = ndcg = 0.0
     for pid in range(clients):
         node = {"partition-id": pid, "num-partitions": clients}
-        data = load_client_data(node, cfg, str(shared[CATALOG_PATH]), str(shared[DEMAND_START]))
+        calendar = (str(shared[DEMAND_START]), str(shared[DEMAND_END]))
+        data = load_client_data(node, cfg, str(shared[CATALOG_PATH]), calendar)
         model = BehaviorModel(cfg.model, data.prepared.shape)
         model.load_state_dict(arrays.to_torch_state_dict())
         ranking = evaluate_ranking(model, data.prepared.test, torch.device("cpu"))
@@ -230,8 +231,16 @@ def main() -> None:
     )
     # One catalog and demand calendar for all runs (the clients' prepared data is reused).
     platform = platform_for(base, work)
-    shared = {CATALOG_PATH: str(platform.catalog_path), DEMAND_START: platform.demand_start}
-    fixed = {"catalog": shared[CATALOG_PATH], "demand_start": shared[DEMAND_START]}
+    shared = {
+        CATALOG_PATH: str(platform.catalog_path),
+        DEMAND_START: platform.demand_start,
+        DEMAND_END: platform.demand_end,
+    }
+    fixed = {
+        "catalog": shared[CATALOG_PATH],
+        "demand_start": shared[DEMAND_START],
+        "demand_end": shared[DEMAND_END],
+    }
     base = RunConfig(**(base.model_dump() | fixed))
     shape = catalog_shape(platform.catalog)
     console = Console(width=200)

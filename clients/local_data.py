@@ -53,7 +53,11 @@ class ClientData:
 
 @lru_cache(maxsize=8)
 def _prepare(
-    key: tuple[Any, ...], catalog_path: str, demand_start: str, history_len: int, holdout: float
+    key: tuple[Any, ...],
+    catalog_path: str,
+    calendar: tuple[str, str],
+    history_len: int,
+    holdout: float,
 ) -> tuple[str, Prepared | None]:
     """This client's name and prepared data; None (cached like the rest) when no user has
     MIN_EVENTS events."""
@@ -75,7 +79,8 @@ def _prepare(
             events,
             top_category_chars=top_chars,
             history_len=history_len,
-            demand_start=demand_start or None,
+            demand_start=calendar[0] or None,
+            demand_end=calendar[1] or None,
             catalog=catalog,
         )
     except NoHistory:
@@ -87,10 +92,11 @@ def _prepare(
 
 
 def load_client_data(
-    node_config: dict[str, Any], cfg: RunConfig, catalog_path: str, demand_start: str
+    node_config: dict[str, Any], cfg: RunConfig, catalog_path: str, calendar: tuple[str, str]
 ) -> ClientData:
     """This client's prepared data, name, state folder and signing key; CannotTakePart when
-    its data supports no head (before any key or state is made)."""
+    its data supports no head (before any key or state is made). `calendar`: the platform's
+    first demand day and the day after its last ("" = this client's own data's)."""
     if "data-path" in node_config:
         path = str(node_config["data-path"])
         name = str(node_config.get("client-name", Path(path).stem.split(".")[0]))
@@ -107,9 +113,7 @@ def load_client_data(
     # valid where the server's files are visible (simulation).
     catalog_path = str(node_config.get("catalog", catalog_path))
     try:
-        name, prepared = _prepare(
-            key, catalog_path, demand_start, cfg.model.history, cfg.audit_holdout
-        )
+        name, prepared = _prepare(key, catalog_path, calendar, cfg.model.history, cfg.audit_holdout)
     except (DataError, OSError, ValueError) as exc:
         who = key[-1] if key[0] == "file" else f"partition {key[2]}"
         log(ERROR, "client %s cannot read its data: %s", who, exc)

@@ -31,6 +31,7 @@ from common.messages import (
     DEMAND_ACTUAL_SUM,
     DEMAND_CELLS_SUM,
     DEMAND_COVERED_SUM,
+    DEMAND_END,
     DEMAND_ERROR_SUM,
     DEMAND_LEVEL_ERROR_SUM,
     DEMAND_MA_ERROR_SUM,
@@ -74,9 +75,8 @@ def _setup(
     """The run config, this client's data, and the server's model on the device to use."""
     cfg = RunConfig.from_flower(context.run_config)
     server = msg.content[CONFIG]
-    data = load_client_data(
-        dict(context.node_config), cfg, str(server[CATALOG_PATH]), str(server[DEMAND_START])
-    )
+    calendar = (str(server[DEMAND_START]), str(server.get(DEMAND_END, "")))
+    data = load_client_data(dict(context.node_config), cfg, str(server[CATALOG_PATH]), calendar)
     model = BehaviorModel(cfg.model, data.prepared.shape)
     model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
     device = pick_device(cfg.device)

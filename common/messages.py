@@ -10,6 +10,7 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 CATALOG_PATH = "catalog"  # the platform catalogue's path (simulation; deployed clients own one)
 DEMAND_START = "demand-start"  # first day of the weekly demand bins
+DEMAND_END = "demand-end"  # the day after the last one they cover
 PROXIMAL_MU = "proximal-mu"  # FedProx's proximal weight
 LEDGER_HEADS = "ledger-heads"  # each client's newest ledger entry the server has seen
 # Under SecAgg+ the model travels as Flower's unnamed legacy Parameters; the names, in order

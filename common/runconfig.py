@@ -155,8 +155,11 @@ class RunConfig(BaseModel):
     # NDCG@10 and time a round (docs/results.md).
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the encoder")
     demand_start: str = Field("", description="First day of the weekly demand bins (ISO date)")
+    demand_end: str = Field(
+        "", description="Day after the last day the demand bins cover (ISO date; empty = data's)"
+    )
 
-    @field_validator("demand_start")
+    @field_validator("demand_start", "demand_end")
     @classmethod
     def _iso_date(cls, value: str) -> str:
         if value:

@@ -19,6 +19,7 @@ from common.messages import (
     CATALOG_PATH,
     CLIP_NORM,
     DELTA,
+    DEMAND_END,
     DEMAND_START,
     EPSILON,
     EPSILON_BUDGET,
@@ -84,6 +85,7 @@ def serve(grid: Grid, context: Context, cfg: RunConfig) -> None:
     shared = {
         CATALOG_PATH: str(platform.catalog_path.resolve()),
         DEMAND_START: platform.demand_start,
+        DEMAND_END: platform.demand_end,
     }
     if cfg.strategy is StrategyName.FEDPROX:
         shared[PROXIMAL_MU] = cfg.proximal_mu

@@ -32,7 +32,7 @@ from common.learning.training import (
 )
 from common.run_files import CATALOG, RESULTS
 from server.export import export
-from server.platform import demand_start
+from server.platform import demand_end, demand_start
 
 
 class CentralConfig(BaseModel):
@@ -130,6 +130,7 @@ def evaluate_exported(
     top_category_chars: int | None,
     parts: list[Partition],
     configured_start: str = "",
+    configured_end: str = "",
 ) -> dict:
     """A run's exported model evaluated exactly, beside the baselines, in `train-central`'s
     layout. A federated run's own ranking figures are DP releases (noisy sums from each
@@ -144,7 +145,8 @@ def evaluate_exported(
     shrinkage, the intervals) on its own series, and the errors are pooled, as the federated
     evaluation's demand sums are."""
     exported = load_exported(run)
-    history, start = exported.model.cfg.history, demand_start(events, configured_start)
+    history = exported.model.cfg.history
+    start, end = demand_start(events, configured_start), demand_end(events, configured_end)
 
     def prepared_of(frame: pd.DataFrame) -> Prepared:
         return prepare(
@@ -153,6 +155,7 @@ def evaluate_exported(
             history_len=history,
             demand_start=start,
             catalog=exported.catalog,
+            demand_end=end,
         )
 
     whole = prepared_of(events)

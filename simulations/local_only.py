@@ -18,6 +18,7 @@ from common.data.partition import plan, select
 from common.data.sequences import leave_last_out
 from common.learning.dataset import NoHistory, prepare
 from common.learning.demand import PRIMARY
+from server.platform import demand_end, demand_start
 from simulations.central import (
     CentralConfig,
     own_ranking,
@@ -35,7 +36,7 @@ def train_local_only(
     forecast trains the next-item head only and pools no demand error (`no_forecast`)."""
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
-    start = str(events["timestamp"].min().normalize().date())
+    start, end = demand_start(events), demand_end(events)  # the platform's, as federated
     per_client, skipped, ranked, forecasts = {}, {}, [], []
     for part in plan(events, clients):
         try:
@@ -45,6 +46,7 @@ def train_local_only(
                 history_len=cfg.model.history,
                 demand_start=start,
                 catalog=catalog,
+                demand_end=end,
             )
         except NoHistory as exc:
             skipped[part.name] = str(exc)

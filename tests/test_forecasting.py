@@ -177,3 +177,24 @@ def test_monitor_command(shop, tmp_path):
     assert result.exit_code == 0 and "no alerts" in result.output
     too_long = runner.invoke(app, ["monitor", "--model", str(folder), "--events", str(clean)])
     assert too_long.exit_code == 2 and "full weeks" in too_long.output
+
+
+def test_a_client_whose_purchases_stop_early_holds_out_the_platforms_weeks(shop):
+    """Every client bins up to the platform's end: a region that stopped buying three weeks
+    early holds out the same calendar weeks as the rest, with zero demand in them."""
+    from server.platform import demand_end, demand_start
+
+    events = shop[0]
+    start, end = demand_start(events), demand_end(events)
+    region = events["region"].iloc[0]
+    early = events[
+        (events["region"] == region)
+        & (events["timestamp"] < events["timestamp"].max() - pd.Timedelta(days=21))
+    ]
+    platform, client = (
+        weekly_demand(events, None, start, end),
+        weekly_demand(early, None, start, end),
+    )
+    assert list(client.weeks) == list(platform.weeks)
+    assert (client.units[:, -3:] == 0).all()
+    assert len(weekly_demand(early, None, start).weeks) < len(platform.weeks)  # its own end

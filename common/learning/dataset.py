@@ -72,6 +72,7 @@ def prepare(
     holdout_weeks: int = 4,
     demand_start: str | None = None,
     catalog: Catalog | None = None,
+    demand_end: str | None = None,
 ) -> Prepared:
     """Build everything the trainers and evaluators need from one canonical event table.
 
@@ -87,7 +88,9 @@ def prepare(
     catalog = catalog or Catalog.build(split[is_train], top_category_chars)
     enc = encode(split, catalog)
     n_top = len(catalog.top_categories)
-    demand, demand_reason = demand_history(events, top_category_chars, demand_start, holdout_weeks)
+    demand, demand_reason = demand_history(
+        events, top_category_chars, demand_start, holdout_weeks, demand_end
+    )
     cutoff_s, cuts = None, []
     if demand is not None:
         week_starts = demand.weeks.to_numpy().astype("datetime64[s]").astype(np.int64)
@@ -126,13 +129,14 @@ def demand_history(
     top_category_chars: int | None,
     start: str | None,
     holdout_weeks: int,
+    end: str | None = None,
 ) -> tuple[DemandSeries | None, str | None]:
     """The weekly demand series, or None and why when it cannot hold `holdout_weeks` out with
     MIN_HISTORY_WEEKS before them."""
     need = holdout_weeks + MIN_HISTORY_WEEKS
     needs = f"the forecast needs {need} ({holdout_weeks} held out, {MIN_HISTORY_WEEKS} before)"
     try:
-        demand = weekly_demand(events, top_category_chars, start)
+        demand = weekly_demand(events, top_category_chars, start, end)
     except TooLittleDemand as exc:
         return None, f"no demand forecast: {exc}; {needs}"
     if len(demand.weeks) < need:

@@ -37,9 +37,13 @@ class DemandSeries:
 
 
 def weekly_demand(
-    events: pd.DataFrame, top_category_chars: int | None, start: str | pd.Timestamp | None = None
+    events: pd.DataFrame,
+    top_category_chars: int | None,
+    start: str | pd.Timestamp | None = None,
+    end: str | pd.Timestamp | None = None,
 ) -> DemandSeries:
-    """Sum purchase quantities into 7-day bins from `start` (default: the first day in the data).
+    """Sum purchase quantities into 7-day bins from `start` up to `end` (exclusive; defaults:
+    the first day in the data, the day after its last).
 
     Every region × category pair (of those seen in purchases) is a series, zero-filled; a trailing
     partial bin is dropped so every week counts seven days.
@@ -48,8 +52,9 @@ def weekly_demand(
     if bought.empty:
         raise TooLittleDemand("no purchase events: demand cannot be computed")
     origin = pd.Timestamp(start) if start is not None else bought["timestamp"].min().normalize()
-    end = bought["timestamp"].max().normalize() + pd.Timedelta(days=1)
-    n_weeks = int((end - origin) / WEEK)
+    if end is None:
+        end = bought["timestamp"].max().normalize() + pd.Timedelta(days=1)
+    n_weeks = int((pd.Timestamp(end) - origin) / WEEK)
     if n_weeks < 2:
         raise TooLittleDemand("fewer than two full weeks of purchases")
     week = ((bought["timestamp"] - origin) / WEEK).astype("float64").apply(np.floor)

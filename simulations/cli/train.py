@@ -456,7 +456,7 @@ def _print_exact(
 
     try:
         with console.status("evaluating the final model beside the baselines"):
-            exact = evaluate_exported(out, events, chars, parts, cfg.demand_start)
+            exact = evaluate_exported(out, events, chars, parts, cfg.demand_start, cfg.demand_end)
     except ValueError as exc:  # the run succeeded; only its model is unusable
         err.print(f"[yellow]warning:[/] no exact table beside the baselines: {escape(str(exc))}")
         return
