@@ -137,3 +137,14 @@ def test_prepare_builds_every_split(tiny_events):
     assert prepared.train.items.shape[1] == 20
     assert prepared.demand.units.shape[1] == 8  # 56 days = 8 full weeks
     assert len(prepared.forecast_inputs) == 1 + 3  # weeks 1-3 calibrate; week 0 has no history
+
+
+def test_a_forecast_counts_every_user_known_at_its_cut_not_only_those_who_come_back(
+    tiny_events,
+):
+    """A shopper with one purchase before the cutoff and none after is in the cutoff's sum:
+    whether a user reaches 3 events is only known from the future."""
+    once = tiny_events.iloc[:1].assign(user_id="one-time", event_type="purchase")
+    prepared = prepare(pd.concat([tiny_events, once]), top_category_chars=None, history_len=20)
+    assert "one-time" not in set(prepared.train.users)
+    assert "one-time" in set(prepared.forecast_inputs[0].users)

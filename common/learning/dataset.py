@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from common.data.catalog import Catalog
+from common.data.events import sort_events
 from common.data.sequences import (
     MIN_EVENTS,
     Sequences,
@@ -99,11 +100,13 @@ def prepare(
         cuts = [cutoff_s, *calibration]
     train_enc = enc[is_train].reset_index(drop=True)
     not_test = enc[(split["split"] != "test").to_numpy()].reset_index(drop=True)
+    # A forecast at a cut knows every user who shopped before it, not only those the whole
+    # log later shows with MIN_EVENTS events: that would pick users by their future.
+    everyone = encode(sort_events(events), catalog) if cuts else enc
 
     def history_before(t: int) -> Sequences:
-        return history_sequences(
-            enc[enc["t"].to_numpy() < t].reset_index(drop=True), n_top, history_len, at=t
-        )
+        known = everyone[everyone["t"].to_numpy() < t].reset_index(drop=True)
+        return history_sequences(known, n_top, history_len, at=t)
 
     train = training_sequences(train_enc, n_top, history_len, horizon_days * DAY_S, cutoff_s)
     if demand is None:  # no demand target anywhere: the demand loss is 0 for every user
