@@ -262,6 +262,13 @@ class ReplyChecks:
             why = _popularity(content[POPULARITY], sent[ITEM_POPULARITY])
             if why:
                 return why
+        if secure and weight > self.cfg.secagg_max_weight:
+            # SecAgg+ scales the parameters by weight / max-weight before clipping them to its
+            # range: this client's share of the sum was clipped, silently.
+            return (
+                f"weight {weight:g} is above secagg-max-weight {self.cfg.secagg_max_weight:g}, "
+                "so SecAgg+ clipped its update; raise secagg-max-weight"
+            )
         if secure:
             return None
         array_records = list(content.array_records)

@@ -221,6 +221,9 @@ def test_under_secagg_metrics_and_histograms_are_checked_but_not_the_masked_arra
         masked(dp_metrics(), [float("nan")] * 3),
     ):
         assert checks.rejection(bad, sent, secure=True) is not None
+    over = CFG.model_copy(update={"secagg_max_weight": USERS - 1})  # its update was clipped
+    clipped = masked(dp_metrics(), [1.0, 2.0, 3.0])
+    assert "raise secagg-max-weight" in ReplyChecks(over).rejection(clipped, sent, secure=True)
 
 
 def test_a_refusal_without_a_reason_is_recorded_not_a_crash():
