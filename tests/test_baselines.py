@@ -22,7 +22,7 @@ from common.learning.popularity import (
 # Twelve popular items, bought four times each by other users: plain popularity ranks
 # the repeat items 10th or lower.
 POPULAR = [f"p{i:02d}" for i in range(12)]
-CATEGORY = {"a": "01.1", "b": "01.1", "c": "02.1", "x": "03.1", "y": "04.1"}
+CATEGORY = {"a": "01.1", "b": "01.1", "c": "02.1", "x": "03.1", "y": "04.1", "d": "01.2"}
 CATEGORY |= dict.fromkeys(POPULAR, "09.1")
 
 
@@ -84,6 +84,14 @@ def test_category_counts_lift_an_unbought_item_of_a_bought_category():
     assert _ranks(history, [("u", "b", 4)], RepeatWeights(basket=0.0))["u"] < 10
 
 
+def test_top_level_counts_lift_an_item_of_another_sub_category_of_a_bought_one():
+    # d sits in 01.2, a and b in 01.1: only the top-level count (01) knows u shops there.
+    history = [("u", "a", 1), ("u", "b", 2), ("u", "a", 3), ("u", "c", 3), ("ob", "d", 0)]
+    fine = RepeatWeights(item=4.0, category=2.0, basket=0.0)
+    assert _ranks(history, [("u", "d", 4)], fine)["u"] >= 10
+    assert _ranks(history, [("u", "d", 4)], RepeatWeights(basket=0.0, top=4.0))["u"] < 10
+
+
 def test_last_day_basket_items_are_pushed_down():
     # x: bought often, also on the last day (that basket is being filled: x is in it already).
     history = [("u", "x", 1), ("u", "x", 2), ("u", "a", 2), ("u", "x", 5), ("u", "c", 5)]
@@ -130,6 +138,7 @@ def test_the_weight_search_ranks_exactly_like_the_dense_scores():
     targets.append(("x", "x", 3))
     seqs, enc, counts, catalog, transitions = _setup(history, targets)
     grid = REPEAT_GRID[::5] + tuple(RepeatWeights(transition=t) for t in TRANSITION_WEIGHTS[::3])
+    grid += (RepeatWeights(top=2.0), RepeatWeights(item=8.0, top=4.0, transition=2.0))
     features = repeat_features(seqs, enc, transitions)
     for w in grid:
         scores = next(repeat_scores(seqs, features, counts, catalog, w))

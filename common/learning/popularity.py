@@ -17,7 +17,7 @@ import torch
 from common.data.catalog import Catalog
 from common.data.sequences import Sequences
 from common.learning.dataset import Prepared
-from common.learning.metrics import hit_ndcg
+from common.learning.metrics import full_ranks, hit_ndcg
 from common.learning.training import rank_metrics, score_rows
 
 TIE_BREAK = 1e-6  # global popularity orders the items a region or a user scores equally
@@ -134,26 +134,29 @@ DAY_S = 86_400
 @dataclass(frozen=True)
 class RepeatWeights:
     """score = item·log1p(own count of the item) + category·log1p(own count of its fine
-    category) + log1p(training popularity) − basket·[item in the user's last-day basket]
-    + transition·log1p(how often the item came right after the user's last item, in anyone's
-    training events)."""
+    category) + top·log1p(own count of its top-level category) + log1p(training popularity)
+    − basket·[item in the user's last-day basket] + transition·log1p(how often the item came
+    right after the user's last item, in anyone's training events)."""
 
     item: float = 4.0
     category: float = 2.0
     basket: float = 20.0
     transition: float = 0.0
+    top: float = 0.0
 
 
+ITEM_WEIGHTS = (4.0, 8.0, 16.0, 32.0)
+CATEGORY_WEIGHTS = (0.0, 1.0, 2.0)
 REPEAT_GRID = tuple(
-    RepeatWeights(a, b, c)
-    for a in (4.0, 8.0, 16.0, 32.0)
-    for b in (0.0, 1.0, 2.0)
-    for c in (0.0, 5.0, 20.0)
+    RepeatWeights(a, b, c) for a in ITEM_WEIGHTS for b in CATEGORY_WEIGHTS for c in (0.0, 5.0, 20.0)
 )
 # The transition-aware rule adds the last item's followers to the repeat-aware rule's weights.
 TRANSITION_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# Then each rule may count the user's top-level categories too: where tastes live at that
+# level and sub-categories split them (the synthetic default), fine counts miss them.
+TOP_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
 
-Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -223,23 +226,35 @@ def _part_batches(
     targets."""
     n_items, n_cats = len(catalog.items), len(catalog.categories)
     item_category = torch.as_tensor(catalog.item_category)
+    item_top = torch.as_tensor(catalog.category_top)[item_category]
+    tops = _top_pairs(feats.categories, np.asarray(catalog.category_top))
     size = score_rows(n_items, BATCH)
     for start in range(0, len(seqs), size):
         stop = min(start + size, len(seqs))
         own_category = _dense(feats.categories, start, stop, n_cats)[:, item_category]
+        own_top = _dense(tops, start, stop, len(catalog.top_categories))[:, item_top]
         in_basket = (_dense(feats.basket, start, stop, n_items) > 0).float()
         followed = _dense(feats.followed, start, stop, n_items)
-        parts = (_dense(feats.items, start, stop, n_items), own_category, in_basket, followed)
+        own_item = _dense(feats.items, start, stop, n_items)
+        parts = (own_item, own_category, own_top, in_basket, followed)
         yield parts, _targets(seqs, slice(start, stop))
+
+
+def _top_pairs(categories: pd.DataFrame, category_top: np.ndarray) -> pd.DataFrame:
+    """(row, key, count) of the users' fine-category counts summed by top-level category."""
+    keyed = categories.assign(key=category_top[categories["key"].to_numpy()])
+    summed = keyed.groupby(["row", "key"], as_index=False, sort=True)["count"].sum()
+    return summed.reset_index(drop=True)
 
 
 def _score(log_popularity: torch.Tensor, parts: Parts, w: RepeatWeights) -> torch.Tensor:
     """Elementwise, one correctly rounded operation at a time (never a fused multiply-add), so
     an item scores bit for bit the same in a dense [B, V] matrix and in a flat list of entries:
     ties must stay ties in both."""
-    own_item, own_category, in_basket, followed = parts
+    own_item, own_category, own_top, in_basket, followed = parts
     scores = own_item * w.item + log_popularity
     scores += own_category * w.category
+    scores += own_top * w.top
     scores -= in_basket * w.basket
     scores += followed * w.transition
     return scores
@@ -283,7 +298,9 @@ class _Entries:
 
 
 def _entries(parts: Parts, log_popularity: torch.Tensor, target: torch.Tensor) -> _Entries:
-    own_item, own_category, in_basket, followed = parts
+    """Entries where the user part is non-zero for a weight of no top-level term: an item of
+    a top category the user shopped in scores more than its popularity only with one."""
+    own_item, own_category, _, in_basket, followed = parts
     user_part = (own_item > 0) | (own_category > 0) | (in_basket > 0) | (followed > 0)
     rows, cols = user_part.nonzero(as_tuple=True)
     width = own_item.shape[1]
@@ -328,13 +345,21 @@ def choose_repeat_weights(
 ) -> tuple[RepeatWeights, dict[str, float]]:
     """The grid point with the best full-ranking NDCG@10 on `seqs` (pass validation, with its
     `repeat_features`), and its metrics. NDCG, like the model's choice of epoch; the first grid
-    point wins a tie."""
+    point wins a tie.
+
+    Without a top-level term the ranks come from the entries alone (fast); with one, every
+    item of a top category the user shopped in moves, so they come from the dense scores."""
     log_popularity = torch.from_numpy(np.log1p(counts).astype(np.float32))
     ranks: dict[RepeatWeights, list[torch.Tensor]] = {w: [] for w in grid}
+    dense = any(w.top for w in grid)
     for parts, target in _part_batches(seqs, features, catalog):
-        entries = _entries(parts, log_popularity, target)
+        entries = None if dense else _entries(parts, log_popularity, target)
         for w in grid:
-            ranks[w].append(_entry_ranks(entries, log_popularity, w))
+            ranks[w].append(
+                full_ranks(_combine(parts, log_popularity, w, target), target)
+                if entries is None
+                else _entry_ranks(entries, log_popularity, w)
+            )
     metrics = {w: hit_ndcg(torch.cat(r).numpy()) for w, r in ranks.items()}
     best = max(grid, key=lambda w: metrics[w]["ndcg@10"])
     return best, metrics[best]
@@ -373,11 +398,27 @@ def choose_rule_weights(
     transition_grid: tuple[float, ...] = TRANSITION_WEIGHTS,
 ) -> tuple[tuple[RepeatWeights, dict[str, float]], tuple[RepeatWeights, dict[str, float]]]:
     """The repeat-aware rule's weights, then the transition-aware rule's (a transition weight
-    from `transition_grid` beside them), each with its validation metrics."""
+    from `transition_grid` beside them), each with its validation metrics. Each rule's
+    top-level weight is chosen last, beside its other weights."""
     counts, catalog = inputs.counts, prepared.catalog
-    repeat = choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog)
-    grid = tuple(replace(repeat[0], transition=t) for t in transition_grid)
-    return repeat, choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog, grid)
+
+    def best(grid: tuple[RepeatWeights, ...]) -> tuple[RepeatWeights, dict[str, float]]:
+        return choose_repeat_weights(prepared.valid, inputs.valid, counts, catalog, grid)
+
+    def with_top(weights: RepeatWeights) -> tuple[RepeatWeights, dict[str, float]]:
+        """The top-level weight beside `weights`; where one is taken, the item and category
+        weights again beside it (counts of both levels share what they explain)."""
+        chosen = best(tuple(replace(weights, top=t) for t in TOP_WEIGHTS))
+        if not chosen[0].top:
+            return chosen
+        grid = (
+            replace(chosen[0], item=a, category=b) for a in ITEM_WEIGHTS for b in CATEGORY_WEIGHTS
+        )
+        return best(tuple(grid))
+
+    repeat = best(REPEAT_GRID)[0]
+    followed = best(tuple(replace(repeat, transition=t) for t in transition_grid))[0]
+    return with_top(repeat), with_top(followed)
 
 
 def popularity_results(
