@@ -16,6 +16,7 @@ CLIENTS = "clients"  # simulated clients' state folders, one per client name
 POLICY = "privacy_policy.json"  # simulated clients' privacy policy, in CLIENTS
 CLIENT_LEDGER = "privacy_ledger.jsonl"  # beside a client's data (its state folder)
 NOISY_COUNT = "noisy_user_count.json"  # beside the ledger until its first trained entry
+NOISY_POPULARITY = "noisy_item_popularity.npy"  # beside the ledger, from that entry on
 SERVER_LEDGER = "aggregation_ledger.jsonl"
 PRIVACY_REPORT_HTML = "privacy_report.html"
 PRIVACY_REPORT_JSON = "privacy_report.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import write_json
-from common.run_files import CLIENT_LEDGER, NOISY_COUNT
+from common.atomic import write_json, write_with
+from common.run_files import CLIENT_LEDGER, NOISY_COUNT, NOISY_POPULARITY
 from common.runconfig import RunConfig
 from privacy.accounting import (
     Budget,
@@ -50,6 +50,21 @@ from privacy.signing import load_or_create
 # to each, so one user added or removed moves the vector by at most √3 in L2.
 EVAL_VALUES = 3
 EVAL_L2 = math.sqrt(EVAL_VALUES)
+
+
+def _save(path: Path, histogram: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, histogram)
+
+
+def _released_popularity(path: Path) -> np.ndarray | None:
+    """The histogram the ledger's first trained entry released, if this client kept it."""
+    if not path.exists():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise LedgerError(f"{path}: not a released popularity histogram ({exc})") from exc
 
 
 def _check_release_noise(spends: list[Spend], policy: PrivacyPolicy) -> None:
@@ -86,7 +101,9 @@ class PrivacyAccount:
     cap: float
     run_id: str
     pending: list[Release]
-    # The noisy item-popularity histogram released with the first training round, None after
+    # The noisy item-popularity histogram released with the first trained round; every
+    # trained reply carries it again (kept beside the ledger), so a lost first reply does not
+    # lose it: the server counts each client's once, and resending a release costs nothing.
     popularity: np.ndarray | None = None
 
     @classmethod
@@ -116,7 +133,10 @@ class PrivacyAccount:
                 state = restore(client, budget, spends)
             except ValueError as exc:
                 raise LedgerError(f"{path}: {exc}") from exc
-            yield cls(client, path, key_path, policy, request, state, cap, str(run_id), [])
+            released = _released_popularity(path.with_name(NOISY_POPULARITY))
+            yield cls(
+                client, path, key_path, policy, request, state, cap, str(run_id), [], released
+            )
 
     def mechanism(self, users: int, popularity: Callable[[], np.ndarray]) -> Mechanism:
         """The DP-SGD mechanism: the ledger's, or planned now around a fresh noisy count of
@@ -227,8 +247,12 @@ class PrivacyAccount:
         ok, after = self.state.affordable([*sgd, *release_steps(self.pending)], self.cap)
         if not ok:
             raise RuntimeError(f"the round would reach ε = {after:.4f}, past the limit; withheld")
+        released = {r.what for r in self.pending}
         line = self._write(self.state.record(server_round, sgd, "trained", self.pending))
         self.ledger.with_name(NOISY_COUNT).unlink(missing_ok=True)  # the ledger holds it now
+        if "item-popularity" in released and self.popularity is not None:
+            histogram = self.popularity
+            write_with(self.ledger.with_name(NOISY_POPULARITY), lambda p: _save(p, histogram))
         return line
 
     def evaluation(self, server_round: int, sums: np.ndarray) -> np.ndarray:

@@ -117,7 +117,10 @@ def test_first_entry_fixes_budget_and_mechanism_and_releases_only_accounted_valu
     assert [s.status for s in spends] == ["trained", "evaluated"]
     assert spends[1].epsilon_after > spends[1].epsilon_before
     assert [r.what for r in spends[1].releases] == ["evaluation"]
-    assert "popularity" not in call("train", 2).content  # released once, with the first round
+    # released once, with the first round; later replies carry that same release again
+    again = call("train", 2).content["popularity"]["item_popularity"]
+    assert np.array_equal(np.array(again), histogram)
+    assert [r.what for s in _ledger(clients) for r in s.releases].count("item-popularity") == 1
     assert all(r.ok for r in verify_paths([p for p in clients.glob(f"*/{CLIENT_LEDGER}")]))
 
 

@@ -14,7 +14,7 @@ import pytest
 from common.run_files import CLIENT_LEDGER, NOISY_COUNT
 from common.runconfig import RunConfig
 from privacy.account import PrivacyAccount
-from privacy.ledger import LedgerError
+from privacy.ledger import LedgerError, Spend, entries
 from privacy.policy import PrivacyPolicy, Refused
 
 POLICY = PrivacyPolicy(epsilon=4.0, delta=1e-5, accountant="rdp")
@@ -113,3 +113,17 @@ def test_a_policy_of_infinite_or_nan_values_is_an_error_naming_the_key(field):
     for value in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"'privacy-{field}'"):
             PrivacyPolicy.from_node_config({f"privacy-{field}": value}, None)
+
+
+def test_the_released_histogram_goes_with_every_later_reply_and_is_accounted_once(tmp_path):
+    """A lost first reply (a round run again after a crash, a rejected or late reply) must
+    not lose the client's histogram: later replies carry the same release again."""
+    with _open(tmp_path) as account:
+        mech = account.mechanism(1000, lambda: np.ones(5))
+        account.trained(1, [(mech.noise_multiplier, mech.sample_rate, mech.steps_per_round)])
+        first = account.popularity
+    assert first is not None and _round(tmp_path, 1) == "trained"  # round 1 run again
+    with _open(tmp_path) as account:
+        assert np.array_equal(account.popularity, first)
+    spends = entries(tmp_path / CLIENT_LEDGER, Spend)
+    assert [r.what for s in spends for r in s.releases].count("item-popularity") == 1
