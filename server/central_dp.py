@@ -21,9 +21,11 @@ composed into Flower's RDP accountant with the configured σ.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -41,6 +43,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 
+from common.atomic import write_json
+from common.run_files import CENTRAL_ACCOUNTANT
 from common.runconfig import CentralDP, RunConfig
 
 
@@ -71,6 +75,11 @@ class CentralPrivacy:
     cfg: RunConfig
     clients: int
 
+    def save(self, out: Path) -> None:
+        """Keep the accountant's state before the aggregate leaves (the evaluation request
+        carries it): a crash after that point may count a release twice, never miss one."""
+        write_json(out / CENTRAL_ACCOUNTANT, self.accountant.state_dict())
+
     def released(self) -> None:
         """Account one aggregate release (the fixed wrapper does this itself); the adaptive
         wrapper only releases from the full set of clients its noise is calibrated to."""
@@ -95,6 +104,18 @@ class CentralPrivacy:
             "delta": self.cfg.central_delta,
             "accountant": f"flwr {spent.accounting_method}",
         }
+
+
+def saved_state(out: Path, checkpointed: dict | None) -> dict | None:
+    """The accountant's state as saved before the last aggregate left; else the checkpoint's.
+    A run that crashed after sending an aggregate but before its checkpoint is behind by it."""
+    path = out / CENTRAL_ACCOUNTANT
+    if not path.exists():
+        return checkpointed
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a saved accountant state ({exc})") from exc
 
 
 def wrap(strategy: Strategy, cfg: RunConfig, clients: int, state: dict | None) -> CentralPrivacy:

@@ -290,6 +290,7 @@ class RoundLoop:
                 arrays = new_arrays
                 if central:
                     central.released()
+                    central.save(self.out)
             else:
                 log(WARNING, "round %s: no aggregate (the model is unchanged)", rnd)
             arrays = popularity.install(arrays, sent, t.trained, record["clients"])

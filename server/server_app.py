@@ -72,7 +72,10 @@ def serve(grid: Grid, context: Context, cfg: RunConfig) -> None:
     central = None
     if cfg.central_dp is not CentralDP.OFF:
         clients = wait_for_clients(grid, cfg.min_clients)
-        central = central_dp.wrap(strategy, cfg, clients, saved and saved.central_accountant)
+        state = saved and saved.central_accountant
+        central = central_dp.wrap(
+            strategy, cfg, clients, central_dp.saved_state(out, state) if cfg.resume else None
+        )
         strategy = central.strategy
     if saved:
         log(INFO, "resuming from %s after round %s", out / CHECKPOINT, saved.server_round)

@@ -6,11 +6,11 @@ from flwr.serverapp import GaussianPrivacyEvent
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.messages import CLIENT, ITEM_POPULARITY, NAME, POPULARITY
-from common.run_files import CHECKPOINT
+from common.run_files import CENTRAL_ACCOUNTANT, CHECKPOINT
 from common.runconfig import RunConfig
 from server import checkpoint, run_tables
 from server.aggregation import aggregate_evaluation, make_strategy
-from server.central_dp import wrap
+from server.central_dp import saved_state, wrap
 from server.popularity import Popularity
 
 
@@ -139,6 +139,22 @@ def test_central_dp_wraps_flower_strategies_and_accounts_releases(mode):
     assert once["releases"] == 1 and once["epsilon"] > 0
     resumed = wrap(make_strategy(cfg), cfg, clients=4, state=central.accountant.state_dict())
     assert resumed.summary()["epsilon"] == pytest.approx(once["epsilon"])
+
+
+def test_an_aggregate_sent_after_the_last_checkpoint_stays_accounted(tmp_path):
+    """The round loop saves the accountant before the aggregate leaves; a run resumed from an
+    older checkpoint starts from that state, so a crash never loses a release."""
+    cfg = RunConfig(central_dp="adaptive", central_noise=1.0, central_clip=0.5)
+    central = wrap(make_strategy(cfg), cfg, clients=4, state=None)
+    checkpointed = central.accountant.state_dict()  # the last checkpoint, before the round
+    central.released()
+    central.save(tmp_path)  # then the aggregate went out, and the server died
+    resumed = wrap(make_strategy(cfg), cfg, clients=4, state=saved_state(tmp_path, checkpointed))
+    assert resumed.summary()["releases"] == 1
+    assert saved_state(tmp_path / "fresh", checkpointed) == checkpointed
+    (tmp_path / CENTRAL_ACCOUNTANT).write_text("{cut")
+    with pytest.raises(ValueError, match=CENTRAL_ACCOUNTANT):
+        saved_state(tmp_path, checkpointed)
 
 
 class _Grid:
