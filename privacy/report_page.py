@@ -63,7 +63,8 @@ ASSUMPTIONS = [
     "first-round refusal because δ is not below 1/users, the plan breaks the policy's limits "
     "or no plan fits the budget is one bit about the noisy user count before it is released "
     "(drawn once and kept until then, however often the server asks); a 'cannot take part' "
-    "refusal (no user with 3 or more events) is one bit about the client's data.",
+    "refusal (no user with 3 or more events, or every user held out for the audit at the "
+    "share the run config's audit-holdout names) is one bit about the client's data.",
     "The catalogue and the demand-bin calendar are platform data, public to all clients.",
 ]
 AUDIT_CAVEAT = (
