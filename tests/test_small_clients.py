@@ -226,7 +226,7 @@ def test_every_country_of_online_retail_prepares_as_a_deployed_client(tmp_path):
             "state-dir": str(tmp_path / f"{country}.state"),
         }
         try:
-            prepared = load_client_data(node, cfg, str(catalog_path), "").prepared
+            prepared = load_client_data(node, cfg, str(catalog_path), ("", "")).prepared
         except CannotTakePart as why:
             outcome[country] = str(why)
             continue
