@@ -139,10 +139,11 @@ class PrivacyAccount:
             )
 
     def mechanism(self, users: int, popularity: Callable[[], np.ndarray]) -> Mechanism:
-        """The DP-SGD mechanism: the ledger's, or planned now around a fresh noisy count of
-        `users` and with the noisy `popularity()` histogram (each user's part of L2 norm ≤ 1;
-        both released with the first training entry). `Refused` if this request's batch
-        size or schedule would change the one the ledger fixed, or breaks the policy's limits.
+        """The DP-SGD mechanism: the ledger's, or planned now around the noisy count of
+        `users` (`_noisy_count`) and with the noisy `popularity()` histogram (each user's
+        part of L2 norm ≤ 1; both released with the first training entry). `Refused` if this
+        request's batch size or schedule would change the one the ledger fixed, or breaks the
+        policy's limits.
         More rounds than planned change nothing: the fixed mechanism runs until the budget
         declines them."""
         if self.state.mechanism is None:
