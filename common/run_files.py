@@ -18,9 +18,7 @@ CLIENT_LEDGER = "privacy_ledger.jsonl"  # beside a client's data (its state fold
 NOISY_COUNT = "noisy_user_count.json"  # beside the ledger until its first trained entry
 NOISY_POPULARITY = "noisy_item_popularity.npy"  # beside the ledger, from that entry on
 SERVER_LEDGER = "aggregation_ledger.jsonl"
-CENTRAL_ACCOUNTANT = (
-    "central_accountant.json"  # client-level DP, saved before each aggregate leaves
-)
+CENTRAL_ACCOUNTANT = "central_accountant.json"  # saved before each aggregate leaves
 PRIVACY_REPORT_HTML = "privacy_report.html"
 PRIVACY_REPORT_JSON = "privacy_report.json"
 AUDIT = "audit.json"

@@ -248,10 +248,10 @@ class PrivacyAccount:
         ok, after = self.state.affordable([*sgd, *release_steps(self.pending)], self.cap)
         if not ok:
             raise RuntimeError(f"the round would reach ε = {after:.4f}, past the limit; withheld")
-        released = {r.what for r in self.pending}
+        first = bool(self.pending)  # the entry that releases the count and the histogram
         line = self._write(self.state.record(server_round, sgd, "trained", self.pending))
-        self.ledger.with_name(NOISY_COUNT).unlink(missing_ok=True)  # the ledger holds it now
-        if "item-popularity" in released and self.popularity is not None:
+        if first:
+            self.ledger.with_name(NOISY_COUNT).unlink(missing_ok=True)  # the ledger holds it
             histogram = self.popularity
             write_with(self.ledger.with_name(NOISY_POPULARITY), lambda p: _save(p, histogram))
         return line

@@ -41,7 +41,7 @@ def platform_for(cfg: RunConfig, out: Path) -> Platform:
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
     path = catalog.save(out / CATALOG)
-    start, end = demand_start(events, cfg.demand_start), demand_end(events, cfg.demand_end)
+    start, end = demand_calendar(events, cfg.demand_start, cfg.demand_end)
     summary = {
         "source": cfg.data or f"synthetic(seed={cfg.seed}, events={cfg.synth_events})",
         "events": len(events),
@@ -54,17 +54,11 @@ def platform_for(cfg: RunConfig, out: Path) -> Platform:
     return Platform(catalog, path, start, end, summary)
 
 
-def demand_start(events: pd.DataFrame, configured: str = "") -> str:
-    """The first day of every client's weekly demand bins: the configured one, else the day
-    of the first purchase, so that all clients' weeks line up."""
-    bought = events[events["event_type"] == EventType.PURCHASE.value]
-    return configured or str(bought["timestamp"].min().normalize().date())
-
-
-def demand_end(events: pd.DataFrame, configured: str = "") -> str:
-    """The day after the last one every client's weekly demand bins cover: the configured
-    one, else the day after the last purchase of all. A client whose own purchases stop
-    earlier still bins up to it, so every client holds out the same calendar weeks."""
-    bought = events[events["event_type"] == EventType.PURCHASE.value]
-    last = bought["timestamp"].max().normalize() + pd.Timedelta(days=1)
-    return configured or str(last.date())
+def demand_calendar(events: pd.DataFrame, start: str = "", end: str = "") -> tuple[str, str]:
+    """Every client's weekly demand bins: from the configured `start`, else the day of the
+    first purchase, up to the configured `end`, else the day after the last purchase of all.
+    All clients' weeks line up, and a client whose own purchases stop earlier still bins up
+    to the end, so every client holds out the same calendar weeks."""
+    days = events.loc[events["event_type"] == EventType.PURCHASE.value, "timestamp"].dt.normalize()
+    last = days.max() + pd.Timedelta(days=1)
+    return start or str(days.min().date()), end or str(last.date())

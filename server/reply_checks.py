@@ -168,6 +168,12 @@ def _number(metrics, key: str) -> float | None:
     return value if math.isfinite(value) and abs(value) <= LARGEST else None
 
 
+def _not_a_number(metrics, key: str) -> str | None:
+    if _number(metrics, key) is None:
+        return f"metric {key!r} is {metrics[key]!r}, not a finite number within ±{LARGEST:g}"
+    return None
+
+
 def _unreadable(m: Message, plain_epsilon: bool) -> str | None:
     """Why the metrics or the client record of a training reply, declined or not, cannot be
     recorded: every metric a finite number within LARGEST (a non-private client's ε is
@@ -175,8 +181,9 @@ def _unreadable(m: Message, plain_epsilon: bool) -> str | None:
     metrics = m.content[METRICS]
     for key in sorted(metrics):
         infinite = plain_epsilon and key == EPSILON and metrics[key] == math.inf
-        if _number(metrics, key) is None and not infinite:
-            return f"metric {key!r} is {metrics[key]!r}, not a finite number within ±{LARGEST:g}"
+        why = None if infinite else _not_a_number(metrics, key)
+        if why:
+            return why
     client = m.content.config_records.get(CLIENT, {})
     seq, digest = client.get(LEDGER_SEQ, -1), client.get(LEDGER_HASH, "")
     if type(seq) is not int or seq < -1 or not isinstance(digest, str):
@@ -221,13 +228,13 @@ class ReplyChecks:
                 f" (unexpected {extra})" if extra else ""
             )
         for key in sorted(keys):
-            value = _number(metrics, key)
-            if value is None:
+            why = _not_a_number(metrics, key)
+            if why:
+                return why
+            if key in DEMAND_SUMS and float(metrics[key]) < 0:
                 return (
-                    f"metric {key!r} is {metrics[key]!r}, not a finite number within ±{LARGEST:g}"
+                    f"metric {key!r} is {metrics[key]:g}: an exact sum of absolute values or counts"
                 )
-            if key in DEMAND_SUMS and value < 0:
-                return f"metric {key!r} is {value:g}: an exact sum of absolute values or counts"
         if _number(metrics, UNIFORM) != 1.0 or _number(metrics, WEIGHT) < 1.0:
             return f"{UNIFORM!r} must be 1 and {WEIGHT!r} at least 1"
         return None

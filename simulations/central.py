@@ -32,7 +32,7 @@ from common.learning.training import (
 )
 from common.run_files import CATALOG, RESULTS
 from server.export import export
-from server.platform import demand_end, demand_start
+from server.platform import demand_calendar
 
 
 class CentralConfig(BaseModel):
@@ -146,7 +146,7 @@ def evaluate_exported(
     evaluation's demand sums are."""
     exported = load_exported(run)
     history = exported.model.cfg.history
-    start, end = demand_start(events, configured_start), demand_end(events, configured_end)
+    start, end = demand_calendar(events, configured_start, configured_end)
 
     def prepared_of(frame: pd.DataFrame) -> Prepared:
         return prepare(

@@ -18,7 +18,7 @@ from common.data.partition import plan, select
 from common.data.sequences import leave_last_out
 from common.learning.dataset import NoHistory, prepare
 from common.learning.demand import PRIMARY
-from server.platform import demand_end, demand_start
+from server.platform import demand_calendar
 from simulations.central import (
     CentralConfig,
     own_ranking,
@@ -36,7 +36,7 @@ def train_local_only(
     forecast trains the next-item head only and pools no demand error (`no_forecast`)."""
     split = leave_last_out(events)
     catalog = Catalog.build(split[split["split"] == "train"], top_chars)
-    start, end = demand_start(events), demand_end(events)  # the platform's, as federated
+    start, end = demand_calendar(events)  # the platform's, as federated
     per_client, skipped, ranked, forecasts = {}, {}, [], []
     for part in plan(events, clients):
         try:

@@ -182,10 +182,10 @@ def test_monitor_command(shop, tmp_path):
 def test_a_client_whose_purchases_stop_early_holds_out_the_platforms_weeks(shop):
     """Every client bins up to the platform's end: a region that stopped buying three weeks
     early holds out the same calendar weeks as the rest, with zero demand in them."""
-    from server.platform import demand_end, demand_start
+    from server.platform import demand_calendar
 
     events = shop[0]
-    start, end = demand_start(events), demand_end(events)
+    start, end = demand_calendar(events)
     region = events["region"].iloc[0]
     early = events[
         (events["region"] == region)
