@@ -212,10 +212,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _refused(msg, why.name, why)
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     policy = _policy(context, cfg)
+    line = None
     try:  # a request the client refuses costs no evaluation either
         if cfg.dp:
             with _account(msg, context, cfg, data, policy) as account:
-                sums = account.evaluation(server_round, _ranking_sums(model, data, device))
+                sums, line = account.evaluation(server_round, _ranking_sums(model, data, device))
         else:
             policy.answer(cfg, None)
             sums = _ranking_sums(model, data, device)
@@ -230,7 +231,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     }
     if policy.share_demand_evaluation or not cfg.dp:
         metrics |= _demand_sums(model, data, device)
-    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    # The entry it cites joins the server's heads: a restored ledger cannot forget this spend.
+    content = {METRICS: MetricRecord(metrics), CLIENT: _client(data.name, line)}
+    return Message(RecordDict(content), reply_to=msg)
 
 
 def _ranking_sums(model: BehaviorModel, data: ClientData, device) -> np.ndarray:

@@ -256,9 +256,10 @@ class PrivacyAccount:
             write_with(self.ledger.with_name(NOISY_POPULARITY), lambda p: _save(p, histogram))
         return line
 
-    def evaluation(self, server_round: int, sums: np.ndarray) -> np.ndarray:
-        """`sums` (per-user contributions each in [0, 1]) released with Gaussian noise and
-        recorded; `Refused` before the first training round or past the budget."""
+    def evaluation(self, server_round: int, sums: np.ndarray) -> tuple[np.ndarray, Line]:
+        """`sums` (per-user contributions each in [0, 1]) released with Gaussian noise, and the
+        ledger entry recording it; `Refused` before the first training round or past the
+        budget."""
         if self.state.mechanism is None:
             raise Refused("this client has not trained yet: no mechanism, no evaluation")
         release = self._evaluation_release()
@@ -267,8 +268,8 @@ class PrivacyAccount:
         if not self.state.affordable(release_steps([release]), self.cap)[0]:
             raise Refused("an evaluation would pass this client's privacy budget")
         noisy = gaussian_release(sums, release.noise_multiplier * release.sensitivity)
-        self._write(self.state.record(server_round, [], "evaluated", [release]))
-        return noisy
+        line = self._write(self.state.record(server_round, [], "evaluated", [release]))
+        return noisy, line
 
     def _write(self, spend: RoundSpend) -> Line:
         fields = spend_fields(self.state, spend, self.run_id)

@@ -93,9 +93,12 @@ class UsedEntry(BaseModel):
 
 
 class Aggregation(Chained):
-    """The server's record of a round: which client ledger entries it received and used."""
+    """The server's record of a round's step: which client ledger entries it received and
+    used. Evaluations are recorded too: their spends then join the heads a client must still
+    hold, so a restored ledger cannot forget them."""
 
     kind: Literal["aggregation"] = "aggregation"
+    step: Literal["train", "evaluate"] = "train"  # older records, written before "evaluate"
     strategy: str
     clients: list[UsedEntry]
     central_dp: dict[str, float | str] | None = None

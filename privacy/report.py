@@ -71,6 +71,7 @@ def secure_rounds(reports: list[LedgerReport]) -> list[dict]:
         for r in reports
         if r.kind == "server"
         for rec in r.records
+        if rec.step == "train"
     ]
 
 

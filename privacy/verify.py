@@ -72,9 +72,13 @@ FIXED_FIELDS = (
     "planned_rounds",
     "noisy_users",
 )
-# The client ledger entry each reply status in the server's record must cite; "refused" cites
-# none (nothing was released, so the client wrote no entry) and is recorded with seq -1.
-CITES = {"used": "trained", "not-aggregated": "trained", "declined": "declined"}
+# Per step of the server's record, the client ledger entry each reply status must cite;
+# "refused" cites none (nothing was released, so the client wrote no entry) and is recorded
+# with seq -1.
+CITES = {
+    "train": {"used": "trained", "not-aggregated": "trained", "declined": "declined"},
+    "evaluate": {"evaluated": "evaluated"},
+}
 REFUSED = "refused"
 NOT_PINNED = (
     "signatures were checked with the public keys stored beside the ledgers, which shows that "
@@ -376,8 +380,9 @@ def _cited(
         f"round {record.server_round}: {used.client}'s {used.status!r} reply cites "
         f"{ledger.path}, line {used.seq + 1}"
     )
-    if spend.status != CITES[used.status]:
-        return None, 0, f"{cited}, a {spend.status!r} entry, not a {CITES[used.status]!r} one"
+    expected = CITES[record.step][used.status]
+    if spend.status != expected:
+        return None, 0, f"{cited}, a {spend.status!r} entry, not a {expected!r} one"
     if spend.server_round != record.server_round:
         return None, 0, f"{cited}, an entry of round {spend.server_round}, not this round"
     if spend.run_id != record.run_id:
@@ -400,8 +405,8 @@ def _check_record(
         if used.status == REFUSED:
             if used.seq >= 0:
                 problem = f"{who} cites ledger entry {used.seq}; a refusal writes none"
-        elif used.status not in CITES:
-            problem = f"{who}: unknown status"
+        elif used.status not in CITES[record.step]:
+            problem = f"{who}: not a status of a {record.step!r} record"
         elif used.seq < 0:
             problem = (
                 f"{who} cites no ledger entry: a release the client did not record is not "
@@ -429,8 +434,9 @@ def cross_check(reports: list[LedgerReport]) -> None:
     """Match the server's record against the client ledgers it names.
 
     Every reply must cite an entry of the client's ledger, which must be given: a training
-    update must cite a trained entry, a decline a declined one, both of the record's round and
-    run, with the hash the server received. Only a refusal (nothing released) cites none.
+    update must cite a trained entry, a decline a declined one, an evaluation an evaluated one,
+    each of the record's round and run, with the hash the server received. Only a refusal
+    (nothing released) cites none.
     """
     clients = {r.signer: r for r in reports if r.kind == "client"}
     for server in (r for r in reports if r.kind == "server"):

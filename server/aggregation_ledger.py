@@ -58,17 +58,33 @@ class AggregationLedger:
         central_dp: dict[str, float | str] | None = None,
         secure_aggregation: dict | None = None,
     ) -> None:
-        """Append the round's record; `used` lists updates that went into the aggregate."""
+        """Append the round's training record; `used` lists updates that went into the
+        aggregate."""
         clients = [_entry(m, "used" if aggregated else "not-aggregated") for m in used]
         clients += [_entry(m, "declined") for m in declined]
-        clients += [_entry(m, "refused") for m in refused]  # nothing released, no ledger entry
+        extra = {"central_dp": central_dp, "secure_aggregation": secure_aggregation}
+        self._append(server_round, "train", clients + _refusals(refused), extra)
+
+    def record_evaluation(
+        self, server_round: int, evaluated: list[Message], refused: list[Message]
+    ) -> None:
+        """Append the round's evaluation record: the entries that recorded each client's
+        evaluation spend."""
+        clients = [_entry(m, "evaluated") for m in evaluated]
+        self._append(server_round, "evaluate", clients + _refusals(refused))
+
+    def _append(self, server_round: int, step: str, clients: list[dict], extra=None) -> None:
         fields = {
             "run_id": self.run_id,
             "server_round": server_round,
+            "step": step,
             "strategy": self.strategy,
             "clients": clients,
-            "central_dp": central_dp,
-            "secure_aggregation": secure_aggregation,
+            **(extra or {}),
         }
         append(self.out / SERVER_LEDGER, fields, self.key, Aggregation)
         self._advance(clients)
+
+
+def _refusals(refused: list[Message]) -> list[dict]:
+    return [_entry(m, "refused") for m in refused]  # nothing released, no ledger entry

@@ -184,6 +184,11 @@ def _unreadable(m: Message, plain_epsilon: bool) -> str | None:
         why = None if infinite else _not_a_number(metrics, key)
         if why:
             return why
+    return _unreadable_entry(m)
+
+
+def _unreadable_entry(m: Message) -> str | None:
+    """Why the ledger entry a reply cites cannot be recorded: not a whole number and a hash."""
     client = m.content.config_records.get(CLIENT, {})
     seq, digest = client.get(LEDGER_SEQ, -1), client.get(LEDGER_HASH, "")
     if type(seq) is not int or seq < -1 or not isinstance(digest, str):
@@ -237,7 +242,7 @@ class ReplyChecks:
                 )
         if _number(metrics, UNIFORM) != 1.0 or _number(metrics, WEIGHT) < 1.0:
             return f"{UNIFORM!r} must be 1 and {WEIGHT!r} at least 1"
-        return None
+        return _unreadable_entry(m)
 
     def _problem(self, m: Message, sent: ArrayRecord, secure: bool) -> str | None:
         content = m.content

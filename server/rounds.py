@@ -303,7 +303,9 @@ class RoundLoop:
                 central and central.summary(),
                 secure and secure.summary,
             )
-            asked = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(self.shared), grid))
+            heads = {LEDGER_HEADS: self.ledger.heads_json()}
+            request = ConfigRecord(self.shared | heads)
+            asked = list(strategy.configure_evaluate(rnd, arrays, request, grid))
             evaluated = self._send(asked)
             answers = triage(
                 evaluated, self.binder, self.checks and self.checks.evaluation_rejection
@@ -315,6 +317,7 @@ class RoundLoop:
             for m in answers.refused:
                 reason = m.content[REFUSED].get(REASON, "")
                 log(WARNING, "%s refused evaluation %s: %s", _name(m), rnd, reason)
+            self.ledger.record_evaluation(rnd, answers.trained, answers.refused)
             # Our own sums, not the strategy's aggregate_evaluate: Flower's refuses replies whose
             # metric names differ, and clients differ legitimately (demand sums only where a
             # client's policy shares them and its history supports a forecast).

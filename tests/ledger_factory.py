@@ -19,6 +19,7 @@ from privacy.signing import create_pair, load_or_create
 
 BUDGET = Budget(epsilon=3.0, delta=1e-5)
 COUNT = Release(what="user-count", noise_multiplier=5.0, sensitivity=1.0)
+EVALUATION = Release(what="evaluation", noise_multiplier=50.0, sensitivity=3**0.5)
 
 
 def _planned(rounds: int) -> Mechanism:
@@ -65,14 +66,20 @@ def write_server(folder: Path, keys: Path, client_ledgers: list[Path]) -> Path:
     return path
 
 
-def spend(folder: Path, keys: Path, name: str, server_round: int, run_id: str = "7") -> Line:
+def spend(
+    folder: Path, keys: Path, name: str, server_round: int, run_id: str = "7", evaluated=False
+) -> Line:
     """One trained round more in `name`'s real ledger under `folder`, recorded as a client
-    records it before its update leaves (planned like `write_client`'s, for 4 rounds)."""
+    records it before its update leaves (planned like `write_client`'s, for 4 rounds); with
+    `evaluated`, the round's evaluation release instead."""
     path = folder / name / CLIENT_LEDGER
     key = load_or_create(keys / f"{name}.key")
     spends = entries(path, Spend) if path.exists() else []
     state = restore(name, BUDGET, spends)
     if state.mechanism is None:
         state.mechanism = _planned(rounds=4)
-    done = state.record(server_round, state.round_steps(), "trained", [] if spends else [COUNT])
+    if evaluated:
+        done = state.record(server_round, [], "evaluated", [EVALUATION])
+    else:
+        done = state.record(server_round, state.round_steps(), "trained", [] if spends else [COUNT])
     return append(path, spend_fields(state, done, run_id), key, Spend)

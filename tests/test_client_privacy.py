@@ -22,6 +22,7 @@ from clients.local_training import dp_loader
 from clients.rounds import _policy
 from common.learning.dataset import catalog_shape
 from common.learning.model import BehaviorModel
+from common.messages import LEDGER_HEADS
 from common.run_files import CLIENT_LEDGER, CLIENTS, POLICY
 from common.runconfig import RunConfig
 from privacy.account import mechanism_shape
@@ -34,11 +35,12 @@ from privacy.accounting import (
     spend_fields,
 )
 from privacy.engine import PrivacyEngine
-from privacy.ledger import Release, Spend, append, entries, locked
+from privacy.ledger import LedgerError, Release, Spend, append, entries, locked
 from privacy.policy import PrivacyPolicy
 from privacy.randomness import torch_generator
 from privacy.signing import create_pair
 from privacy.verify import verify_paths
+from server.aggregation_ledger import AggregationLedger
 from server.platform import platform_for
 from simulations.simulate import simulated_policy
 
@@ -64,8 +66,8 @@ def run(tmp_path, tiny_events):
     model = BehaviorModel(cfg.model, catalog_shape(platform.catalog))
     shared = {"catalog": str(platform.catalog_path), "demand-start": platform.demand_start}
 
-    def call(kind: str, rnd: int, **request) -> Message:
-        config = ConfigRecord(shared | {"server-round": rnd})
+    def call(kind: str, rnd: int, heads: str = "", **request) -> Message:
+        config = ConfigRecord(shared | {"server-round": rnd, LEDGER_HEADS: heads})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
         msg = Message(content=content, dst_node_id=1, message_type=kind)
         asked = cfg.model_copy(update=request).to_flower()
@@ -92,6 +94,24 @@ def test_a_server_cannot_switch_dp_off_or_raise_the_budget(run):
         )
     assert set(call("evaluate", 1, dp=False).content) == {"refused", "client"}
     assert _ledger(clients) == []
+
+
+def test_a_restored_ledger_cannot_forget_an_evaluation(run, tmp_path):
+    """The server records the entry each evaluation reply cites, as it does for training: a
+    client ledger restored from before an evaluation lacks the head the server sends next."""
+    call, clients = run
+    server = AggregationLedger(tmp_path, create_pair(tmp_path / "server.key"), "7", "fedavg")
+    server.record(1, [call("train", 1)], [], [], True)
+    ledger = next(clients.glob(f"*/{CLIENT_LEDGER}"))
+    backup = ledger.read_bytes()
+    evaluated = call("evaluate", 1, server.heads_json())
+    server.record_evaluation(1, [evaluated], [])
+    assert entries(ledger, Spend)[-1].status == "evaluated"
+    ledger.write_bytes(backup)  # restored from a backup taken before the evaluation
+    with pytest.raises(LedgerError, match=r"entry 1 .* is missing"):
+        call("train", 2, server.heads_json())
+    with pytest.raises(LedgerError, match=r"entry 1 .* is missing"):
+        call("evaluate", 2, server.heads_json())
 
 
 def test_first_entry_fixes_budget_and_mechanism_and_releases_only_accounted_values(run):

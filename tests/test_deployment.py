@@ -273,7 +273,9 @@ def test_superlink_and_supernodes_train_on_their_own_files(federation, tmp_path,
     reports = verify_paths([*ledgers, out / SERVER_LEDGER], federation.keys)
     assert all(r.ok for r in reports), [r.first_problem() for r in reports if not r.ok]
     assert all(r.key_source == "pinned" for r in reports)
-    protocols = [rec.secure_aggregation for rec in entries(out / SERVER_LEDGER, Aggregation)]
+    records = entries(out / SERVER_LEDGER, Aggregation)
+    assert [r.step for r in records] == ["train", "evaluate"]
+    protocols = [rec.secure_aggregation for rec in records if rec.step == "train"]
     assert [p["protocol"] for p in protocols] == ["secagg+"]
     assert all(p["clients"] == 3 and p["dropped"] == [] for p in protocols)
 
@@ -377,7 +379,9 @@ def _spends(fed: Federation, name: str) -> list[int]:
 def _aggregated(out: Path) -> list[int]:
     """The rounds the server's ledger records as aggregated, in order."""
     ledger = out / SERVER_LEDGER
-    return [r.server_round for r in entries(ledger, Aggregation)] if ledger.exists() else []
+    if not ledger.exists():
+        return []
+    return [r.server_round for r in entries(ledger, Aggregation) if r.step == "train"]
 
 
 def _saved_round(out: Path) -> int:

@@ -444,7 +444,8 @@ SUMS = {USERS_SUM: 10.0, HITS_SUM: 3.0, NDCG_SUM: 1.0, WEIGHT: 10.0, UNIFORM: 1.
 
 class _Grid:
     """Nodes whose training replies are fixed in advance (None: the node never answers, as
-    one killed or hung past the round timeout); evaluation answers `evaluations` or SUMS."""
+    one killed or hung past the round timeout); evaluation answers `evaluations` or SUMS, under
+    the name the node trained with."""
 
     def __init__(self, replies: dict[int, Message | None], evaluations: dict) -> None:
         self.replies, self.evaluations = replies, evaluations
@@ -461,8 +462,9 @@ class _Grid:
             if m.metadata.message_type == "train":
                 out.append(Message(self.replies[node].content, reply_to=m))
             else:
-                sums = self.evaluations.get(node, SUMS)
-                out.append(Message(RecordDict({METRICS: MetricRecord(sums)}), reply_to=m))
+                sums = MetricRecord(self.evaluations.get(node, SUMS))
+                client = ConfigRecord({NAME: self.replies[node].content[CLIENT][NAME]})
+                out.append(Message(RecordDict({METRICS: sums, CLIENT: client}), reply_to=m))
         return out
 
 
@@ -483,6 +485,8 @@ def test_a_broken_evaluation_reply_is_rejected_with_its_clients_name(kind):
     for honest in (SUMS, SUMS | dict.fromkeys(DEMAND_SUMS, 2.0), SUMS | {HITS_SUM: -0.5}):
         fine = Message(RecordDict({METRICS: MetricRecord(honest)}), reply_to=_asked(9))
         assert checks.evaluation_rejection(fine) is None  # DP noise may make a sum negative
+    cites = RecordDict({METRICS: MetricRecord(SUMS), CLIENT: ConfigRecord({LEDGER_SEQ: "3"})})
+    assert "ledger entry '3'" in checks.evaluation_rejection(Message(cites, reply_to=_asked(9)))
 
 
 def _asked(node: int) -> Message:
@@ -523,12 +527,12 @@ def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_le
     # east's NaN evaluation is left out of the round's metrics: the other three count.
     assert history[0]["evaluate"]["hr10"] == pytest.approx(0.3)
     assert history[0]["evaluate"]["users-sum"] == 30
-    assert "evaluation 1: reply rejected: node 3 (no client name): evaluation metric" in caplog.text
+    assert "evaluation 1: reply rejected: 'east' (node 3): evaluation metric" in caplog.text
     assert rows["west"]["status"] == "rejected"
     assert rows["west"]["error"].startswith("'west' (node 4): update too large")
     assert {rows[c]["status"] for c in ("north", "south", "east")} == {"trained"}
     assert "reply rejected: 'west' (node 4): update too large" in caplog.text
     np.testing.assert_allclose(arrays["bias"].numpy(), expected)
     ledger = [json.loads(line) for line in (tmp_path / SERVER_LEDGER).read_text().splitlines()]
-    named = [c["client"] for entry in ledger for c in entry["entry"]["clients"]]
-    assert sorted(named) == ["east", "north", "south"]
+    named = {e["entry"]["step"]: sorted(c["client"] for c in e["entry"]["clients"]) for e in ledger}
+    assert named == {"train": ["east", "north", "south"], "evaluate": ["north", "south", "west"]}

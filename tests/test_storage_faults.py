@@ -86,8 +86,8 @@ def disk() -> Iterator[Disk]:
 
 
 class _Clients(_Grid):
-    """Three clients that record each training round in their own real ledger, as a client
-    does before its update leaves, and cite that entry in their reply."""
+    """Three clients that record each training round and evaluation in their own real
+    ledger, as a client does before its reply leaves, and cite that entry in their reply."""
 
     def __init__(self, tmp_path: Path, run_id: str) -> None:
         super().__init__({1: reply(1, "north"), 2: reply(2, "south"), 3: reply(3, "east")}, {})
@@ -97,11 +97,12 @@ class _Clients(_Grid):
         messages = list(messages)
         replies = super().send_and_receive(messages, timeout=timeout)
         for asked, m in zip(messages, replies, strict=True):  # every node answers here
-            if m.metadata.message_type == "train":
-                name = str(m.content[CLIENT][NAME])
-                rnd = int(asked.content[CONFIG][SERVER_ROUND])
-                line = spend(self.tmp / "clients", self.tmp / "keys", name, rnd, self.run_id)
-                m.content[CLIENT] = _client(name, line)
+            name = str(m.content[CLIENT][NAME])
+            rnd = int(asked.content[CONFIG][SERVER_ROUND])
+            evaluated = m.metadata.message_type != "train"
+            folder, keys = self.tmp / "clients", self.tmp / "keys"
+            line = spend(folder, keys, name, rnd, self.run_id, evaluated)
+            m.content[CLIENT] = _client(name, line)
         return replies
 
 
@@ -143,9 +144,10 @@ def _resume(tmp_path, rounds: int) -> str:
 
 
 # The file that cannot be written in round 2 → the round the checkpoint then holds, and the
-# aggregation ledger's rounds after the rerun: round 2's record is written before its
-# checkpoint, so a stop at the checkpoint leaves it and the recomputed round adds its own
-# (another run id); the tables are written after the checkpoint, so nothing is recomputed.
+# aggregation ledger's rounds after the rerun (each with a training and an evaluation record):
+# round 2's records are written before its checkpoint, so a stop at the checkpoint leaves them
+# and the recomputed round adds its own (another run id); the tables are written after the
+# checkpoint, so nothing is recomputed.
 STOPS = {CHECKPOINT: (1, [1, 2, 2]), SERVER_LEDGER: (1, [1, 2]), ROUNDS: (2, [1, 2])}
 
 
@@ -173,9 +175,9 @@ def test_the_server_stops_cleanly_and_resumes_when_a_round_cannot_be_written(
     assert _resume(tmp_path, rounds=2) == "completed"
     assert checkpoint.load(tmp_path).server_round == 2
     _verified(tmp_path)
-    assert [r.server_round for r in entries(tmp_path / SERVER_LEDGER, Aggregation)] == (
-        ledger_rounds
-    )
+    records = entries(tmp_path / SERVER_LEDGER, Aggregation)
+    steps = {s: [r.server_round for r in records if r.step == s] for s in ("train", "evaluate")}
+    assert steps == {"train": ledger_rounds, "evaluate": ledger_rounds}
     assert [r["round"] for r in json.loads((tmp_path / ROUNDS).read_text())] == [1, 2]
 
 

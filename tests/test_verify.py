@@ -201,6 +201,24 @@ def test_a_reply_must_cite_an_entry_of_its_kind_and_round(
     ]
 
 
+def test_an_evaluation_record_cites_only_evaluated_entries(run: Path) -> None:
+    """Round 2's training record passed off as its evaluation record: an update is no
+    evaluation, and an evaluation reply citing a trained entry cites the wrong kind."""
+
+    def as_evaluation(bodies: Bodies) -> Bodies:
+        bodies[1]["step"] = "evaluate"
+        bodies[1]["clients"][0]["status"] = "evaluated"
+        return recite(run)(bodies)
+
+    edit_server(run, as_evaluation)
+    where = "aggregation_ledger.jsonl, line 2 (entry 1): round 2:"
+    assert problems(run, "north", "south") == [
+        f"{where} north's 'evaluated' reply cites {ledger(run, 'north')}, line 2, "
+        "a 'trained' entry, not a 'evaluated' one",
+        f"{where} south's 'used' reply: not a status of a 'evaluate' record",
+    ]
+
+
 def test_a_reply_must_cite_an_entry_of_its_run(run: Path) -> None:
     def other_run(bodies: Bodies) -> Bodies:
         for body in bodies:
