@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ConfigRecord, Message
 
 from common.atomic import write_with
-from common.messages import CLIENT, LEDGER_ENTRY, LEDGER_HASH, LEDGER_SIGNATURE, NAME
+from common.messages import CLIENT, LEDGER_ENTRY, LEDGER_HASH, LEDGER_SEQ, LEDGER_SIGNATURE, NAME
 from privacy.signing import verifies
 
 NODE_ID = "node-id"
@@ -153,8 +153,15 @@ class NodeBinder:
         signature = base64.b64decode(str(client.get(LEDGER_SIGNATURE, "")))
         if not verifies(self.ledger_keys[name], signature, entry):
             return f"{name!r}: the cited ledger entry is not signed with {name!r}'s registered key"
-        if json.loads(entry).get("client") != name:
+        body = json.loads(entry)
+        if body.get("client") != name:
             return f"{name!r}: the cited ledger entry belongs to another client"
+        if body.get("seq") != client.get(LEDGER_SEQ):
+            # the server's heads keep the seq the reply gives: it must be the signed entry's
+            return (
+                f"{name!r}: the reply cites entry {client.get(LEDGER_SEQ)!r}, "
+                f"the signed entry is {body.get('seq')!r}"
+            )
         return None
 
 
