@@ -180,9 +180,12 @@ def test_epsilon_grows_then_a_client_at_its_budget_declines(tiny_file, tmp_path)
             assert state.rounds[-1].status == "declined" and state.rounds[-1].steps == 0
             assert third.summary["privacy"]["clients"][name]["declined_rounds"] == [3]
     server = next(r for r in _verified(out) if r.kind == "server")
-    assert [rec.server_round for rec in server.records] == [1, 2, 3]
+    steps = [(rec.server_round, rec.step) for rec in server.records]
+    assert steps == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate"), (3, "train")]
     assert {u.status for u in server.records[-1].clients} == {"declined"}
-    assert all(r.secure_aggregation["protocol"] == "secagg+" for r in server.records)
+    assert {u.status for u in server.records[1].clients} == {"evaluated"}
+    trained = [r for r in server.records if r.step == "train"]
+    assert all(r.secure_aggregation["protocol"] == "secagg+" for r in trained)
 
 
 class Interrupt(Exception):
@@ -220,8 +223,12 @@ def test_resume_after_an_interrupted_run_continues_from_the_checkpoint(tiny_file
     # Every update the server aggregated is in its client's ledger, and each ledger holds.
     reports = _verified(out)
     server = next(r for r in reports if r.kind == "server")
-    assert [rec.server_round for rec in server.records][-1] == 2
-    assert all(u.status == "used" for rec in server.records for u in rec.clients)
+    assert [(rec.server_round, rec.step) for rec in server.records][-2:] == [
+        (2, "train"),
+        (2, "evaluate"),
+    ]
+    expected = {"train": "used", "evaluate": "evaluated"}
+    assert all(u.status == expected[rec.step] for rec in server.records for u in rec.clients)
     central = resumed.summary["privacy"]["central_dp"]
     assert central["wrapper"] == "DifferentialPrivacyServerSideFixedClipping"
     assert central["releases"] == 2 and central["clients"] == CLIENTS  # round 1 kept, counted once
