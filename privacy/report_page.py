@@ -57,7 +57,9 @@ ASSUMPTIONS = [
     "(simulations do); one user's purchases move them by up to that user's units.",
     "Not covered by ε: clients whose policy allows running without DP send exact updates and "
     "counts, and keep no ledger; they appear with ε = ∞.",
-    "Not covered by ε: when a client answers, declines or refuses is visible to the server; "
+    "Not covered by ε: when a client answers, declines or refuses is visible to the server "
+    "(and, without a node registry, through the ledger heads to nodes that have not yet "
+    "answered under a name); "
     "declining depends only on the ledger, never on the data. The ledger (shown to compliance, "
     "never sent to the server) reveals the released noisy count through the sample rate. A "
     "first-round refusal because δ is not below 1/users, the plan breaks the policy's limits "

@@ -43,10 +43,14 @@ class AggregationLedger:
             if c["seq"] >= 0 and c["seq"] >= self.heads.get(c["client"], (-1, ""))[0]:
                 self.heads[c["client"]] = (c["seq"], c["hash"])
 
-    def heads_json(self) -> str:
-        """Each client's newest ledger entry the server has seen; clients check they still
-        hold it before training, so a lost or rolled-back ledger cannot reset a budget."""
-        return json.dumps(self.heads, sort_keys=True)
+    def heads_json(self, name: str | None = None) -> str:
+        """The newest ledger entry the server has seen from client `name` (None: from every
+        client); clients check they still hold it before training or evaluating, so a lost or
+        rolled-back ledger cannot reset a budget."""
+        heads = (
+            self.heads if name is None else {k: self.heads[k] for k in [name] if k in self.heads}
+        )
+        return json.dumps(heads, sort_keys=True)
 
     def record(
         self,

@@ -60,6 +60,8 @@ or a sign flip is not: those are left to the robust strategies.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -78,6 +80,7 @@ from common.messages import (
     EPSILON,
     EPSILON_BUDGET,
     ITEM_POPULARITY,
+    LEDGER_ENTRY,
     LEDGER_HASH,
     LEDGER_SEQ,
     METRICS,
@@ -194,6 +197,50 @@ def _unreadable_entry(m: Message) -> str | None:
     if type(seq) is not int or seq < -1 or not isinstance(digest, str):
         return f"ledger entry {seq!r} ({digest!r}) is not an entry number and a hash"
     return None
+
+
+@dataclass(frozen=True)
+class Citation:
+    """What the ledger entry a reply cites must be: its own signed body (hash and seq), of the
+    kind the reply's step writes, of this round and run. The server's heads and its record
+    keep what a reply cites, so a reply citing another entry would move them off the spend it
+    stands for (the verifier would later blame the server's record)."""
+
+    step: str  # "train" or "evaluate"
+    server_round: int
+    run_id: str
+
+    def problem(self, m: Message) -> str | None:
+        client = m.content.config_records.get(CLIENT, {})
+        seq = client.get(LEDGER_SEQ, -1)
+        if LEDGER_ENTRY not in client:
+            if seq == -1 and LEDGER_HASH not in client:
+                return None  # cites nothing: a client without DP (the verifier names it)
+            return f"{client_name(m)}: cites ledger entry {seq!r} without the entry itself"
+        entry = str(client[LEDGER_ENTRY])
+        if hashlib.sha256(entry.encode()).hexdigest() != client.get(LEDGER_HASH):
+            return f"{client_name(m)}: the cited ledger entry does not match its hash"
+        try:
+            body = json.loads(entry)
+        except ValueError:
+            return f"{client_name(m)}: the cited ledger entry is not JSON"
+        expected = {
+            "status": self._status(m),
+            "seq": seq,
+            "server_round": self.server_round,
+            "run_id": self.run_id,
+        }
+        for key, value in expected.items():
+            if not isinstance(body, dict) or body.get(key) != value:
+                found = body.get(key) if isinstance(body, dict) else body
+                return f"{client_name(m)}: cites a ledger entry with {key} {found!r}, not {value!r}"
+        return None
+
+    def _status(self, m: Message) -> str:
+        if self.step == "evaluate":
+            return "evaluated"
+        metrics = m.content.metric_records.get(METRICS, {})
+        return "declined" if _number(metrics, DECLINED) else "trained"
 
 
 @dataclass(frozen=True)

@@ -8,25 +8,34 @@ decline (privacy budget) or fail are separated from the ones whose updates count
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.messages import CLIENT, DECLINED, LEDGER_HEADS, METRICS, NAME, REASON, REFUSED
+from common.messages import (
+    CLIENT,
+    CONFIG,
+    DECLINED,
+    LEDGER_HEADS,
+    METRICS,
+    NAME,
+    REASON,
+    REFUSED,
+)
 from server import checkpoint
 from server.aggregation import aggregate_evaluation
 from server.aggregation_ledger import AggregationLedger
 from server.central_dp import CentralPrivacy
 from server.node_registry import NodeBinder
 from server.popularity import Popularity
-from server.reply_checks import ReplyChecks
+from server.reply_checks import Citation, ReplyChecks
 from server.secure_aggregation import SecureAggregation, SecureAggregationError, SecureRound
 
 
@@ -49,9 +58,8 @@ def triage(
     check: Callable[[Message], str | None] | None = None,
 ) -> Triage:
     """Sort replies by outcome. A reply that `check` finds broken or hostile (NaN, wrong
-    arrays, an update no honest round can produce; see `server.reply_checks`) is rejected with
-    the reason it gives. Under SecAgg+ the server never holds one client's arrays, so the round
-    loop passes no training check there."""
+    arrays, an update no honest round can produce, a ledger entry its step did not write; see
+    `server.reply_checks`) is rejected with the reason it gives."""
     failed = [m for m in replies if m.has_error()]
     rejected = [(m, why) for m in replies if binder and (why := binder.rejection(m))]
     ok = [m for m in replies if not m.has_error() and all(m is not r for r, _ in rejected)]
@@ -64,6 +72,11 @@ def triage(
     declined = [m for m in answered if float(m.content[METRICS].get(DECLINED, 0)) > 0]
     trained = [m for m in answered if m not in declined]
     return Triage(trained, declined, failed, refused, rejected)
+
+
+def first_problem(checks: list[Callable[[Message], str | None]]) -> Callable[[Message], str | None]:
+    """One check: the first of `checks` that finds a problem with a reply, in order."""
+    return lambda m: next((why for check in checks if (why := check(m))), None)
 
 
 def _name(m: Message) -> str:
@@ -194,11 +207,34 @@ class RoundLoop:
     ) -> tuple[list[Message], list[Message], SecureRound | None]:
         """The round's training replies, the instructions they answer (none under SecAgg+,
         whose dropouts are rows of their own) and the SecAgg+ round when there is one."""
-        instructions = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
+        instructions = self._with_heads(
+            self.strategy.configure_train(rnd, arrays, config, self.grid)
+        )
         if self.secure is None:
             return self._send(instructions), instructions, None
         secure = self.secure.train(self.grid, self.context, rnd, instructions, self.binder)
         return secure.replies, [], secure
+
+    def _with_heads(self, instructions: Iterable[Message]) -> list[Message]:
+        """Each instruction with the ledger head its client must still hold (`_heads_for`)."""
+        out = []
+        for m in instructions:
+            heads = self._heads_for(m.metadata.dst_node_id)
+            config = ConfigRecord(dict(m.content[CONFIG]) | {LEDGER_HEADS: heads})
+            # Flower's strategies give all their messages one RecordDict: each gets its own.
+            m.content = RecordDict(dict(m.content) | {CONFIG: config})
+            out.append(m)
+        return out
+
+    def _heads_for(self, node: int) -> str:
+        """A node the binder has matched to a name gets that client's head alone, so clients
+        do not learn how often the others took part. An unmatched node gets none with a
+        registry (it is not registered: its replies are rejected) and every head without one
+        (it has not answered under a name in this ServerApp process yet)."""
+        names = {node: name for name, node in self.binder.names.items()} if self.binder else {}
+        if node in names:
+            return self.ledger.heads_json(names[node])
+        return "{}" if self.binder and self.binder.pinned else self.ledger.heads_json()
 
     def _send(self, instructions: list[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(instructions, timeout=self.timeout))
@@ -217,20 +253,19 @@ class RoundLoop:
         for rnd in range(first_round, self.last_round + 1):
             log(INFO, "[ROUND %s/%s]", rnd, self.last_round)
             started = time.monotonic()
-            heads = {LEDGER_HEADS: self.ledger.heads_json()}
             sent = arrays
             try:
-                replies, asked, secure = self._train(rnd, arrays, ConfigRecord(self.shared | heads))
+                replies, asked, secure = self._train(rnd, arrays, ConfigRecord(self.shared))
             except SecureAggregationError as exc:
                 reason = f"round {rnd}: secure aggregation cannot run: {exc}; the run stops here"
                 return arrays, self._stop({"round": rnd, "clients": []}, reason)
             # Under SecAgg+ the server holds only the masked sum, never one client's arrays:
             # only their metrics and histograms are checked (the run config refuses robust
             # strategies there).
-            check = None
+            checks = [Citation("train", rnd, self.ledger.run_id).problem]
             if self.checks is not None:
-                check = partial(self.checks.rejection, sent=arrays, secure=bool(secure))
-            t = triage(replies, self.binder, check)
+                checks.insert(0, partial(self.checks.rejection, sent=arrays, secure=bool(secure)))
+            t = triage(replies, self.binder, first_problem(checks))
             node_of = addressee(asked)
             silent = silent_rows(rnd, asked, replies, self.timeout)
             record = {"round": rnd, "clients": client_rows(rnd, t, node_of) + silent}
@@ -303,13 +338,13 @@ class RoundLoop:
                 central and central.summary(),
                 secure and secure.summary,
             )
-            heads = {LEDGER_HEADS: self.ledger.heads_json()}
-            request = ConfigRecord(self.shared | heads)
-            asked = list(strategy.configure_evaluate(rnd, arrays, request, grid))
+            request = ConfigRecord(self.shared)
+            asked = self._with_heads(strategy.configure_evaluate(rnd, arrays, request, grid))
             evaluated = self._send(asked)
-            answers = triage(
-                evaluated, self.binder, self.checks and self.checks.evaluation_rejection
-            )
+            checks = [Citation("evaluate", rnd, self.ledger.run_id).problem]
+            if self.checks is not None:
+                checks.insert(0, self.checks.evaluation_rejection)
+            answers = triage(evaluated, self.binder, first_problem(checks))
             for row in silent_rows(rnd, asked, evaluated, self.timeout):
                 log(WARNING, "evaluation %s: node %s: %s", rnd, row["node"], row["error"])
             for _, why in answers.rejected:

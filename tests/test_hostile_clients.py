@@ -23,8 +23,10 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
+from ledger_factory import spend
 
 from clients import client_app, local_training
+from clients.rounds import _client
 from common.learning.configs import FAST_LR, FAST_PARAMETERS, lr_scale
 from common.learning.model import BehaviorModel, CatalogShape
 from common.learning.training import adam
@@ -39,6 +41,7 @@ from common.messages import (
     EPSILON,
     EPSILON_BUDGET,
     HITS_SUM,
+    LEDGER_HASH,
     LEDGER_SEQ,
     METRICS,
     NAME,
@@ -63,6 +66,7 @@ from server.reply_checks import (
     BETA1,
     BETA2,
     SLACK,
+    Citation,
     ReplyChecks,
     adam_displacement,
     rho_limit,
@@ -536,3 +540,39 @@ def test_the_round_loop_rejects_logs_and_keeps_the_reply_out_of_aggregate_and_le
     ledger = [json.loads(line) for line in (tmp_path / SERVER_LEDGER).read_text().splitlines()]
     named = {e["entry"]["step"]: sorted(c["client"] for c in e["entry"]["clients"]) for e in ledger}
     assert named == {"train": ["east", "north", "south"], "evaluate": ["north", "south", "west"]}
+
+
+def test_a_reply_must_cite_the_ledger_entry_its_step_wrote(tmp_path):
+    """The server's heads and record keep what a reply cites: only the signed entry of the
+    reply's own kind, round and run passes, under the seq it was written with."""
+    keys = tmp_path / "keys"
+    trained = spend(tmp_path, keys, "north", 1, "7")
+    evaluated = spend(tmp_path, keys, "north", 1, "7", evaluated=True)
+
+    def citing(line, kind="train", metrics=None, **changed) -> Message:
+        client = ConfigRecord(dict(_client("north", line)) | changed)
+        if kind == "train":
+            return reply(1, "north", metrics=metrics, content={CLIENT: client})
+        return Message(
+            RecordDict({METRICS: MetricRecord(SUMS), CLIENT: client}), reply_to=_asked(1)
+        )
+
+    train, evaluate = Citation("train", 1, "7"), Citation("evaluate", 1, "7")
+    assert train.problem(citing(trained)) is None
+    assert evaluate.problem(citing(evaluated, "evaluate")) is None
+    assert train.problem(reply(1, "north")) is None  # cites nothing: a client without DP
+    wrong = {
+        "status 'trained', not 'evaluated'": evaluate.problem(citing(trained, "evaluate")),
+        "status 'evaluated', not 'trained'": train.problem(citing(evaluated)),
+        "status 'trained', not 'declined'": train.problem(
+            citing(trained, metrics=dp_metrics() | {DECLINED: 1.0})
+        ),
+        "server_round 1, not 2": Citation("train", 2, "7").problem(citing(trained)),
+        "run_id '7', not '8'": Citation("train", 1, "8").problem(citing(trained)),
+        "seq 0, not 5": train.problem(citing(trained, **{LEDGER_SEQ: 5})),
+        "does not match its hash": train.problem(citing(trained, **{LEDGER_HASH: "0" * 64})),
+    }
+    for why, found in wrong.items():
+        assert found is not None and found.startswith("'north' (node 1): ") and why in found
+    bare = reply(1, "north", content={CLIENT: ConfigRecord({NAME: "north", LEDGER_SEQ: 10**6})})
+    assert "cites ledger entry 1000000 without the entry itself" in train.problem(bare)

@@ -26,7 +26,7 @@ from clients import client_app
 from clients.rounds import _client
 from common.atomic import StorageError, write_json
 from common.learning.model import BehaviorModel
-from common.messages import ARRAYS, CLIENT, CONFIG, NAME, SERVER_ROUND
+from common.messages import ARRAYS, CLIENT, CONFIG, LEDGER_HEADS, NAME, SERVER_ROUND
 from common.run_files import (
     CHECKPOINT,
     CLIENT_LEDGER,
@@ -37,11 +37,12 @@ from common.run_files import (
     SERVER_LEDGER,
 )
 from common.runconfig import RunConfig
-from privacy.ledger import Aggregation, Spend, entries
-from privacy.signing import SERVER_PUBLIC_KEY, load_or_create
+from privacy.ledger import Aggregation, Spend, entries, read_lines
+from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, public_pem
 from server import checkpoint, run_tables
 from server.aggregation import make_strategy
 from server.aggregation_ledger import AggregationLedger
+from server.node_registry import Binding, NodeBinder, Registry
 from server.rounds import RoundLoop
 from simulations.cli import app
 
@@ -85,12 +86,15 @@ def disk() -> Iterator[Disk]:
         yield Disk(patch)
 
 
+NAMES = ("north", "south", "east")  # the clients of nodes 1, 2, 3
+
+
 class _Clients(_Grid):
     """Three clients that record each training round and evaluation in their own real
     ledger, as a client does before its reply leaves, and cite that entry in their reply."""
 
     def __init__(self, tmp_path: Path, run_id: str) -> None:
-        super().__init__({1: reply(1, "north"), 2: reply(2, "south"), 3: reply(3, "east")}, {})
+        super().__init__({n: reply(n, name) for n, name in enumerate(NAMES, start=1)}, {})
         self.tmp, self.run_id = tmp_path, run_id
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -247,3 +251,47 @@ def test_the_new_content_and_then_its_rename_reach_the_disk(tmp_path, monkeypatc
     write_json(tmp_path / "state.json", {"a": 1})
     assert ".state.json." in synced[0]  # the temporary file's data, before the rename
     assert synced[1:] == [str(tmp_path)]  # then the folder holding the renamed entry
+
+
+@pytest.mark.parametrize("registry", [False, True])
+def test_each_node_is_sent_only_its_own_clients_ledger_head(tmp_path, registry):
+    """The heads go with training and evaluation alike. A node matched to a name (its first
+    reply, or the registry) gets that client's head alone, never the others' (how often they
+    took part); with a registry, a node not in it (east's, node 3) gets none."""
+    loop = _loop(tmp_path, rounds=2)
+    loop.binder = NodeBinder.for_run("")
+    if registry:
+        reg = Registry()
+        for node, name in enumerate(NAMES[:2], start=1):
+            ledger_key = load_or_create(tmp_path / "keys" / f"{name}.key").public_key()
+            reg.add(
+                name,
+                Binding(node, f"ecdsa-sha2-nistp384 KEY{node}", public_pem(ledger_key).decode()),
+            )
+        reg.save(tmp_path / "registry.json")
+        loop.binder = NodeBinder.for_run(str(tmp_path / "registry.json"))
+    sent: list[tuple[str, int, int, dict]] = []
+    answer = loop.grid.send_and_receive
+
+    def recording(messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            heads = json.loads(m.content[CONFIG][LEDGER_HEADS])
+            rnd = int(m.content[CONFIG][SERVER_ROUND])
+            sent.append((m.metadata.message_type, rnd, m.metadata.dst_node_id, heads))
+        return answer(messages, timeout=timeout)
+
+    loop.grid.send_and_receive = recording
+    assert loop.run(_record(SENT), 1)[1] == "completed"
+    hashes = {
+        n: [x.hash for x in read_lines(tmp_path / "clients" / n / CLIENT_LEDGER)] for n in NAMES
+    }
+    expected = []
+    for rnd in (1, 2):
+        for step, seq in (("train", 2 * rnd - 3), ("evaluate", 2 * rnd - 2)):
+            # training: the previous round's evaluated entry (none before round 1);
+            # evaluation: this round's trained entry
+            for node, name in enumerate(NAMES, start=1):
+                heads = {name: [seq, hashes[name][seq]]} if seq >= 0 else {}
+                expected.append((step, rnd, node, {} if registry and node == 3 else heads))
+    assert sorted(sent, key=lambda s: (s[1], s[0] != "train", s[2])) == expected
