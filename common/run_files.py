@@ -22,3 +22,6 @@ CENTRAL_ACCOUNTANT = "central_accountant.json"  # saved before each aggregate le
 PRIVACY_REPORT_HTML = "privacy_report.html"
 PRIVACY_REPORT_JSON = "privacy_report.json"
 AUDIT = "audit.json"
+# Model card key: the first day of the weekly demand bins the model was trained and evaluated
+# on; `fedshop forecast` and `monitor` bin recent events on the same weekdays.
+DEMAND_WEEKS_FROM = "demand_weeks_from"

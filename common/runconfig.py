@@ -6,6 +6,7 @@ twins. Validation happens once, where the config enters (ServerApp, ClientApp, C
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from datetime import date
 from enum import StrEnum
@@ -60,6 +61,12 @@ class CentralDP(StrEnum):
 class AccountantName(StrEnum):
     RDP = "rdp"
     PRV = "prv"
+
+
+def _model_field(name: str) -> Any:
+    """ModelConfig's field `name` (default, bounds, description): the run config checks the
+    model's sizes at the edge by the model's own rules."""
+    return copy.copy(ModelConfig.model_fields[name])
 
 
 class RunConfig(BaseModel):
@@ -145,12 +152,12 @@ class RunConfig(BaseModel):
     )
     resume: bool = Field(True, description="Resume from the run folder's checkpoint")
     device: Device = Field("auto", description="auto (CUDA if present), cpu or cuda")
-    hidden: int = Field(64, ge=8, description="BERT hidden size")
-    layers: int = Field(2, ge=1, description="BERT layers")
-    heads: int = Field(2, ge=1, description="Attention heads (must divide hidden)")
-    max_len: int = Field(50, ge=2, description="Events the encoder attends over at once")
-    windows: int = Field(2, ge=1, description="Windows of max-len events read per user")
-    item_dim: int = Field(16, ge=1, description="Trainable coordinates per item (plus a bias)")
+    hidden: int = _model_field("hidden")
+    layers: int = _model_field("layers")
+    heads: int = _model_field("heads")
+    max_len: int = _model_field("max_len")
+    windows: int = _model_field("windows")
+    item_dim: int = _model_field("item_dim")
     # DP-SGD's noise regularises already; measured on Ta-Feng at ε = 8, 0 beat 0.2 in HR@10,
     # NDCG@10 and time a round (docs/results.md).
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the encoder")

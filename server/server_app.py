@@ -27,7 +27,7 @@ from common.messages import (
     PROXIMAL_MU,
     SAMPLE_RATE,
 )
-from common.run_files import CATALOG, CHECKPOINT
+from common.run_files import CATALOG, CHECKPOINT, DEMAND_WEEKS_FROM
 from common.runconfig import CentralDP, RunConfig, StrategyName
 from privacy.accounting import NEIGHBOURING
 from privacy.signing import SERVER_PUBLIC_KEY, load_or_create, private_keys
@@ -128,6 +128,7 @@ def serve(grid: Grid, context: Context, cfg: RunConfig) -> None:
         "privacy": privacy_summary(cfg, history) | {"central_dp": central and central.summary()},
         "metrics": finished[-1]["evaluate"] if finished else {},
         "run_config": cfg.to_flower(),
+        DEMAND_WEEKS_FROM: platform.demand_start or None,  # None: each client's own first day
     }
     export(out, arrays, cfg.model, shape, card)
     log(INFO, "run %s: %s; results in %s", context.run_id, outcome, out)

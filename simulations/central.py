@@ -30,7 +30,7 @@ from common.learning.training import (
     pick_device,
     train_epoch,
 )
-from common.run_files import CATALOG, RESULTS
+from common.run_files import CATALOG, DEMAND_WEEKS_FROM, RESULTS
 from server.export import export
 from server.platform import demand_calendar
 
@@ -261,5 +261,10 @@ def save_run(out: Path, model: BehaviorModel | None, prepared: Prepared, results
     prepared.catalog.save(out / CATALOG)
     if model is not None:
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        export(out, arrays, model.cfg, prepared.shape, {"training": "centralized, non-private"})
+        demand = prepared.demand
+        card = {
+            "training": "centralized, non-private",
+            DEMAND_WEEKS_FROM: str(demand.weeks[0].date()) if demand is not None else None,
+        }
+        export(out, arrays, model.cfg, prepared.shape, card)
     write_json(out / RESULTS, results)

@@ -518,6 +518,7 @@ def simulate(tmp_path: Path, *args: str, config: str | bytes | None = None):
         ("epsilonn = 3", "--epsilonn: Extra inputs are not permitted"),
         ("[tool]\nx = 1", "--tool"),
         ("heads = 3", "hidden (64) must be a multiple of heads (3)"),
+        ("windows = 1000000000", "--windows"),
         ("epsilon = = 3", "not a readable TOML run config"),
         ("batch-size = 5000", "--batch-size 5000: more than the users of any client"),
         ("min-clients = 50", "--min-clients 50: only"),

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from common.data.events import EventType
 from common.learning import forecasting
 from common.learning.configs import ModelConfig
 from common.learning.dataset import catalog_shape
+from common.learning.demand import served_weeks
 from common.learning.forecasting import (
     LEVEL_WINDOWS,
     RATIO_BOUNDS,
@@ -26,7 +28,8 @@ from common.learning.forecasting import (
 )
 from common.learning.inference import load_exported
 from common.learning.model import BehaviorModel
-from common.learning.monitor import monitor, plot_alerts
+from common.learning.monitor import MIN_MISS, MONITOR_QUANTILES, monitor, plot_alerts
+from common.run_files import CARD, DEMAND_WEEKS_FROM
 from simulations.cli import app
 
 TINY_MODEL = ModelConfig(hidden=16, layers=1, heads=2, intermediate=32, max_len=12)
@@ -175,6 +178,7 @@ def test_monitor_command(shop, tmp_path):
     assert [p.name for p in out.iterdir()] == [f"{region}__{category}.png"]
     result = runner.invoke(app, ["monitor", *args, "--events", str(clean), "--out", str(out)])
     assert result.exit_code == 0 and "no alerts" in result.output
+    assert not list(out.iterdir())  # the planted week's plot is no alert now: removed
     too_long = runner.invoke(app, ["monitor", "--model", str(folder), "--events", str(clean)])
     assert too_long.exit_code == 2 and "full weeks" in too_long.output
 
@@ -198,3 +202,54 @@ def test_a_client_whose_purchases_stop_early_holds_out_the_platforms_weeks(shop)
     assert list(client.weeks) == list(platform.weeks)
     assert (client.units[:, -3:] == 0).all()
     assert len(weekly_demand(early, None, start).weeks) < len(platform.weeks)  # its own end
+
+
+def test_monitor_intervals_flag_about_their_share_of_ordinary_weeks():
+    """On stationary Poisson weeks, the monitor's 2.5–97.5 % interval flags at most its 5 %:
+    per-series quantiles of ten weeks' overlapping backtest errors flagged 10–16 %."""
+    rng = np.random.default_rng(0)
+    for lam in (3, 20, 100):
+        units = rng.poisson(lam, size=(300, 17)).astype(float)
+        flagged = []
+        for week in range(13, 17):
+            fc = planner_forecast(units[:, :week], None, MONITOR_QUANTILES)
+            actual = units[:, week]
+            outside = np.maximum(actual - fc.upper, fc.lower - actual)
+            flagged.append(outside >= MIN_MISS)
+        assert np.mean(flagged) <= 0.06, lam
+
+
+def test_the_point_forecast_lies_inside_its_interval():
+    """expm1(log1p(x)) can miss x by a rounding step, as for 23/6: the bounds still hold it."""
+    history = np.full((1, 13), 23 / 6)
+    point = np.array([23 / 6])
+    lower, upper = forecasting.interval(point, history, (0.1, 0.9))
+    assert lower[0] <= point[0] <= upper[0]
+
+
+def test_served_events_are_binned_on_the_models_calendar_and_unseen_series_named(shop, tmp_path):
+    """`forecast` bins recent events on the weekdays the model was trained on (the card's
+    first demand day), warns about regions and categories its catalog lacks, and says how
+    many rows it dropped."""
+    events, folder = shop
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    first = events["timestamp"].min().normalize()
+    anchor = first - pd.Timedelta(days=18)  # another weekday than the first event's
+    card = json.loads((model / CARD).read_text()) | {DEMAND_WEEKS_FROM: str(anchor.date())}
+    (model / CARD).write_text(json.dumps(card))
+    series = served_weeks(load_exported(model), events)
+    assert series.weeks[0] == anchor + pd.Timedelta(days=21)  # the first full week in events
+    recent = events.copy()
+    recent.loc[recent["region"] == recent["region"].iloc[0], "region"] = "elsewhere"
+    recent = recent.assign(quantity=recent["quantity"].astype(str))
+    recent.loc[recent.index[:3], "quantity"] = "12 units"
+    path = tmp_path / "recent.csv"
+    recent.to_csv(path, index=False)
+    result = CliRunner().invoke(app, ["forecast", "--model", str(model), "--events", str(path)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    end = anchor + len(served_weeks(load_exported(model), events).weeks) * pd.Timedelta(days=7)
+    assert f"units in the week from {(end + pd.Timedelta(days=21)).date()}" in said
+    assert "region elsewhere not in the model's catalog" in said
+    assert f"3 of {len(recent)} rows rejected (bad_quantity 3)" in said

@@ -13,14 +13,18 @@ Device = Literal["auto", "cpu", "cuda"]
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden: int = Field(64, ge=8, description="BERT hidden size.")
-    layers: int = Field(2, ge=1, description="BERT layers.")
-    heads: int = Field(2, ge=1, description="Attention heads (must divide hidden).")
-    intermediate: int = Field(256, ge=8, description="BERT feed-forward size.")
+    # Upper bounds far above any model this project trains: a corrupt or hostile model card
+    # must be a config error, not a request for terabytes.
+    hidden: int = Field(64, ge=8, le=4096, description="BERT hidden size.")
+    layers: int = Field(2, ge=1, le=48, description="BERT layers.")
+    heads: int = Field(2, ge=1, le=64, description="Attention heads (must divide hidden).")
+    intermediate: int = Field(256, ge=8, le=16384, description="BERT feed-forward size.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout in the encoder.")
-    max_len: int = Field(50, ge=2, description="Events the encoder attends over at once.")
-    windows: int = Field(2, ge=1, description="Windows of max-len events read per user.")
-    item_dim: int = Field(16, ge=1, description="Trainable coordinates per item (plus a bias).")
+    max_len: int = Field(50, ge=2, le=512, description="Events the encoder attends over at once.")
+    windows: int = Field(2, ge=1, le=64, description="Windows of max-len events read per user.")
+    item_dim: int = Field(
+        16, ge=1, le=1024, description="Trainable coordinates per item (plus a bias)."
+    )
     demand_weight: float = Field(0.5, ge=0, description="Weight of the demand loss.")
 
     @property

@@ -9,12 +9,14 @@ bottom-up sum and its older calibration stay beside it for comparison.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from common.data.events import EventType
 from common.learning.dataset import Prepared
 from common.learning.forecasting import (
     QUANTILES,
@@ -31,6 +33,7 @@ from common.learning.forecasting import (
 from common.learning.inference import Exported, user_histories
 from common.learning.model import BehaviorModel
 from common.learning.training import predict_demand
+from common.run_files import DEMAND_WEEKS_FROM
 
 PRIMARY = "corrected"  # the model's forecast: robust level × the model's ratio
 CALIBRATION_WEEKS = 4  # model sums at this many weekly cuts before the cutoff
@@ -108,11 +111,32 @@ def forecast_week(
     )
 
 
+def served_weeks(exp: Exported, events: pd.DataFrame) -> DemandSeries:
+    """The full weeks of `events`, binned on the weekdays of the model's demand calendar (the
+    card's DEMAND_WEEKS_FROM) from the first such day on or after the first purchase; a model
+    card without it (exported before it was stored) bins from the first purchase day."""
+    anchor = exp.card.get(DEMAND_WEEKS_FROM)
+    start = None
+    if anchor:
+        bought = events.loc[events["event_type"] == EventType.PURCHASE.value, "timestamp"]
+        first = bought.min().normalize() if len(bought) else pd.Timestamp(anchor)
+        start = pd.Timestamp(anchor) + math.ceil((first - pd.Timestamp(anchor)) / WEEK) * WEEK
+    return weekly_demand(events, exp.catalog.top_category_chars, start)
+
+
+def unseen(exp: Exported, index: pd.MultiIndex) -> list[str]:
+    """The regions and top categories of a (region, top category) `index` that the model's
+    catalog lacks: the model predicts nothing there, so their forecast is the level alone."""
+    regions = sorted(set(index.get_level_values(0)) - set(exp.catalog.regions))
+    tops = sorted(set(index.get_level_values(1)) - set(exp.catalog.top_categories))
+    return [f"region {r}" for r in regions] + [f"category {t}" for t in tops]
+
+
 def forecast_next_week(exp: Exported, events: pd.DataFrame) -> pd.DataFrame:
     """Units per region × top category for the week after the last full week in `events`:
     the model's forecast with its interval, and beside it the robust level, the 4-week moving
     average and last week."""
-    series = weekly_demand(events, exp.catalog.top_category_chars)
+    series = served_weeks(exp, events)
     week = len(series.weeks)
     sums = model_sums(exp, events, series, calibration_cuts(series, week))
     fc = forecast_week(series, week, sums)

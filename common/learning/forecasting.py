@@ -3,6 +3,7 @@ planners use: a robust level, corrected by the model's ratio, with a prediction 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,6 @@ QUANTILES = (0.1, 0.9)  # the interval `fedshop forecast` shows: 80 % of weeks s
 MIN_ORIGIN_WEEKS = 3  # history a backtest origin needs before its level means anything
 MIN_INTERVAL_WEEKS = 6  # history an interval needs: backtests from three origins
 ERROR_HORIZON = 4  # backtest errors 1..4 weeks ahead, like the held-out weeks
-MIN_SERIES_ERRORS = 12  # fewer backtest errors than this: a series borrows the pooled quantiles
 # Weeks the planning level looks back (None = all), longest first: a tie keeps the longer one.
 # Short windows follow a trend (Online Retail before Christmas), long ones ignore holidays.
 LEVEL_WINDOWS = (None, 13, 8, 4)
@@ -181,10 +181,15 @@ def level_errors(
     return np.concatenate(errors, axis=1)
 
 
-def error_quantiles(errors: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
-    """Empirical quantiles of each series' errors, [S, Q]; pooled over all series when a series
-    has fewer than MIN_SERIES_ERRORS (every series has the same weeks, so all or none do)."""
-    if errors.shape[1] >= MIN_SERIES_ERRORS:
+def error_quantiles(errors: np.ndarray, quantiles: tuple[float, ...], weeks: int) -> np.ndarray:
+    """Empirical quantiles of each series' errors, [S, Q], which cover `weeks` distinct
+    weeks; pooled over all series unless each series has at least 1 / q weeks for the
+    outermost quantile q (every series has the same weeks, so all or none do). The errors of
+    one origin's 1–4 weeks ahead overlap the next origin's: a series' 2.5 % quantile over 10
+    weeks is its second smallest error, and such intervals flagged 10–16 % of stationary
+    Poisson weeks where 5 % were due."""
+    outermost = min(min(q, 1 - q) for q in quantiles)
+    if weeks >= math.ceil(1 / outermost):
         return np.quantile(errors, quantiles, axis=1).T
     return np.tile(np.quantile(errors, quantiles), (errors.shape[0], 1))
 
@@ -278,10 +283,13 @@ def interval(
     MIN_INTERVAL_WEEKS weeks of history there is no interval: both bounds are NaN."""
     if history.shape[1] < MIN_INTERVAL_WEEKS:
         return np.full(len(point), np.nan), np.full(len(point), np.nan)
-    q = error_quantiles(level_errors(history, window), quantiles)
+    weeks = history.shape[1] - MIN_ORIGIN_WEEKS  # the weeks the backtest errors fall in
+    q = error_quantiles(level_errors(history, window), quantiles, weeks)
     log_point = np.log1p(point)
-    lower = np.expm1(log_point + np.minimum(q[:, 0], 0.0))
-    return np.maximum(lower, 0.0), np.expm1(log_point + np.maximum(q[:, 1], 0.0))
+    # expm1(log1p(x)) can miss x by a rounding step: the bounds hold the point exactly.
+    lower = np.minimum(np.expm1(log_point + np.minimum(q[:, 0], 0.0)), point)
+    upper = np.maximum(np.expm1(log_point + np.maximum(q[:, 1], 0.0)), point)
+    return np.maximum(lower, 0.0), upper
 
 
 def coverage(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from common.atomic import write_with
-from common.learning.demand import calibration_cuts, forecast_week, model_sums
-from common.learning.forecasting import MIN_INTERVAL_WEEKS, DemandSeries, Forecast, weekly_demand
+from common.learning.demand import calibration_cuts, forecast_week, model_sums, served_weeks
+from common.learning.forecasting import MIN_INTERVAL_WEEKS, DemandSeries, Forecast
 from common.learning.inference import Exported
 
 # Wider than the planning interval: an alert should be rare when nothing changed
@@ -47,7 +47,7 @@ def monitor(
     quantiles: tuple[float, float] = MONITOR_QUANTILES,
 ) -> Monitored:
     """Forecast each of the last `weeks` full weeks from the data before it; list the misses."""
-    series = weekly_demand(events, exp.catalog.top_category_chars)
+    series = served_weeks(exp, events)
     first = len(series.weeks) - weeks
     if weeks < 1 or first < MIN_INTERVAL_WEEKS:
         raise ValueError(
@@ -89,7 +89,8 @@ def _file_name(region: str, category: str) -> str:
 
 def plot_alerts(result: Monitored, out: Path) -> list[Path]:
     """One PNG per flagged series: weekly history, the monitored weeks' forecasts and intervals,
-    the weeks outside marked."""
+    the weeks outside marked. Earlier alert plots in `out` (REGION__CATEGORY.png) that this
+    run does not write again are removed, so the folder shows this run's alerts only."""
     series, weeks = result.series, result.series.weeks
     recent = weeks[result.first :]
     low, high = result.quantiles
@@ -124,4 +125,6 @@ def plot_alerts(result: Monitored, out: Path) -> list[Path]:
         write_with(path, lambda p, fig=fig: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)
         paths.append(path)
+    for stale in set(out.glob("*__*.png")) - set(paths):
+        stale.unlink()
     return paths

@@ -8,10 +8,20 @@ from typing import TYPE_CHECKING, Annotated
 import pandas as pd
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 from safetensors import SafetensorError
 
-from simulations.cli.shared import FormatOpt, MapOpt, SpecOpt, app, console, events_from, fail
+from simulations.cli.shared import (
+    FormatOpt,
+    MapOpt,
+    SpecOpt,
+    app,
+    console,
+    err,
+    events_from,
+    fail,
+)
 
 if TYPE_CHECKING:
     from common.learning.inference import Exported
@@ -38,7 +48,7 @@ def _exported(model: Path) -> Exported:
         raise fail(str(exc)) from exc
     # A cut or garbled model.safetensors, and a model card of the wrong shape (a list, a config
     # that is not a table), escape load_exported's own checks.
-    except (SafetensorError, TypeError, AttributeError) as exc:
+    except (SafetensorError, TypeError, AttributeError, MemoryError) as exc:
         raise fail(f"{model}: not a usable exported model ({exc})") from exc
 
 
@@ -106,6 +116,7 @@ def forecast_cmd(
         table_df = forecast_next_week(exp, frame)
     except ValueError as exc:
         raise fail(f"{events}: {exc}") from exc
+    _warn_unseen(exp, events, table_df.index)
     week = table_df["week_start"].iloc[0]
     low, high = QUANTILES
     table = Table(
@@ -130,6 +141,17 @@ def forecast_cmd(
     console.print(table)
 
 
+def _warn_unseen(exp: Exported, events: Path, index: pd.MultiIndex) -> None:
+    from common.learning.demand import unseen
+
+    missing = unseen(exp, index)
+    if missing:
+        err.print(
+            f"[yellow]{escape(str(events))}: {escape(', '.join(missing))} not in the model's "
+            "catalog: forecast from their level alone, without the model's correction[/]"
+        )
+
+
 def _units(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
@@ -143,9 +165,14 @@ def monitor_cmd(
     maps: MapOpt = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Folder for the plots. Default: <model run>/monitor."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the plots (earlier alert plots there are replaced). "
+            "Default: <model run>/monitor.",
+        ),
     ] = None,
-    weeks: Annotated[int, typer.Option(help="Last full weeks to check.")] = 4,
+    weeks: Annotated[int, typer.Option(min=1, help="Last full weeks to check.")] = 4,
 ) -> None:
     """Region × category weeks that fell outside their forecast interval; a PNG per series.
 
@@ -159,12 +186,13 @@ def monitor_cmd(
         result = monitor(exp, frame, weeks)
     except ValueError as exc:
         raise fail(f"{events}: {exc}") from exc
+    _warn_unseen(exp, events, result.series.index)
     low, high = result.quantiles
+    folder = out or (model if model.is_dir() else model.parent) / "monitor"
+    paths = plot_alerts(result, folder)
     if result.alerts.empty:
         console.print(f"no alerts: every series stayed inside its {low:.1%}–{high:.1%} interval")
         return
-    folder = out or (model if model.is_dir() else model.parent) / "monitor"
-    paths = plot_alerts(result, folder)
     table = Table(title=f"{len(result.alerts)} week(s) outside the {low:.1%}–{high:.1%} interval")
     for col in ("region", "category", "week"):
         table.add_column(col, no_wrap=True)

@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from common.atomic import StorageError
 from common.data.events import MIN_EVENTS, DataError
-from common.data.formats import FORMATS
+from common.data.formats import FORMATS, LoadResult
 from common.data.partition import Partition, users_per_part
 from common.data.sources import Source, read_source, require_history
 from common.data.synth import SynthConfig
@@ -95,7 +95,25 @@ def events_from(
         raise fail(str(exc)) from exc
     if src.load is not None:
         err.print(f"[dim]{escape(src.name)}: {escape(src.load.reason)}[/]")
+        dropped = _dropped(src.load)
+        if dropped:
+            err.print(f"[yellow]{escape(src.name)}: {escape(dropped)}[/]")
     return src
+
+
+def _dropped(load: LoadResult) -> str:
+    """What of the file is not in the events, for a warning: rejected rows by reason, and
+    columns no field maps to ('' when nothing was dropped)."""
+    said = []
+    if len(load.rejected):
+        reasons = load.rejected["reason"].value_counts().sort_index()
+        counts = ", ".join(f"{reason} {n}" for reason, n in reasons.items())
+        said.append(f"{len(load.rejected)} of {load.rows_read} rows rejected ({counts})")
+    if load.ignored_columns:
+        said.append(f"columns ignored: {', '.join(load.ignored_columns)}")
+    if not said:
+        return ""
+    return "; ".join(said) + " (fedshop data check writes the rejected rows with their reasons)"
 
 
 def check_federation(
