@@ -217,6 +217,13 @@ def test_monitor_intervals_flag_about_their_share_of_ordinary_weeks():
             outside = np.maximum(actual - fc.upper, fc.lower - actual)
             flagged.append(outside >= MIN_MISS)
         assert np.mean(flagged) <= 0.06, lam
+    # 13 history weeks give 10 distinct error weeks: enough for 10 % and 90 %, per series
+    # (1 − 0.9 is 0.0999… in floating point, which must not ask for 11)
+    errors = rng.normal(size=(2, 34))
+    per_series = forecasting.error_quantiles(errors, (0.1, 0.9), weeks=10)
+    assert (per_series[0] != per_series[1]).all()
+    pooled = forecasting.error_quantiles(errors, MONITOR_QUANTILES, weeks=10)
+    assert (pooled[0] == pooled[1]).all()
 
 
 def test_the_point_forecast_lies_inside_its_interval():

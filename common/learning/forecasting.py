@@ -189,7 +189,7 @@ def error_quantiles(errors: np.ndarray, quantiles: tuple[float, ...], weeks: int
     weeks is its second smallest error, and such intervals flagged 10–16 % of stationary
     Poisson weeks where 5 % were due."""
     outermost = min(min(q, 1 - q) for q in quantiles)
-    if weeks >= math.ceil(1 / outermost):
+    if weeks >= math.ceil(round(1 / outermost, 9)):  # 1 - 0.9 is 0.0999…: 10 weeks, not 11
         return np.quantile(errors, quantiles, axis=1).T
     return np.tile(np.quantile(errors, quantiles), (errors.shape[0], 1))
 
