@@ -20,6 +20,7 @@ from common.run_files import (
     SERVER_LEDGER,
 )
 from privacy.accounting import Mechanism
+from privacy.ledger import Finding
 from privacy.report_page import render
 from privacy.verify import LedgerReport, Verdict, verify_paths
 
@@ -81,11 +82,17 @@ def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = 
     `ledgers` add to those found in the run folder (never replace them: the server's record
     there is what every client ledger is matched against); a file given twice counts once.
     """
+    if not run_dir.is_dir():
+        raise RunFileError(f"{run_dir}: no such run folder")
+    card = _json(run_dir / CARD, dict) or {}
+    audit = _json(run_dir / AUDIT, dict)
+    if audit is not None and not isinstance(audit.get("runs"), list):
+        raise RunFileError(
+            f"{run_dir / AUDIT}: no list of audited runs; rerun fedshop privacy audit"
+        )
     reports = verify_paths([*find_ledgers(run_dir), *(ledgers or [])], keys)
+    _check_server_record(run_dir, reports, card.get("rounds_completed"))
     verdict = Verdict.of(reports)
-    card_path = run_dir / CARD
-    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    audit_path = run_dir / AUDIT
     return {
         "run_dir": str(run_dir),
         "verified": verdict.ok,
@@ -106,10 +113,55 @@ def build(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = 
             for r in reports
         ],
         "clients": [client_summary(r) for r in reports if r.kind == "client" and r.spends],
-        "central_dp": card.get("privacy", {}).get("central_dp"),
+        "central_dp": central_dp(reports),
         "secure_aggregation": secure_rounds(reports),
-        "audit": json.loads(audit_path.read_text()) if audit_path.exists() else None,
+        "audit": audit,
     }
+
+
+class RunFileError(ValueError):
+    """A run folder's file the report reads besides the ledgers is missing or damaged."""
+
+
+def _json(path: Path, kind: type) -> object | None:
+    """`path`'s JSON (None when the file does not exist), which must be a `kind`."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunFileError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(value, kind):
+        raise RunFileError(f"{path}: not a JSON {kind.__name__}")
+    return value
+
+
+def _check_server_record(run_dir: Path, reports: list[LedgerReport], completed: object) -> None:
+    """A run folder without the server's record, or a record that stops before the rounds the
+    run completed (model_card.json), fails: that record is what every client ledger is checked
+    against, and cutting the same rounds off every ledger leaves each one consistent."""
+    server = next((r for r in reports if r.kind == "server"), None)
+    if server is None and reports:  # no ledger at all is its own failure (Verdict.of)
+        missing = LedgerReport(str(run_dir / SERVER_LEDGER), "server", "server", "")
+        why = "missing: every client ledger is checked against the server's record"
+        missing.findings.append(Finding(0, None, why))
+        reports.append(missing)
+    if server is None:
+        return
+    last = max((rec.server_round for rec in server.records), default=0)
+    if isinstance(completed, int) and server.records and last < completed:
+        why = (
+            f"the record ends at round {last}, but {run_dir / CARD} says the run completed "
+            f"round {completed}: records were cut from its end"
+        )
+        server.findings.append(Finding(len(server.records) + 1, None, why))
+
+
+def central_dp(reports: list[LedgerReport]) -> dict | None:
+    """Client-level DP's figures as the server's signed record last states them (None without
+    central DP): never from the unsigned model card."""
+    records = [rec for r in reports if r.kind == "server" for rec in r.records]
+    return next((rec.central_dp for rec in reversed(records) if rec.central_dp), None)
 
 
 def write(run_dir: Path, ledgers: list[Path] | None = None, keys: Path | None = None) -> dict:

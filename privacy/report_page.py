@@ -88,6 +88,11 @@ def _svg(fig: Figure) -> str:
     return text[text.index("<svg") :]
 
 
+# Client names come from the ledgers: a '$' in one is a dollar sign, not matplotlib's math.
+_LITERAL_TEXT = {"text.parse_math": False}
+
+
+@matplotlib.rc_context(_LITERAL_TEXT)
 def _client_plot(c: dict) -> str:
     rounds = [x["round"] for x in c["rounds"]]
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -105,6 +110,7 @@ def _client_plot(c: dict) -> str:
     return _svg(fig)
 
 
+@matplotlib.rc_context(_LITERAL_TEXT)
 def _overview_plot(clients: list[dict]) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for c in clients:

@@ -80,6 +80,10 @@ CITES = {
     "evaluate": {"evaluated": "evaluated"},
 }
 REFUSED = "refused"
+CLIENTS_ALONE = (
+    "no server record was given: each client ledger was checked on its own, so entries cut "
+    "from its end cannot be detected (give the run's aggregation_ledger.jsonl too)."
+)
 NOT_PINNED = (
     "signatures were checked with the public keys stored beside the ledgers, which shows that "
     "nothing changed after signing but not who signed; pass --keys with the public keys "
@@ -158,17 +162,38 @@ def _finite(value: float) -> float | None:
 
 def _evaluated(epsilon: Callable[[], float]) -> float | None:
     """ε from an accountant, or None (a finding on that entry) when it cannot evaluate the
-    recorded mechanism (e.g. a δ of 1e-300 written into a damaged ledger)."""
+    recorded mechanism (e.g. a δ of 1e-300 or a noise multiplier of 1e300 written into a
+    damaged ledger)."""
     try:
         return _finite(epsilon())
-    except ValueError:
+    except (ValueError, ArithmeticError, MemoryError):
+        return None
+
+
+# Gaussian releases whose PLD dp-accounting can build in memory: a crafted ledger's σ of 0.001
+# asked for tens of GiB, and 1e300 overflowed. Honest mechanisms sit far inside.
+PLD_SIGMA = (0.05, 1e6)
+PLD_STEPS = 10**7
+
+
+def _composed(
+    pld: pld_lib.PrivacyLossDistribution | None, sigma: float, q: float, steps: int
+) -> pld_lib.PrivacyLossDistribution | None:
+    """`pld` composed with `steps` releases of one Gaussian mechanism, or None (PLD cannot
+    recompute this entry or any later one) outside PLD_SIGMA and PLD_STEPS."""
+    effective = sigma if q < 1 else sigma / math.sqrt(steps)
+    if pld is None or not PLD_SIGMA[0] <= effective <= PLD_SIGMA[1] or steps > PLD_STEPS:
+        return None
+    try:
+        return pld.compose(_pld_block(sigma, q, steps))
+    except (ValueError, ArithmeticError, MemoryError):
         return None
 
 
 def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
     """Per entry, epsilon after it under each accountant, from the recorded mechanisms only."""
     history: list[tuple[float, float, int]] = []
-    pld = pld_lib.identity()
+    pld: pld_lib.PrivacyLossDistribution | None = pld_lib.identity()
     out: list[dict[str, float | None]] = []
     last: dict[str, float | None] = dict.fromkeys(ACCOUNTANTS, 0.0)
     with _rdp_memoised():
@@ -176,11 +201,12 @@ def _recompute(spends: list[Spend]) -> list[dict[str, float | None]]:
             if added := s.history():
                 history.extend(added)
                 for step in added:
-                    pld = pld.compose(_pld_block(*step))
+                    pld = _composed(pld, *step)
                 last = {
                     "rdp": _evaluated(functools.partial(replay, history, s.delta, "rdp")),
                     "prv": _evaluated(functools.partial(replay, history, s.delta, "prv")),
-                    "pld": _evaluated(functools.partial(pld.get_epsilon_for_delta, s.delta)),
+                    "pld": pld
+                    and _evaluated(functools.partial(pld.get_epsilon_for_delta, s.delta)),
                 }
             out.append(dict(last))
     return out
@@ -438,7 +464,14 @@ def cross_check(reports: list[LedgerReport]) -> None:
     each of the record's round and run, with the hash the server received. Only a refusal
     (nothing released) cites none.
     """
-    clients = {r.signer: r for r in reports if r.kind == "client"}
+    clients: dict[str, LedgerReport] = {}
+    for r in (r for r in reports if r.kind == "client"):
+        if r.signer in clients:  # which one the server's record is checked against is moot
+            first = clients[r.signer].path
+            problem = f"a second ledger of client {r.signer!r} (the first: {first}): one client "
+            r.findings.append(Finding(0, None, problem + "keeps one ledger"))
+        else:
+            clients[r.signer] = r
     for server in (r for r in reports if r.kind == "server"):
         missing: set[str] = set()
         for line_no, record in enumerate(server.records, start=1):
@@ -478,6 +511,13 @@ class Verdict:
         if bad:
             return cls(False, pinned, "verification FAILED", bad[0].first_problem())
         n = f"all {len(reports)} ledger{'s' if len(reports) > 1 else ''}"
+        alone = not any(r.kind == "server" for r in reports)
+        without = ", without the server's record" if alone else ""
+        notes = ([] if pinned else [NOT_PINNED]) + ([CLIENTS_ALONE] if alone else [])
         if pinned:
-            return cls(True, True, f"{n} verified against pinned keys", None)
-        return cls(True, False, f"{n} internally consistent, keys not pinned", NOT_PINNED)
+            return cls(
+                True, True, f"{n} verified against pinned keys{without}", " ".join(notes) or None
+            )
+        return cls(
+            True, False, f"{n} internally consistent, keys not pinned{without}", " ".join(notes)
+        )

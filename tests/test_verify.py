@@ -3,6 +3,7 @@ fixed by a ledger's first entry may change, and the verdict says how far it can 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +13,15 @@ from click.testing import Result
 from ledger_factory import write_client, write_server
 from typer.testing import CliRunner
 
-from common.run_files import CLIENT_LEDGER, CLIENTS, PRIVACY_REPORT_HTML, SERVER_LEDGER
-from privacy import report
+from common.run_files import (
+    AUDIT,
+    CARD,
+    CLIENT_LEDGER,
+    CLIENTS,
+    PRIVACY_REPORT_HTML,
+    SERVER_LEDGER,
+)
+from privacy import report, report_page
 from privacy.ledger import Aggregation, Chained, Spend, append, read_lines
 from privacy.signing import CLIENT_PUBLIC_KEY, SERVER_PUBLIC_KEY, load_private
 from privacy.verify import Verdict, verify_paths
@@ -341,3 +349,83 @@ def test_the_headline_says_whether_keys_were_pinned(run: Path) -> None:
 
     server_only = runner.invoke(app, ["privacy", "verify", str(run / SERVER_LEDGER)])
     assert server_only.exit_code == 1 and "no readable ledger of 'north'" in said(server_only)
+
+
+def test_a_run_folder_needs_its_server_record_and_all_its_rounds(run: Path) -> None:
+    """Cutting the same rounds off every ledger leaves each one consistent: the server's
+    record must be there, and reach the rounds the run completed (model_card.json)."""
+    trusted = run / "trusted"
+    (run / CARD).write_text(json.dumps({"rounds_completed": 4}))  # the record has 3 rounds
+    cut = report.build(run, keys=trusted)
+    assert not cut["verified"]
+    assert "the record ends at round 3, but" in cut["verdict"]["problem"]
+    (run / SERVER_LEDGER).unlink()
+    gone = report.build(run, keys=trusted)
+    assert (
+        not gone["verified"] and "aggregation_ledger.jsonl: missing" in gone["verdict"]["problem"]
+    )
+    clients_only = Verdict.of(verify_paths([ledger(run, "north"), ledger(run, "south")], trusted))
+    assert clients_only.ok and clients_only.headline.endswith("without the server's record")
+    assert "entries cut from its end cannot be detected" in clients_only.problem
+
+
+def test_one_client_has_one_ledger(run: Path, tmp_path_factory) -> None:
+    spare = tmp_path_factory.mktemp("spare") / CLIENT_LEDGER
+    spare.write_text(ledger(run, "north").read_text().splitlines()[0] + "\n")
+    paths = [run / SERVER_LEDGER, ledger(run, "north"), ledger(run, "south"), spare]
+    found = first_problem(paths, run / "trusted")
+    assert f"a second ledger of client 'north' (the first: {ledger(run, 'north')})" in found
+
+
+def first_problem(paths: list[Path], keys: Path) -> str:
+    return Verdict.of(verify_paths(paths, keys)).problem
+
+
+def test_central_dp_comes_from_the_signed_record_not_the_card(run: Path) -> None:
+    card = {"privacy": {"central_dp": {"epsilon": 0.1}}}
+    (run / CARD).write_text(json.dumps(card))
+    assert report.build(run, keys=run / "trusted")["central_dp"] is None
+
+
+def test_a_crafted_mechanism_is_a_finding_not_a_crash(run: Path) -> None:
+    """A noise multiplier of 1e300 overflowed PLD and σ = 0.001 asked it for tens of GiB."""
+    for sigma in (1e300, 1e-3):
+
+        def noisy(bodies: Bodies, sigma=sigma) -> Bodies:
+            bodies[1]["noise_multiplier"] = sigma
+            return bodies
+
+        edit_client(run, "north", noisy)
+        reports = verify_paths([ledger(run, "north")], run / "trusted")
+        assert not reports[0].ok and reports[0].entries[1].recomputed["pld"] is None
+
+
+def test_damaged_side_files_and_odd_names_are_clear(run: Path, tmp_path_factory) -> None:
+    runner = CliRunner()
+    (run / CARD).write_text('{"privacy": ')
+    damaged = runner.invoke(app, ["privacy", "report", str(run)])
+    # Rich wraps long paths: compare without the spaces it may add
+    flat = said(damaged).replace(" ", "")
+    assert damaged.exit_code == 2 and f"{run / CARD}:notreadableJSON" in flat
+    (run / CARD).unlink()
+    (run / AUDIT).write_text("{}")
+    no_runs = runner.invoke(app, ["privacy", "report", str(run)])
+    assert no_runs.exit_code == 2 and "no list of audited runs" in said(no_runs)
+    nowhere = runner.invoke(app, ["privacy", "report", str(run / "nosuch")])
+    assert nowhere.exit_code == 2 and not (run / "nosuch").exists()
+    # a path (or a client name) with Rich markup in it is printed as text
+    odd = tmp_path_factory.mktemp("odd") / "a[" / "]b"
+    odd.mkdir(parents=True)
+    shutil.copy(ledger(run, "north"), odd / CLIENT_LEDGER)
+    shutil.copy(run / "trusted" / "north.pub", odd / CLIENT_PUBLIC_KEY)
+    printed = runner.invoke(app, ["privacy", "verify", str(odd / CLIENT_LEDGER)])
+    assert printed.exit_code == 0 and "a[/]b" in said(printed), printed.output
+    plotted = report_page._client_plot(
+        {
+            "client": "north$x$",
+            "rounds": [{"round": 1, "epsilon_after": 1.0, "recomputed": {}}],
+            "declined_rounds": [],
+            "budget": {"epsilon": 3.0},
+        }
+    )
+    assert "<svg" in plotted

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from common.run_files import PRIVACY_REPORT_HTML
@@ -102,21 +103,24 @@ def verify(
                 "RDP",
                 "PRV",
                 "PLD",
-                title=f"{r.signer}: {r.path}",
+                title=escape(f"{r.signer}: {r.path}"),
             )
             for e in r.entries:
                 table.add_row(
                     str(e.seq),
                     str(e.server_round),
-                    e.status,
+                    escape(e.status),
                     _fmt(e.reported),
                     *(_fmt(e.recomputed.get(k)) for k in ("rdp", "prv", "pld")),
                 )
             console.print(table)
-        verdict = "[green]verified[/]" if r.ok else f"[bold red]FAILED[/] {r.first_problem()}"
-        console.print(f"{r.path} ({r.kind}, key: {r.key_source}): {verdict}")
+        # Names, paths and reasons come from the ledgers: printed as text, never as markup.
+        verdict = (
+            "[green]verified[/]" if r.ok else f"[bold red]FAILED[/] {escape(r.first_problem())}"
+        )
+        console.print(f"{escape(f'{r.path} ({r.kind}, key: {r.key_source})')}: {verdict}")
         for note in r.notes:
-            console.print(f"  note: {note}")
+            console.print(f"  note: {escape(note)}")
     _say(Verdict.of(reports))
 
 
@@ -133,11 +137,11 @@ def _unverifiable(ledgers: list[Path], exc: ValueError) -> Verdict:
 def _say(verdict: Verdict) -> None:
     """The headline; exit 1 unless everything verified."""
     if verdict.ok:
-        console.print(f"[green]{verdict.headline}[/]" + ("" if verdict.pinned else ":"))
+        console.print(f"[green]{escape(verdict.headline)}[/]" + ("" if verdict.pinned else ":"))
         if verdict.problem:
-            console.print(f"  {verdict.problem}")
+            console.print(f"  {escape(verdict.problem)}")
         return
-    err.print(f"[bold red]{verdict.headline}:[/] {verdict.problem}")
+    err.print(f"[bold red]{escape(verdict.headline)}:[/] {escape(str(verdict.problem))}")
     raise typer.Exit(1)
 
 
@@ -160,11 +164,11 @@ def report(
 
     try:
         result = privacy_report.write(run_dir, ledger, keys)
-    except KeyFileError as exc:
+    except (KeyFileError, privacy_report.RunFileError) as exc:
         raise fail(str(exc)) from exc
     except ValueError as exc:
         _say(_unverifiable([run_dir, *(ledger or [])], exc))
-    console.print(f"report: {run_dir / PRIVACY_REPORT_HTML}")
+    console.print(f"report: {escape(str(run_dir / PRIVACY_REPORT_HTML))}")
     _say(Verdict(**result["verdict"]))
 
 
