@@ -44,9 +44,10 @@ from common.learning.dataset import catalog_shape, prepare
 from common.learning.inference import load_exported
 from common.learning.model import BehaviorModel, CatalogShape, per_user_loss
 from common.learning.training import adam, loader, pick_device, train_epoch
-from common.run_files import AUDIT, CLIENT_LEDGER, ROUNDS, SERVER_LEDGER
+from common.run_files import AUDIT, CLIENT_LEDGER, CLIENTS, ROUNDS, SERVER_LEDGER
 from common.runconfig import RunConfig
-from privacy.ledger import Aggregation, Spend, entries
+from privacy.ledger import Aggregation, entries
+from privacy.verify import verify_paths
 
 ATTACKS = {
     "loss": (
@@ -190,13 +191,15 @@ def client_users(events: pd.DataFrame, run_dir: Path, clients: set[str]) -> np.n
 
 
 def ledger_epsilon(run_dir: Path, clients: set[str]) -> float:
-    """The largest ε any of `clients` signed in its own privacy ledger."""
-    spent = [
-        s.epsilon_after
-        for path in sorted(run_dir.glob(f"**/{CLIENT_LEDGER}"))
-        for s in entries(path, Spend)
-        if s.client in clients
-    ]
+    """The largest ε any of `clients` spent, from their ledgers in the run folder, each of
+    which must verify on its own (chain, signature with the key beside it, arithmetic): an
+    altered ledger's figure is never reported."""
+    paths = sorted((run_dir / CLIENTS).glob(f"*/{CLIENT_LEDGER}"))
+    reports = [r for r in verify_paths(paths) if r.kind == "client" and r.signer in clients]
+    bad = next((r for r in reports if not r.ok), None)
+    if bad is not None:
+        raise ValueError(f"{bad.first_problem()}; the audit takes ε only from ledgers that verify")
+    spent = [r.spends[-1].epsilon_after for r in reports if r.spends]
     if not spent:
         raise ValueError(f"{run_dir}: no privacy ledger entry from {', '.join(sorted(clients))}")
     return max(spent)

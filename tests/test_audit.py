@@ -1,6 +1,7 @@
 """The membership-inference audit: its measurement, its members, its ε and its two attacks."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord
+from ledger_factory import write_client
 
 from common.data.partition import audit_non_members, plan, select
 from common.learning.dataset import catalog_shape, prepare
@@ -15,10 +17,17 @@ from common.learning.model import BehaviorModel
 from common.learning.training import loader, train_epoch
 from common.run_files import AUDIT, CLIENT_LEDGER, CLIENTS, ROUNDS, SERVER_LEDGER
 from common.runconfig import RunConfig
-from privacy.accounting import Budget, PrivacyState, plan_mechanism, spend_fields
-from privacy.audit import audit, lira_scores, out_losses, roc_summary, user_losses
-from privacy.ledger import Aggregation, Spend, append
+from privacy.audit import (
+    audit,
+    ledger_epsilon,
+    lira_scores,
+    out_losses,
+    roc_summary,
+    user_losses,
+)
+from privacy.ledger import Aggregation, Spend, append, entries
 from privacy.report_page import _audit_section
+from privacy.signing import CLIENT_PUBLIC_KEY
 from server.export import export
 from server.platform import platform_for
 
@@ -76,17 +85,13 @@ def test_lira_separates_an_overfit_models_members_better_than_the_loss_attack(ti
         out_losses(seqs, reference, 3, seed=0)
 
 
-def _ledger(state_dir: Path, client: str, epsilons: list[float], status: str) -> None:
-    """A client's signed ledger with the given ε after each entry (the client's own fields)."""
-    key = Ed25519PrivateKey.generate()
-    state = PrivacyState(client=client, budget=Budget(epsilon=100.0, delta=1e-3))
-    state.mechanism = plan_mechanism(
-        state.budget, sample_rate=0.1, steps_per_round=10, rounds=4, clip_norm=1.0, accountant="rdp"
-    )
-    for rnd, eps in enumerate(epsilons, start=1):
-        spend = state.record(rnd, state.round_steps() if status == "trained" else [], status)
-        spend.epsilon_after = eps
-        append(state_dir / CLIENT_LEDGER, spend_fields(state, spend, "1"), key, Spend)
+def _ledger(out: Path, client: str, rounds: int) -> float:
+    """A client's real ledger in the run folder (`rounds` planned rounds, signed, its public
+    key beside it, as a simulated client leaves it); the ε it ends at."""
+    keys = out.parent / "keys"
+    path = write_client(out / CLIENTS, keys, client, rounds)
+    shutil.copy(keys / f"{client}.pub", path.parent / CLIENT_PUBLIC_KEY)
+    return entries(path, Spend)[-1].epsilon_after
 
 
 def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_events, tmp_path):
@@ -114,8 +119,8 @@ def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_event
     clients.append({"client": declined, "status": "declined", **entry})
     fields = {"run_id": "1", "server_round": 1, "strategy": "fedavg", "clients": clients}
     append(out / SERVER_LEDGER, fields, Ed25519PrivateKey.generate(), Aggregation)
-    _ledger(out / CLIENTS / used, used, [0.7, 1.3], "trained")
-    _ledger(out / CLIENTS / declined, declined, [5.0], "declined")
+    spent = _ledger(out, used, rounds=1)
+    assert _ledger(out, declined, rounds=3) > spent  # more, but never used: not counted
 
     result = audit([out])
     run = result["runs"][0]
@@ -125,10 +130,17 @@ def test_members_are_users_of_used_clients_and_epsilon_is_the_ledgers(tiny_event
     held = audit_non_members(everyone.train.users[np.isin(everyone.train.users, own)], 0.2)
     assert run["clients"] == [used]
     assert (run["members"], run["non_members"]) == ((~held).sum(), held.sum())
-    assert run["epsilon"] == 1.3  # the used client's ledger, not the card, not the declined one
+    assert run["epsilon"] == round(spent, 3)  # the used client's ledger, not the card
     assert set(run["attacks"]) == {"loss", "lira"} and run["references"] == 2
     for attack in run["attacks"].values():
         assert 0 <= attack["auc"] <= 1 and set(attack["tpr_at_fpr"]) == {"0.01", "0.001"}
-    assert json.loads((out / AUDIT).read_text())["runs"][0]["epsilon"] == 1.3
+    assert json.loads((out / AUDIT).read_text())["runs"][0]["epsilon"] == round(spent, 3)
+    # an altered ledger's ε is never reported
+    path = out / CLIENTS / used / CLIENT_LEDGER
+    line = json.loads(path.read_text())
+    line["entry"]["epsilon_after"] = 0.01
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match="the audit takes ε only from ledgers that verify"):
+        ledger_epsilon(out, {used})
     shown = _audit_section(result)
     assert shown.count("<td>loss threshold</td>") == shown.count("<td>offline LiRA</td>") == 1
