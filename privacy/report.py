@@ -141,12 +141,12 @@ def _check_server_record(run_dir: Path, reports: list[LedgerReport], completed: 
     run completed (model_card.json), fails: that record is what every client ledger is checked
     against, and cutting the same rounds off every ledger leaves each one consistent."""
     server = next((r for r in reports if r.kind == "server"), None)
-    if server is None and reports:  # no ledger at all is its own failure (Verdict.of)
-        missing = LedgerReport(str(run_dir / SERVER_LEDGER), "server", "server", "")
-        why = "missing: every client ledger is checked against the server's record"
-        missing.findings.append(Finding(0, None, why))
-        reports.append(missing)
     if server is None:
+        if reports:  # no ledger at all is its own failure (Verdict.of)
+            missing = LedgerReport(str(run_dir / SERVER_LEDGER), "server", "server", "")
+            why = "missing: every client ledger is checked against the server's record"
+            missing.findings.append(Finding(0, None, why))
+            reports.append(missing)
         return
     last = max((rec.server_round for rec in server.records), default=0)
     if isinstance(completed, int) and server.records and last < completed:

@@ -468,8 +468,9 @@ def cross_check(reports: list[LedgerReport]) -> None:
     for r in (r for r in reports if r.kind == "client"):
         if r.signer in clients:  # which one the server's record is checked against is moot
             first = clients[r.signer].path
-            problem = f"a second ledger of client {r.signer!r} (the first: {first}): one client "
-            r.findings.append(Finding(0, None, problem + "keeps one ledger"))
+            why = f"a second ledger of client {r.signer!r} (the first: {first})"
+            why += ": one client keeps one ledger"
+            r.findings.append(Finding(0, None, why))
         else:
             clients[r.signer] = r
     for server in (r for r in reports if r.kind == "server"):
@@ -514,10 +515,7 @@ class Verdict:
         alone = not any(r.kind == "server" for r in reports)
         without = ", without the server's record" if alone else ""
         notes = ([] if pinned else [NOT_PINNED]) + ([CLIENTS_ALONE] if alone else [])
-        if pinned:
-            return cls(
-                True, True, f"{n} verified against pinned keys{without}", " ".join(notes) or None
-            )
-        return cls(
-            True, False, f"{n} internally consistent, keys not pinned{without}", " ".join(notes)
+        claim = (
+            "verified against pinned keys" if pinned else "internally consistent, keys not pinned"
         )
+        return cls(True, pinned, f"{n} {claim}{without}", " ".join(notes) or None)

@@ -47,10 +47,9 @@ class AggregationLedger:
         """The newest ledger entry the server has seen from client `name` (None: from every
         client); clients check they still hold it before training or evaluating, so a lost or
         rolled-back ledger cannot reset a budget."""
-        heads = (
-            self.heads if name is None else {k: self.heads[k] for k in [name] if k in self.heads}
-        )
-        return json.dumps(heads, sort_keys=True)
+        if name is None:
+            return json.dumps(self.heads, sort_keys=True)
+        return json.dumps({name: self.heads[name]} if name in self.heads else {})
 
     def record(
         self,

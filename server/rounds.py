@@ -217,24 +217,31 @@ class RoundLoop:
 
     def _with_heads(self, instructions: Iterable[Message]) -> list[Message]:
         """Each instruction with the ledger head its client must still hold (`_heads_for`)."""
+        names = {node: name for name, node in self.binder.names.items()} if self.binder else {}
         out = []
         for m in instructions:
-            heads = self._heads_for(m.metadata.dst_node_id)
+            heads = self._heads_for(names.get(m.metadata.dst_node_id))
             config = ConfigRecord(dict(m.content[CONFIG]) | {LEDGER_HEADS: heads})
             # Flower's strategies give all their messages one RecordDict: each gets its own.
             m.content = RecordDict(dict(m.content) | {CONFIG: config})
             out.append(m)
         return out
 
-    def _heads_for(self, node: int) -> str:
-        """A node the binder has matched to a name gets that client's head alone, so clients
-        do not learn how often the others took part. An unmatched node gets none with a
-        registry (it is not registered: its replies are rejected) and every head without one
-        (it has not answered under a name in this ServerApp process yet)."""
-        names = {node: name for name, node in self.binder.names.items()} if self.binder else {}
-        if node in names:
-            return self.ledger.heads_json(names[node])
+    def _heads_for(self, name: str | None) -> str:
+        """A node the binder has matched to client `name` gets that client's head alone, so
+        clients do not learn how often the others took part. An unmatched node (None) gets
+        none with a registry (it is not registered: its replies are rejected) and every head
+        without one (it has not answered under a name in this ServerApp process yet)."""
+        if name is not None:
+            return self.ledger.heads_json(name)
         return "{}" if self.binder and self.binder.pinned else self.ledger.heads_json()
+
+    def _check(
+        self, step: str, rnd: int, check: Callable[[Message], str | None] | None
+    ) -> Callable[[Message], str | None]:
+        """`check` (if any), then whether the reply cites the ledger entry its step wrote."""
+        cites = Citation(step, rnd, self.ledger.run_id).problem
+        return first_problem([check, cites] if check else [cites])
 
     def _send(self, instructions: list[Message]) -> list[Message]:
         return list(self.grid.send_and_receive(instructions, timeout=self.timeout))
@@ -262,10 +269,10 @@ class RoundLoop:
             # Under SecAgg+ the server holds only the masked sum, never one client's arrays:
             # only their metrics and histograms are checked (the run config refuses robust
             # strategies there).
-            checks = [Citation("train", rnd, self.ledger.run_id).problem]
+            check = None
             if self.checks is not None:
-                checks.insert(0, partial(self.checks.rejection, sent=arrays, secure=bool(secure)))
-            t = triage(replies, self.binder, first_problem(checks))
+                check = partial(self.checks.rejection, sent=arrays, secure=bool(secure))
+            t = triage(replies, self.binder, self._check("train", rnd, check))
             node_of = addressee(asked)
             silent = silent_rows(rnd, asked, replies, self.timeout)
             record = {"round": rnd, "clients": client_rows(rnd, t, node_of) + silent}
@@ -341,10 +348,8 @@ class RoundLoop:
             request = ConfigRecord(self.shared)
             asked = self._with_heads(strategy.configure_evaluate(rnd, arrays, request, grid))
             evaluated = self._send(asked)
-            checks = [Citation("evaluate", rnd, self.ledger.run_id).problem]
-            if self.checks is not None:
-                checks.insert(0, self.checks.evaluation_rejection)
-            answers = triage(evaluated, self.binder, first_problem(checks))
+            check = self.checks.evaluation_rejection if self.checks is not None else None
+            answers = triage(evaluated, self.binder, self._check("evaluate", rnd, check))
             for row in silent_rows(rnd, asked, evaluated, self.timeout):
                 log(WARNING, "evaluation %s: node %s: %s", rnd, row["node"], row["error"])
             for _, why in answers.rejected:

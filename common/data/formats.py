@@ -361,17 +361,20 @@ class LoadResult:
     ignored_columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what a reader should know, e.g. drops
 
+    def rejected_by_reason(self) -> dict[str, int]:
+        if not len(self.rejected):
+            return {}
+        counts = self.rejected["reason"].value_counts().sort_index()
+        return {str(k): int(v) for k, v in counts.items()}
+
     def summary(self) -> dict[str, object]:
-        by_reason = (
-            self.rejected["reason"].value_counts().sort_index() if len(self.rejected) else {}
-        )
         return {
             "file": str(self.path),
             "format": self.format,
             "format_reason": self.reason,
             "rows_read": self.rows_read,
             "rejected": len(self.rejected),
-            "rejected_by_reason": {str(k): int(v) for k, v in dict(by_reason).items()},
+            "rejected_by_reason": self.rejected_by_reason(),
             "ignored_columns": self.ignored_columns,
             "notes": self.notes,
             **summarize(self.events),

@@ -116,11 +116,11 @@ def served_weeks(exp: Exported, events: pd.DataFrame) -> DemandSeries:
     card's DEMAND_WEEKS_FROM) from the first such day on or after the first purchase; a model
     card without it (exported before it was stored) bins from the first purchase day."""
     anchor = exp.card.get(DEMAND_WEEKS_FROM)
+    bought = events.loc[events["event_type"] == EventType.PURCHASE.value, "timestamp"]
     start = None
-    if anchor:
-        bought = events.loc[events["event_type"] == EventType.PURCHASE.value, "timestamp"]
-        first = bought.min().normalize() if len(bought) else pd.Timestamp(anchor)
-        start = pd.Timestamp(anchor) + math.ceil((first - pd.Timestamp(anchor)) / WEEK) * WEEK
+    if anchor and len(bought):  # without purchases, weekly_demand says why there is no demand
+        anchor = pd.Timestamp(anchor)
+        start = anchor + math.ceil((bought.min().normalize() - anchor) / WEEK) * WEEK
     return weekly_demand(events, exp.catalog.top_category_chars, start)
 
 

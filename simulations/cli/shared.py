@@ -105,8 +105,7 @@ def _dropped(load: LoadResult) -> str:
     """What of the file is not in the events, for a warning: rejected rows by reason, and
     columns no field maps to ('' when nothing was dropped)."""
     said = []
-    if len(load.rejected):
-        reasons = load.rejected["reason"].value_counts().sort_index()
+    if reasons := load.rejected_by_reason():
         counts = ", ".join(f"{reason} {n}" for reason, n in reasons.items())
         said.append(f"{len(load.rejected)} of {load.rows_read} rows rejected ({counts})")
     if load.ignored_columns:
